@@ -1,0 +1,36 @@
+# Quick start: `make run` (set up + run the default pipeline on the embedded digits data),
+#              `make test` (set up + run the test suite; CI runs exactly this).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PYTHONDONTWRITEBYTECODE :=
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+export RAY_AUTH_MODE ?= disabled
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+.PHONY: setup run test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e ".[test]"
+	touch $@
+
+run: setup
+	$(PY) pipeline/run.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) benchmarks/search_step.py
+	$(PY) benchmarks/adv_train_step.py
+	$(PY) benchmarks/pipeline_overhead.py
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+clean:
+	rm -rf runs mlruns mlflow.db .pytest_cache

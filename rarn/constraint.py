@@ -1,0 +1,211 @@
+"""The log-normal Lipschitz bound and the chance constraint of RACL (spec §2.3-2.6, Eq. 7-19).
+
+The supernet's log-bound, as a function of the architecture logits ``z`` (op logits per cell
+type ``[E, n_ops]``, edge logits ``[E]``) and the per-op log-constants ``log lambda[cell, E, op]``::
+
+    ln lambda_F(z) = ln C + sum_cells sum_nodes ln sum_{i<j} beta_ij(z) sum_o w_ij,o(z) lambda_ij,o
+
+with ``w = softmax_o(z)`` (renormalised over the ops of the chosen ``mixture``) and
+``beta`` the per-node softmax of the edge logits. ``z ~ N(mu, sigma^2)`` makes ``lambda_F`` a
+random variable; it is approximated by a univariate log-normal ``LN(mu_F, sigma_F^2)`` by
+
+* ``delta`` (default): first-order delta method on the whole log-bound,
+  ``mu_F = f(mu)``, ``sigma_F^2 = sum_i (df/dz_i)^2 sigma_i^2``. It accounts for the negative
+  correlation of softmax weights and for ``alpha``/``beta`` being shared by all cells of a type,
+  which per-node Fenton-Wilkinson ignores (spec §12 measured FW biased by about +1.2 nats);
+* ``monte_carlo``: mean and std of ``f(z)`` over reparameterised samples (unbiased, noisy).
+
+The chance constraint ``P(lambda_F <= lambda_bar) >= eta`` in CDF form (Eq. 13-15) is
+``h = mu_F + Phi^{-1}(eta) sigma_F - ln lambda_bar <= 0``, enforced by an augmented Lagrangian
+``y h + rho/2 max(0, h)^2`` with dual ascent ``y <- max(0, y + rho h)``.
+
+``bound="node_mean"`` divides the log-bound (without ``ln C``) by the number of nodes, i.e. it
+constrains the geometric-mean per-node gain; see docs/constraint.md for why it is the default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from scipy.stats import norm
+from torch import Tensor
+
+from rarn.search_space import PARAMETRIC, PRIMITIVES
+from rarn.supernet import ArchSample, node_log_softmax
+
+__all__ = [
+    "BOUNDS",
+    "MIXTURES",
+    "ESTIMATORS",
+    "BoundInputs",
+    "ChanceConstraint",
+    "delta_moments",
+    "log_bound",
+    "monte_carlo_moments",
+    "satisfaction_probability",
+]
+
+BOUNDS = ("product", "node_mean")
+MIXTURES = ("all", "no_none", "parametric")
+ESTIMATORS = ("delta", "monte_carlo")
+_MASKED = {
+    "all": (),
+    "no_none": ("none",),
+    "parametric": tuple(p for p in PRIMITIVES if p not in PARAMETRIC),
+}
+
+
+@dataclass(frozen=True)
+class BoundInputs:
+    """Detached per-op constants of the current weights.
+
+    Attributes:
+        log_lam: ``[n_cells, E, n_ops]`` log-Lipschitz bound of every op (``-inf`` for none).
+        is_reduce: ``[n_cells]`` bool, which cells are reduction cells.
+        log_c: log-constant of the arch-independent layers (stem, preprocessing, classifier).
+        nodes: intermediate nodes per cell.
+    """
+
+    log_lam: Tensor
+    is_reduce: Tensor
+    log_c: float
+    nodes: int
+
+
+def log_bound(
+    z: ArchSample, inputs: BoundInputs, bound: str = "node_mean", mixture: str = "parametric"
+) -> Tensor:
+    """The log-bound ``f(z)``; ``z`` tensors may carry a leading sample dim (returns ``[S]``)."""
+    if bound not in BOUNDS:
+        raise ValueError(f"unknown bound {bound!r}; known: {', '.join(BOUNDS)}")
+    sel = inputs.is_reduce.to(z.normal.device)
+    ops = torch.where(sel[:, None, None], z.reduce.unsqueeze(-3), z.normal.unsqueeze(-3))
+    edges = torch.where(sel[:, None], z.reduce_edges.unsqueeze(-2), z.normal_edges.unsqueeze(-2))
+    if mixture not in MIXTURES:
+        raise ValueError(f"unknown mixture {mixture!r}; known: {', '.join(MIXTURES)}")
+    if _MASKED[mixture]:  # renormalise the op weights over the ops in the mixture
+        mask = torch.zeros(ops.shape[-1], dtype=torch.bool, device=ops.device)
+        mask[[PRIMITIVES.index(p) for p in _MASKED[mixture]]] = True
+        ops = ops.masked_fill(mask, float("-inf"))
+    log_w = torch.log_softmax(ops, dim=-1)  # [..., cells, E, O]
+    log_lam = inputs.log_lam.to(log_w)
+    # -inf + -inf stays -inf; logsumexp ignores it (the `none` op contributes nothing).
+    edge = torch.logsumexp(log_w + log_lam, dim=-1)  # [..., cells, E]
+    total = node_log_softmax(edges, inputs.nodes) + edge
+    per_node, start = [], 0
+    for j in range(inputs.nodes):
+        per_node.append(torch.logsumexp(total[..., start : start + j + 2], dim=-1))
+        start += j + 2
+    nodes = torch.stack(per_node, dim=-1)  # [..., cells, nodes]
+    if bound == "product":
+        return nodes.sum(dim=(-1, -2)) + inputs.log_c
+    return nodes.mean(dim=(-1, -2))
+
+
+def delta_moments(
+    mu: ArchSample, sigma: ArchSample, inputs: BoundInputs, bound: str, mixture: str
+) -> tuple[Tensor, Tensor]:
+    """``(mu_F, sigma_F)`` by the first-order delta method, differentiable in ``mu`` and ``sigma``."""
+    mus = mu.as_tuple()
+    if not all(t.requires_grad for t in mus):
+        mus = tuple(t.detach().requires_grad_(True) for t in mus)
+    f = log_bound(ArchSample(*mus), inputs, bound, mixture)
+    grads = torch.autograd.grad(f, mus, create_graph=torch.is_grad_enabled())
+    var = sum(((g * s) ** 2).sum() for g, s in zip(grads, sigma.as_tuple()))
+    return f, var.clamp_min(1e-24).sqrt()
+
+
+def monte_carlo_moments(
+    samples: ArchSample, inputs: BoundInputs, bound: str, mixture: str
+) -> tuple[Tensor, Tensor]:
+    """``(mu_F, sigma_F)`` as mean and std of ``f(z)`` over samples with a leading dim."""
+    f = log_bound(samples, inputs, bound, mixture)
+    return f.mean(), f.std(unbiased=True) if f.numel() > 1 else f.new_zeros(())
+
+
+def satisfaction_probability(mu_f: float, sigma_f: float, log_lambda_bar: float) -> float:
+    """``P(lambda_F <= lambda_bar) = Phi((ln lambda_bar - mu_F) / sigma_F)``."""
+    return float(norm.cdf((log_lambda_bar - mu_f) / max(sigma_f, 1e-12)))
+
+
+class ChanceConstraint:
+    """Threshold, dual variable and augmented-Lagrangian term of ``P(lambda_F <= lambda_bar) >= eta``.
+
+    Args:
+        eta: confidence level.
+        rho: augmented-Lagrangian penalty (also the dual step size).
+        threshold: ``absolute`` (``ln lambda_bar = log_lambda_bar``), ``relative`` (fixed at the
+            first architecture step: ``mu_F0 - kappa |mu_F0|``) or ``tracking`` (re-evaluated at
+            every step from the bound of the reference architecture, the means at the first
+            architecture step, under the current weights: ``f(mu_ref) - kappa |f(mu_ref)|``; it
+            isolates the architecture's effect from weight growth).
+        kappa: relative margin.
+        log_lambda_bar: absolute threshold.
+        dual_init: initial ``y``.
+    """
+
+    THRESHOLDS = ("absolute", "relative", "tracking")
+
+    def __init__(
+        self,
+        eta: float = 0.9,
+        rho: float = 1.0,
+        threshold: str = "relative",
+        kappa: float = 0.05,
+        log_lambda_bar: float = 0.0,
+        dual_init: float = 0.0,
+    ) -> None:
+        if not 0.5 <= eta < 1.0:
+            raise ValueError(f"eta must lie in [0.5, 1) (convex constraint), got {eta}")
+        if threshold not in self.THRESHOLDS:
+            raise ValueError(
+                f"unknown threshold {threshold!r}; known: {', '.join(self.THRESHOLDS)}"
+            )
+        if rho <= 0 or dual_init < 0:
+            raise ValueError(f"need rho > 0 and dual_init >= 0, got {rho}, {dual_init}")
+        self.eta, self.rho, self.threshold, self.kappa = eta, rho, threshold, kappa
+        self.z_eta = float(norm.ppf(eta))
+        self.y = float(dual_init)
+        self.log_lambda_bar: float | None = log_lambda_bar if threshold == "absolute" else None
+        self.reference: ArchSample | None = None  # tracking: the reference means
+
+    def update_threshold(
+        self, mu: ArchSample, inputs: BoundInputs, bound: str, mixture: str
+    ) -> float:
+        """Set (first call) or re-evaluate (tracking) ``ln lambda_bar``; returns it."""
+        if self.threshold == "absolute":
+            return float(self.log_lambda_bar)
+        if self.threshold == "relative" and self.log_lambda_bar is not None:
+            return self.log_lambda_bar
+        if self.reference is None:
+            self.reference = ArchSample(*(t.detach().clone() for t in mu.as_tuple()))
+        with torch.no_grad():
+            ref = float(log_bound(self.reference, inputs, bound, mixture))
+        self.log_lambda_bar = ref - self.kappa * abs(ref)
+        return self.log_lambda_bar
+
+    def h(self, mu_f: Tensor, sigma_f: Tensor) -> Tensor:
+        """Constraint value ``mu_F + Phi^{-1}(eta) sigma_F - ln lambda_bar`` (<= 0 is satisfied)."""
+        if self.log_lambda_bar is None:
+            raise RuntimeError("threshold not set: call update_threshold first")
+        return mu_f + self.z_eta * sigma_f - self.log_lambda_bar
+
+    def penalty(self, h: Tensor) -> Tensor:
+        """Augmented-Lagrangian term ``y h + rho/2 max(0, h)^2`` for the primal step."""
+        return self.y * h + 0.5 * self.rho * torch.relu(h) ** 2
+
+    def dual_step(self, h: float) -> float:
+        """``y <- max(0, y + rho h)``; returns the new ``y``."""
+        self.y = max(0.0, self.y + self.rho * float(h))
+        return self.y
+
+    def state_dict(self) -> dict:
+        ref = None if self.reference is None else [t.cpu() for t in self.reference.as_tuple()]
+        return {"y": self.y, "log_lambda_bar": self.log_lambda_bar, "reference": ref}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.y = float(state["y"])
+        self.log_lambda_bar = state["log_lambda_bar"]
+        ref = state["reference"]
+        self.reference = None if ref is None else ArchSample(*ref)

@@ -1,0 +1,153 @@
+"""The DARTS 8-op search space: one op registry shared by the supernet, genotypes and networks.
+
+``OPS`` maps an op name to a factory ``(C, stride, affine) -> nn.Module``; ``PRIMITIVES`` is its key
+order, which is also the column order of the architecture parameters (spec §2.2). The op modules
+follow DARTS (Liu et al. 2019, arXiv:1806.09055): every parametric op is ReLU -> conv(s) -> BN.
+Op modules are plain ``nn.Sequential`` compositions where possible so that
+:mod:`rarn.lipschitz` can bound them child by child.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "OPS",
+    "PARAMETRIC",
+    "PRIMITIVES",
+    "DilConv",
+    "FactorizedReduce",
+    "OpFactory",
+    "ReLUConvBN",
+    "SepConv",
+    "Zero",
+    "build_op",
+    "channel_shuffle",
+]
+
+OpFactory = Callable[[int, int, bool], nn.Module]
+
+
+class ReLUConvBN(nn.Sequential):
+    """ReLU -> conv k x k -> BN."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool
+    ) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride, padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU -> depthwise (dilated) k x k -> pointwise 1 x 1 -> BN."""
+
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        affine: bool,
+    ) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(
+                C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False
+            ),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two stacked DilConv blocks with dilation 1; only the first is strided (DARTS)."""
+
+    def __init__(
+        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool
+    ) -> None:
+        super().__init__(
+            *DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
+            *DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine),
+        )
+
+
+class Zero(nn.Module):
+    """The `none` op: zeros of the (strided) output shape."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """ReLU -> two 1 x 1 stride-2 convs on pixel grids offset by one -> concat -> BN.
+
+    The two convs read disjoint pixel sets, so the op's Lipschitz constant is
+    max(sigma(W1), sigma(W2)) times the BN scale (used by :mod:`rarn.lipschitz`).
+    """
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even C_out, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.relu(x)
+        shifted = x[:, :, 1:, 1:]
+        # Odd sizes: pad the shifted grid so both convs give ceil(H / 2) outputs.
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            shifted = F.pad(shifted, (0, x.shape[3] % 2, 0, x.shape[2] % 2))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def _skip(C: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine)
+
+
+OPS: dict[str, OpFactory] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
+    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(
+        3, stride=stride, padding=1, count_include_pad=False
+    ),
+    "skip_connect": _skip,
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+}
+PRIMITIVES: tuple[str, ...] = tuple(OPS)  # the architecture-parameter column order
+PARAMETRIC: frozenset[str] = frozenset(p for p in PRIMITIVES if "conv" in p and p != "skip_connect")
+
+
+def build_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:
+    """Instantiate the op ``name`` with ``C`` channels in and out."""
+    try:
+        factory = OPS[name]
+    except KeyError:
+        raise KeyError(f"unknown op {name!r}; known: {', '.join(PRIMITIVES)}") from None
+    return factory(C, stride, affine)
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    """ShuffleNet channel shuffle, used by PC-DARTS after the partial-channel concat."""
+    B, C, H, W = x.shape
+    return x.view(B, groups, C // groups, H, W).transpose(1, 2).reshape(B, C, H, W)
