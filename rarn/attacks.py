@@ -512,20 +512,14 @@ def cw(
 # Square's schedule for the fraction p of pixels changed (Andriushchenko et al., App. A),
 # written for 10,000 queries and rescaled to the actual budget: (iteration upper bound, divisor).
 _P_SCHEDULE = (
-    (10, 1),
-    (50, 2),
-    (200, 4),
-    (500, 8),
-    (1000, 16),
-    (2000, 32),
-    (4000, 64),
-    (6000, 128),
-)
+    (10, 1), (50, 2), (200, 4), (500, 8), (1000, 16),
+    (2000, 32), (4000, 64), (6000, 128), (8000, 256),
+)  # fmt: skip
 
 
 def _square_p(p_init: float, it: int, n_iters: int) -> float:
     it = int(it / n_iters * 10000)
-    for bound, div in _P_SCHEDULE + ((8000, 256),):
+    for bound, div in _P_SCHEDULE:
         if it <= bound:
             return p_init / div
     return p_init / 512

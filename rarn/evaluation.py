@@ -449,7 +449,7 @@ def evaluate_robustness(
     if batch_size < 1 or check_n < 0:
         raise ValueError(f"batch_size must be >= 1 and check_n >= 0, got {batch_size}, {check_n}")
     params: dict[str, dict[str, Any]] = {}
-    for name in {*attacks, main_attack}:
+    for name in dict.fromkeys((*attacks, main_attack)):
         params[name] = {"eps": eps, "step_size": step_size, "steps": steps}
         params[name].update((attack_kwargs or {}).get(name, {}))
     dummy = torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.long)

@@ -337,7 +337,7 @@ class RACLSearch:
             gnorm = gx.flatten(1).norm(dim=1)
             loss = per.mean() + gamma * gnorm.mean()
             grads = torch.autograd.grad(loss, params)
-            stats["grad_norm"] = float(gnorm.mean())
+            stats["grad_norm"] = float(gnorm.detach().mean())
         else:  # finite difference along the input-gradient direction
             x = x.detach().requires_grad_(True)
             logits = model(x, z)
@@ -352,7 +352,7 @@ class RACLSearch:
             a, b = (1.0 - gamma / hstep) / B, (gamma / hstep) / B
             grads = [a * g0_ + b * g1_ for g0_, g1_ in zip(gw0, gw1)]
             loss = per.mean() + gamma * ((per2 - per) / hstep).mean()
-            stats["grad_norm"] = float(gnorm.mean())
+            stats["grad_norm"] = float(gnorm.detach().mean())
         for p, g in zip(params, grads):
             p.grad = g
         if cfg.grad_clip > 0:

@@ -199,7 +199,7 @@ class Supernet(nn.Module):
         layers: int = 8,
         in_channels: int = 3,
         nodes: int = 4,
-        multiplier: int = 4,
+        multiplier: int | None = None,
         stem_multiplier: int = 3,
         k: int = 4,
         sigma_init: float = 0.3,
@@ -214,6 +214,7 @@ class Supernet(nn.Module):
         if layers < 3:
             raise ValueError(f"layers={layers}: need at least 3 cells (two are reductions)")
         self.nodes, self.k, self.fused = nodes, k, fused
+        multiplier = nodes if multiplier is None else multiplier  # concat all intermediate nodes
         C_curr = stem_multiplier * C
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, C_curr, 3, padding=1, bias=False), nn.BatchNorm2d(C_curr)

@@ -1,0 +1,251 @@
+"""Tests of rarn.attacks: every registered attack on a tiny conv net trained on sklearn digits."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rarn.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, eval_mode, get_attack
+
+EPS = {"linf": 0.1, "l2": 1.0}  # digits are 8x8 in [0, 1]; 8/255 would be too small to matter
+NEEDS_TORCHATTACKS = {"autoattack", "pgd_torchattacks"}
+FAST = [a for a in ATTACKS if a != "autoattack"]  # autoattack has its own, smaller test
+EXTRA = {"square": {"steps": 100}}  # queries, not gradient steps
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models: one intra-op thread is much faster than two on a loaded 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train_digits_net(seed: int = 0, epochs: int = 8):
+    """A small conv net on sklearn's 8x8 digits (1 channel, x in [0, 1]); ~97 % test accuracy."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)  # (1797, 1, 8, 8)
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(epochs):
+        order = torch.randperm(1300, generator=g)
+        for i in range(0, 1300, 64):
+            idx = order[i : i + 64]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval(), x[1300:], y[1300:]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return _train_digits_net()
+
+
+def _run(name, model, x, y, seed=0, **kw):
+    if name in NEEDS_TORCHATTACKS:
+        pytest.importorskip("torchattacks")
+    eps = EPS[ATTACK_NORM[name]]
+    params = {"eps": eps, "step_size": eps / 4, "steps": 10, **EXTRA.get(name, {}), **kw}
+    return get_attack(name)(model, x, y, generator=torch.Generator().manual_seed(seed), **params)
+
+
+def _acc(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_registry_metadata_covers_every_attack():
+    assert set(ATTACK_NORM) == set(ATTACKS) == set(ATTACK_IMPL)
+    assert ATTACK_IMPL["pgd"][0] == "rarn"
+    assert ATTACK_IMPL["autoattack"][0] == "torchattacks"
+
+
+def test_unknown_attack_lists_known_names():
+    with pytest.raises(KeyError, match="known:.*pgd"):
+        get_attack("pgd_inf")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_stays_in_ball_and_in_range(name, digits):
+    model, x, y = digits
+    x, y = x[:64], y[:64]
+    x_adv = _run(name, model, x, y)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    assert not x_adv.requires_grad
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    eps = EPS[ATTACK_NORM[name]]
+    d = (x_adv - x).flatten(1)
+    dist = d.abs().amax(1) if ATTACK_NORM[name] == "linf" else d.norm(dim=1)
+    assert dist.max() <= eps * (1 + 1e-5)
+    assert dist.max() > 0  # it did something
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_robust_accuracy_not_above_clean(name, digits):
+    model, x, y = digits
+    x, y = x[:128], y[:128]
+    clean = _acc(model, x, y)
+    robust = _acc(model, _run(name, model, x, y), y)
+    assert robust <= clean
+    assert robust < clean - 0.1  # eps = 0.1 hurts a naturally trained net
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_deterministic_under_fixed_generator(name, digits):
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    assert torch.equal(_run(name, model, x, y, seed=3), _run(name, model, x, y, seed=3))
+
+
+@pytest.mark.parametrize("name", ["pgd", "pgd_l2", "cw", "square", "pgd_torchattacks"])
+def test_random_attacks_depend_on_the_seed(name, digits):
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    assert not torch.equal(_run(name, model, x, y, seed=1), _run(name, model, x, y, seed=2))
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_global_rng_untouched(name, digits):
+    model, x, y = digits
+    state = torch.get_rng_state()
+    _run(name, model, x[:16], y[:16])
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def _mixed_mode_model():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Flatten(),
+        nn.Linear(4 * 64, 10),
+    )
+    model.train()
+    model[1].eval()  # a deliberately frozen BatchNorm must stay frozen
+    model[0].bias.requires_grad_(False)  # and a frozen parameter must stay frozen
+    return model
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_restores_modes_and_requires_grad(name):
+    model = _mixed_mode_model()
+    before = [m.training for m in model.modules()]
+    grads = [p.requires_grad for p in model.parameters()]
+    stats = model[1].running_mean.clone()
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    _run(name, model, x, y)
+    assert [m.training for m in model.modules()] == before
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert torch.equal(stats, model[1].running_mean)  # eval mode: BN statistics untouched
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eval_mode_restores_on_error():
+    model = _mixed_mode_model()
+    before = [m.training for m in model.modules()]
+    with pytest.raises(RuntimeError), eval_mode(model):
+        assert not any(m.training for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == before
+    assert model[0].weight.requires_grad and not model[0].bias.requires_grad
+
+
+def test_works_under_no_grad_and_on_empty_batch(digits):
+    model, x, y = digits
+    with torch.no_grad():
+        x_adv = _run("pgd", model, x[:8], y[:8])
+    assert (x_adv - x[:8]).abs().max() > 0
+    empty = _run("pgd", model, x[:0], y[:0])
+    assert empty.shape == (0, 1, 8, 8)
+
+
+def test_fgsm_ignores_steps_and_step_size(digits):
+    model, x, y = digits
+    a = _run("fgsm", model, x[:16], y[:16], steps=1, step_size=0.01)
+    b = _run("fgsm", model, x[:16], y[:16], steps=7, step_size=0.5)
+    assert torch.equal(a, b)
+    assert torch.allclose((a - x[:16]).abs().amax(), torch.tensor(0.1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": 0.0}, "eps must be a finite number > 0"),
+        ({"eps": -0.1}, "eps must be a finite number > 0"),
+        ({"eps": math.nan}, "eps must be a finite number > 0"),
+        ({"eps": math.inf}, "eps must be a finite number > 0"),
+        ({"steps": 0}, "steps must be an int >= 1"),
+        ({"steps": 2.5}, "steps must be an int >= 1"),
+        ({"step_size": 0.0}, "step_size must be a finite number > 0"),
+        ({"x": torch.full((2, 1, 8, 8), 1.5)}, r"x must lie in \[0, 1\]"),
+        ({"x": torch.full((2, 1, 8, 8), -0.1)}, r"x must lie in \[0, 1\]"),
+        ({"x": torch.rand(2, 64)}, "NCHW"),
+        ({"y": torch.zeros(3, dtype=torch.long)}, "batch size"),
+        ({"y": torch.zeros(2)}, "integer"),
+    ],
+)
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "square"])
+def test_bad_arguments_raise(name, kwargs, match):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    args = {"x": torch.rand(2, 1, 8, 8), "y": torch.zeros(2, dtype=torch.long)}
+    args |= {k: kwargs[k] for k in ("x", "y") if k in kwargs}
+    params = {"eps": 0.1, "step_size": 0.02, "steps": 3}
+    params |= {k: v for k, v in kwargs.items() if k not in ("x", "y")}
+    with pytest.raises(ValueError, match=match):
+        get_attack(name)(model, args["x"], args["y"], **params)
+
+
+def test_pgd_agrees_with_torchattacks(digits):
+    """Same algorithm, other random starts: robust accuracy within ~2 points, ours not weaker."""
+    pytest.importorskip("torchattacks")
+    model, x, y = digits  # 497 held-out digits
+    params = {"eps": 0.1, "step_size": 0.025, "steps": 10}
+    ours = _acc(model, _run("pgd", model, x, y, **params), y)
+    theirs = _acc(model, _run("pgd_torchattacks", model, x, y, **params), y)
+    assert 0.2 < theirs < 0.8  # a regime where the comparison means something
+    assert abs(ours - theirs) <= 0.03
+    assert ours <= theirs + 0.02
+
+
+def test_autoattack_small(digits):
+    """Standard AutoAttack composition through torchattacks, shortened budgets, 32 points."""
+    pytest.importorskip("torchattacks")
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    state = torch.get_rng_state()
+    x_adv = _run("autoattack", model, x, y, n_iter=20, n_queries=300)
+    assert torch.equal(state, torch.get_rng_state())
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+    # At least as strong as PGD-10 (it contains APGD-CE and more), up to one point of noise.
+    assert _acc(model, x_adv, y) <= _acc(model, _run("pgd", model, x, y), y) + 1 / 32
+
+
+def test_rarn_imports_without_torchattacks():
+    code = "import sys, rarn.attacks, rarn.evaluation; assert 'torchattacks' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

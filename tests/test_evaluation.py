@@ -1,0 +1,393 @@
+"""Tests of rarn.evaluation: worst case, masking flags, results tables, transfer, bad input."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rarn.attacks as attacks
+from rarn.evaluation import (
+    MASKING_FLAGS,
+    RESULTS_SCHEMA,
+    TRANSFER_SCHEMA,
+    GradientMaskingWarning,
+    check_black_box,
+    check_larger_eps,
+    check_more_steps,
+    evaluate_robustness,
+    plot_accuracy_vs_eps,
+    plot_transfer_heatmap,
+    results_table,
+    run_masking_checks,
+    transfer_matrix,
+    write_results,
+)
+
+SUITE = ("fgsm", "pgd", "mim", "cw")
+SMALL = {"eps": 0.1, "step_size": 0.025, "steps": 10}  # digits: 8x8 in [0, 1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # Tiny models: one intra-op thread is much faster than two on a loaded 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _train_digits_net(seed: int = 0, epochs: int = 8):
+    """A small conv net on sklearn's 8x8 digits (1 channel, x in [0, 1]); ~97 % test accuracy."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)  # (1797, 1, 8, 8)
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    x, y = x[perm], y[perm]
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 10),
+    )
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(epochs):
+        order = torch.randperm(1300, generator=g)
+        for i in range(0, 1300, 64):
+            idx = order[i : i + 64]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval(), x[1300:], y[1300:]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, x, y = _train_digits_net()
+    return model, x[:160], y[:160]
+
+
+@pytest.fixture(scope="module")
+def result(digits):
+    model, x, y = digits
+    return evaluate_robustness(
+        model,
+        (x, y),
+        attacks=SUITE,
+        **SMALL,
+        generator=torch.Generator().manual_seed(0),
+        model_name="digits-cnn",
+        eps_curve=(0.05, 0.1, 0.2),
+        batch_size=64,
+        check_n=128,
+        black_box_queries=200,
+    )
+
+
+# --- models built to trigger one masking check each --------------------------------------------
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad  # gradients point the wrong way: white-box attacks walk uphill
+
+
+class Masked(nn.Module):
+    """Wraps a classifier with one kind of gradient masking."""
+
+    def __init__(self, net: nn.Module, kind: str):
+        super().__init__()
+        self.net, self.kind = net, kind
+
+    def forward(self, x):
+        if self.kind == "softmax":
+            return self.net(x).softmax(dim=1)
+        if self.kind == "quantize":
+            return self.net(torch.round(x * 2) / 2)  # round(): zero gradient almost everywhere
+        if self.kind == "noise":
+            return self.net(x + 0.05 * torch.randn_like(x))
+        if self.kind == "reverse":
+            return self.net(_ReverseGrad.apply(x))
+        raise ValueError(self.kind)
+
+
+def _checks(model, x, y, match):
+    """Run the checks; assert a GradientMaskingWarning matching ``match`` (others are expected)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flags = run_masking_checks(
+            model, x, y, **SMALL, generator=torch.Generator().manual_seed(0), black_box_queries=200
+        )
+    msgs = [str(w.message) for w in caught if issubclass(w.category, GradientMaskingWarning)]
+    assert any(re.search(match, m) for m in msgs), msgs
+    return flags
+
+
+# --- accuracy and worst case --------------------------------------------------------------------
+
+
+def test_accuracies_and_worst_case(result):
+    r = result
+    assert r.n == 160 and r.robust.shape == (160,) and r.robust.dtype == torch.bool
+    assert set(r.robust_accuracy) == set(SUITE)
+    assert r.clean_accuracy > 0.9
+    assert all(acc <= r.clean_accuracy for acc in r.robust_accuracy.values())
+    assert r.worst_case_accuracy <= min(r.robust_accuracy.values())
+    assert r.worst_case_accuracy == pytest.approx(float(r.robust.float().mean()))
+    assert r.robust_accuracy["pgd"] <= r.robust_accuracy["fgsm"] + 0.02
+    assert r.seed == 0
+
+
+def test_healthy_model_raises_no_flag(result):
+    assert result.flags == dict.fromkeys(MASKING_FLAGS, False)
+
+
+def test_curve_decreases_with_eps(result):
+    accs = [result.curve[e] for e in sorted(result.curve)]
+    assert accs == sorted(accs, reverse=True) and accs[-1] < accs[0]
+    assert result.curve[0.1] == pytest.approx(result.robust_accuracy["pgd"])  # reused, not rerun
+
+
+def _spy_attack(calls):
+    def spy(model, x, y, *, eps, step_size, steps, generator=None):
+        calls.append(len(y))
+        return attacks.pgd(
+            model, x, y, eps=eps, step_size=step_size, steps=steps, generator=generator
+        )
+
+    return spy
+
+
+@pytest.mark.parametrize("per_attack", [False, True])
+def test_later_attacks_run_only_on_survivors(digits, monkeypatch, per_attack):
+    model, x, y = digits
+    calls = {"first": [], "second": []}
+    for name in calls:
+        monkeypatch.setitem(attacks.ATTACKS, name, _spy_attack(calls[name]))
+        monkeypatch.setitem(attacks.ATTACK_NORM, name, "linf")
+        monkeypatch.setitem(attacks.ATTACK_IMPL, name, ("test", "0"))
+    r = evaluate_robustness(
+        model,
+        (x, y),
+        attacks=("first", "second"),
+        **SMALL,
+        per_attack=per_attack,
+        checks=False,
+        batch_size=200,
+    )
+    n_correct = round(r.clean_accuracy * r.n)
+    assert calls["first"] == [n_correct]  # only clean-correct points are attacked
+    if per_attack:
+        assert calls["second"] == [n_correct]
+        assert set(r.robust_accuracy) == {"first", "second"}
+    else:
+        survivors = calls["second"][0]
+        assert survivors < n_correct
+        assert r.robust_accuracy == {}
+    assert r.worst_case_accuracy <= min(r.robust_accuracy.values(), default=1.0)
+
+
+def test_model_mode_restored(digits):
+    model, x, y = digits
+    model.train()
+    try:
+        evaluate_robustness(model, (x[:32], y[:32]), attacks=("fgsm",), **SMALL, checks=False)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_loader_and_tensors_agree(digits):
+    model, x, y = digits
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=50)
+    kw = {"attacks": ("fgsm",), **SMALL, "checks": False}
+    a = evaluate_robustness(model, loader, **kw)
+    b = evaluate_robustness(model, (x, y), batch_size=50, **kw)
+    assert a.n == b.n == len(y)
+    assert a.clean_accuracy == b.clean_accuracy
+    assert a.robust_accuracy == b.robust_accuracy
+
+
+# --- masking flags: one model per flag -----------------------------------------------------------
+
+
+def test_flag_probability_outputs(digits):
+    model, x, y = digits
+    flags = _checks(Masked(model, "softmax"), x, y, match="probabilities")
+    assert flags["probability_outputs"]
+
+
+def test_flag_zero_gradients(digits):
+    model, x, y = digits
+    flags = _checks(Masked(model, "quantize"), x, y, match="exactly zero")
+    assert flags["zero_gradients"]
+
+
+def test_flag_randomized_outputs(digits):
+    model, x, y = digits
+    flags = _checks(Masked(model, "noise"), x, y, match="randomised")
+    assert flags["randomized_outputs"]
+
+
+def test_flag_steps_not_decreasing(digits):
+    model, x, y = digits
+    flags = _checks(Masked(model, "reverse"), x, y, match="more PGD steps")
+    assert flags["steps_not_decreasing"]
+
+
+def test_flag_eps_not_decreasing(digits):
+    model, x, y = digits
+    flags = _checks(Masked(model, "reverse"), x, y, match="larger eps")
+    assert flags["eps_not_decreasing"]
+
+
+def test_flag_black_box_stronger(digits):
+    model, x, y = digits
+    flags = _checks(Masked(model, "reverse"), x, y, match="black-box")
+    assert flags["black_box_stronger"]
+
+
+def test_flags_reach_the_results_table(digits):
+    model, x, y = digits
+    with pytest.warns(GradientMaskingWarning):
+        r = evaluate_robustness(
+            Masked(model, "softmax"), (x[:64], y[:64]), attacks=("pgd",), **SMALL, check_n=64
+        )
+    table = r.to_table()
+    assert all(table.column("flag_probability_outputs").to_pylist())
+    assert all(table.column("masking_suspected").to_pylist())
+
+
+def test_pure_checks():
+    with pytest.warns(GradientMaskingWarning):
+        assert check_more_steps({1: 0.5, 10: 0.6})  # rises
+    with pytest.warns(GradientMaskingWarning):
+        assert check_more_steps({1: 0.9, 20: 0.89})  # flat
+    assert not check_more_steps({1: 0.9, 20: 0.4})
+    assert not check_more_steps({1: 0.03, 20: 0.02})  # broken model: flat but below the floor
+    with pytest.warns(GradientMaskingWarning):
+        assert check_larger_eps({0.03: 0.4, 0.06: 0.2, 0.1: 0.3})
+    assert not check_larger_eps({0.03: 0.6, 0.06: 0.4, 0.5: 0.0})
+    with pytest.warns(GradientMaskingWarning):
+        assert check_black_box(white_box_acc=0.5, black_box_acc=0.3)
+    assert not check_black_box(white_box_acc=0.3, black_box_acc=0.45)
+
+
+# --- results tables -----------------------------------------------------------------------------
+
+
+def test_results_table_rows(result):
+    rows = result.to_table().to_pylist()
+    keys = [(r["model"], r["attack"], r["eps"]) for r in rows]
+    assert len(keys) == len(set(keys))  # one row per model x attack x eps
+    by_attack = {r["attack"]: r for r in rows if r["eps"] in (0.0, 0.1)}
+    assert by_attack["clean"]["accuracy"] == result.clean_accuracy
+    assert by_attack["worst_case"]["accuracy"] == result.worst_case_accuracy
+    assert by_attack["worst_case"]["suite"] == "fgsm+pgd+mim+cw"
+    assert by_attack["fgsm"]["steps"] == 1
+    assert by_attack["pgd"]["implementation"] == "rarn"
+    assert sorted(r["eps"] for r in rows if r["attack"] == "pgd") == [0.05, 0.1, 0.2]
+    assert {r["n"] for r in rows} == {160} and {r["seed"] for r in rows} == {0}
+
+
+def test_parquet_round_trip(result, tmp_path):
+    table = results_table([result, result])
+    path = write_results(table, tmp_path / "sub" / "results.parquet")
+    back = pq.read_table(path)
+    assert back.schema.equals(RESULTS_SCHEMA, check_metadata=True)
+    assert back.schema.field("accuracy").metadata[b"description"]
+    assert back.equals(table)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.parquet"]  # no temp file
+
+
+def test_accuracy_vs_eps_plot(result, tmp_path):
+    path = plot_accuracy_vs_eps(result.to_table(), tmp_path / "curve.png")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_transfer_matrix(digits, tmp_path):
+    model, x, y = digits
+    other, _, _ = _train_digits_net(seed=1, epochs=4)
+    table = transfer_matrix(
+        {"a": model, "b": other}, (x[:96], y[:96]), **SMALL, generator=torch.Generator()
+    )
+    assert table.schema.equals(TRANSFER_SCHEMA) and table.num_rows == 4
+    acc = {(r["source"], r["target"]): r["accuracy"] for r in table.to_pylist()}
+    assert acc["a", "a"] < acc["b", "a"] and acc["b", "b"] < acc["a", "b"]  # white-box is stronger
+    back = pq.read_table(write_results(table, tmp_path / "transfer.parquet"))
+    assert back.schema.equals(TRANSFER_SCHEMA, check_metadata=True)
+    assert plot_transfer_heatmap(table, tmp_path / "transfer.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+def test_unknown_attack_lists_known(digits):
+    model, x, y = digits
+    with pytest.raises(KeyError, match="known:.*fgsm"):
+        evaluate_robustness(model, (x, y), attacks=("pgd", "deepfool"))
+    with pytest.raises(KeyError, match="known:"):
+        transfer_matrix({"a": model}, (x, y), attack="nope")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"eps": 0.0}, {"eps": -8 / 255}, {"eps": math.nan}, {"steps": 0}, {"eps_curve": (0.0,)}],
+)
+def test_bad_parameters_raise_before_any_work(digits, kwargs, monkeypatch):
+    model, x, y = digits
+    called = []
+    monkeypatch.setattr(model, "forward", lambda *a: called.append(1))
+    with pytest.raises(ValueError):
+        evaluate_robustness(model, (x, y), **{**SMALL, **kwargs})
+    assert not called
+
+
+def test_empty_data_raises(digits):
+    model, _, _ = digits
+    with pytest.raises(ValueError, match="no data"):
+        evaluate_robustness(model, [], **SMALL)
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0).long())
+    with pytest.raises(ValueError, match="no data"):
+        evaluate_robustness(model, torch.utils.data.DataLoader(empty), **SMALL)
+
+
+def test_inputs_outside_unit_range_raise(digits):
+    model, x, y = digits
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        evaluate_robustness(model, (x * 16, y), **SMALL)
+
+
+def test_nothing_written_for_bad_tables(result, tmp_path):
+    empty = result.to_table().slice(0, 0)
+    with pytest.raises(ValueError, match="empty"):
+        write_results(empty, tmp_path / "a.parquet")
+    wrong = pa.table({"model": ["m"], "accuracy": [0.5]})
+    with pytest.raises(ValueError, match="schema"):
+        write_results(wrong, tmp_path / "b.parquet")
+    with pytest.raises(ValueError, match="schema"):
+        plot_accuracy_vs_eps(wrong, tmp_path / "c.png")
+    only_clean = result.to_table().filter(pa.compute.equal(pa.compute.field("attack"), "clean"))
+    with pytest.raises(ValueError, match="two or more radii"):
+        plot_accuracy_vs_eps(only_clean, tmp_path / "d.png")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,128 @@
+"""End-to-end behaviour of the RACL search on tiny digits runs (CPU, seconds)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from rarn.config import ConstraintConfig, DataConfig, SearchConfig, load_config
+from rarn.data import load_dataset
+from rarn.genotype import Genotype, parametric_share
+from rarn.search import RACLSearch, SearchData, SearchDiverged, run_search
+
+# Tiny but complete: 3 cells (normal, reduction, reduction), 2 nodes per cell, a few steps.
+TINY = SearchConfig(epochs=2, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
+                    max_steps_per_epoch=2, arch_lr=6e-3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    bundle = load_dataset(DataConfig(name="digits", limit=400))
+    return SearchData.from_bundle(bundle, 0.5, 0)
+
+
+def test_two_epoch_search_yields_valid_genotype(data):
+    seen = []
+    cfg = dataclasses.replace(TINY, nodes=4)
+    result = run_search(cfg, ConstraintConfig(), data, callbacks=[lambda e, m: seen.append((e, m))])
+    assert [e for e, _ in seen] == [1, 2]
+    assert isinstance(result.genotype, Genotype)
+    assert Genotype.from_json(result.genotype.to_json()) == result.genotype
+    assert set(result.genotypes) == {"quantile", "median", "sample"}
+    last = seen[-1][1]
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "mu_F", "sigma_F", "h", "y",
+                "p_satisfied", "epoch_time", "grad_norm", "parametric_share"):
+        assert key in last and math.isfinite(last[key]), key
+    assert last["arch_steps"] == 2 and seen[0][1]["arch_steps"] == 0  # warm-up epoch
+    assert len(result.genotype.normal) == 8
+
+
+def test_resume_reproduces_uninterrupted_run(data, tmp_path):
+    cfg = TINY
+    straight = run_search(cfg, ConstraintConfig(), data, checkpoint_dir=tmp_path / "a")
+    run_search(dataclasses.replace(cfg, epochs=1), ConstraintConfig(), data,
+               checkpoint_dir=tmp_path / "b")
+    resumed = run_search(cfg, ConstraintConfig(), data, checkpoint_dir=tmp_path / "b")
+    drop = ("epoch_time",)
+    strip = lambda h: [{k: v for k, v in m.items() if k not in drop} for m in h]  # noqa: E731
+    assert strip(resumed.history) == strip(straight.history)
+    assert resumed.genotype == straight.genotype
+    assert (tmp_path / "b" / "genotype.json").exists()
+
+
+def test_steps_touch_only_their_parameters(data):
+    s = RACLSearch(TINY, ConstraintConfig(), num_classes=10, in_channels=1)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    snap = lambda ps: [p.detach().clone() for p in ps]  # noqa: E731
+    w0, a0 = snap(s.model.weight_parameters()), snap(s.model.arch_parameters())
+    s.arch_step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(w0, s.model.weight_parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(a0, s.model.arch_parameters()))
+    a1 = snap(s.model.arch_parameters())
+    s.weight_step(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(a1, s.model.arch_parameters()))
+    assert any(not torch.equal(p, q) for p, q in zip(w0, s.model.weight_parameters()))
+
+
+@pytest.mark.parametrize("mode", ["exact", "finite_difference"])
+def test_gradient_norm_modes_agree_roughly(mode):
+    cfg = dataclasses.replace(TINY, grad_norm_mode=mode, grad_norm_weight=0.1)
+    s = RACLSearch(cfg, ConstraintConfig(), num_classes=10, in_channels=1)
+    out = s.weight_step(torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,)))
+    assert math.isfinite(out["train_loss"]) and out["grad_norm"] > 0
+
+
+def test_finite_difference_penalty_matches_exact_gradient_norm():
+    """(l(x + h d) - l(x)) / h -> ||grad_x l|| as h -> 0 (d the unit input gradient)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    x, y = torch.rand(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
+    model = model.double()
+    x.requires_grad_(True)
+    per = torch.nn.functional.cross_entropy(model(x), y, reduction="none")
+    (g,) = torch.autograd.grad(per.sum(), x)
+    d = g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    per2 = torch.nn.functional.cross_entropy(model(x + 1e-5 * d), y, reduction="none")
+    torch.testing.assert_close((per2 - per) / 1e-5, g.flatten(1).norm(dim=1), rtol=1e-3, atol=1e-6)
+
+
+def test_tight_threshold_lowers_the_bound(data):
+    """The constraint works: same seed, a tight lambda_bar ends with a clearly lower mu_F."""
+    cfg = dataclasses.replace(TINY, epochs=2, max_steps_per_epoch=6, arch_lr=0.03)
+    tight = ConstraintConfig(threshold="tracking", kappa=0.3, rho=1.0)
+    off = dataclasses.replace(tight, enabled=False)
+    on_run = run_search(cfg, tight, data).final
+    off_run = run_search(cfg, off, data).final
+    assert on_run["mu_F_last"] < off_run["mu_F_last"] - 0.1, (on_run["mu_F_last"], off_run["mu_F_last"])
+    assert on_run["y"] > 0 and off_run["y"] == 0
+
+
+def test_divergence_names_epoch_and_step(data):
+    cfg = dataclasses.replace(TINY, lr=1e30, grad_clip=0.0, warmup_epochs=2)
+    with pytest.raises(SearchDiverged, match=r"epoch 1, step \d+: train_loss"):
+        run_search(cfg, ConstraintConfig(), data)
+
+
+def test_bad_search_config_is_rejected():
+    with pytest.raises(ValueError, match="grad_norm_mode"):
+        RACLSearch(dataclasses.replace(TINY, grad_norm_mode="approx"), ConstraintConfig(),
+                   num_classes=10, in_channels=1)
+    with pytest.raises(ValueError, match="constraint.mixture"):
+        RACLSearch(TINY, ConstraintConfig(mixture="convs"), num_classes=10, in_channels=1)
+
+
+def test_corrupted_checkpoint_is_a_clear_error(data, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read search checkpoint"):
+        run_search(TINY, ConstraintConfig(), data, checkpoint_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_default_config_genotype_stays_convolutional():
+    """configs/default.yaml on digits keeps at least half of its 16 edges parametric."""
+    cfg = load_config("configs/default.yaml")
+    bundle = load_dataset(cfg.data)
+    d = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
+    result = run_search(cfg.search, cfg.constraint, d)
+    assert parametric_share(result.genotype) >= 0.5, result.genotype
