@@ -4,11 +4,11 @@ Times full training steps through :func:`rarn.training.train_epoch` (step functi
 clipping, SGD) for ``standard``, ``pgd`` (PGD-7, 8/255, 2/255), ``trades`` (7 KL steps, beta 6)
 and ``fast`` (Fast-AT) at two shapes and the same batch size, interleaving the methods within
 each trial so that machine-load drift hits them alike, and prints one JSON line: images/s per
-method, the ratio of each step's time to the clean step's, and whether the goals hold
-(PGD-7 <= 6.0x, Fast-AT <= 1.8x). Attack steps run with frozen weights (input gradients only),
-so PGD-k should cost about (2k + 3) / 3 = 5.67 clean steps.
+method (fastest trial), the ratio of each step's time to the clean step's, and whether the
+goals hold (PGD-7 <= 6.0x, Fast-AT <= 1.8x). Attack steps run with frozen weights (input
+gradients only), so PGD-k should cost about (2k + 3) / 3 = 5.67 clean steps.
 
-    python benchmarks/adv_train_step.py [--trials 3] [--steps 3] [--threads 0] [--smoke]
+    python benchmarks/adv_train_step.py [--trials 5] [--steps 1] [--threads 0] [--smoke]
 """
 
 from __future__ import annotations
@@ -61,20 +61,23 @@ def bench_shape(shape: dict, device: torch.device, trials: int, steps: int) -> d
             train_epoch(model, batches, fn, opt)
             _sync(device)
             times[name].append((time.perf_counter() - t0) / steps)
-    per_step = {k: statistics.median(v) for k, v in times.items()}
-    clean = per_step["standard"]
+    # Min over trials: other processes only ever add time, so the fastest trial is the least
+    # disturbed one; the median ratio is reported too, as a check on the noise.
+    best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "config": shape | {"params": count_parameters(model)},
-        "step_s": {k: round(v, 4) for k, v in per_step.items()},
-        "images_per_s": {k: round(B / v, 1) for k, v in per_step.items()},
-        "ratio_to_clean": {k: round(v / clean, 2) for k, v in per_step.items()},
+        "step_s": {k: round(v, 4) for k, v in best.items()},
+        "images_per_s": {k: round(B / v, 1) for k, v in best.items()},
+        "ratio_to_clean": {k: round(v / best["standard"], 2) for k, v in best.items()},
+        "ratio_to_clean_median": {k: round(v / med["standard"], 2) for k, v in med.items()},
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trials", type=int, default=3, help="interleaved trials (median)")
-    ap.add_argument("--steps", type=int, default=3, help="training steps timed per trial")
+    ap.add_argument("--trials", type=int, default=5, help="interleaved trials (min is reported)")
+    ap.add_argument("--steps", type=int, default=1, help="training steps timed per trial")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--device", default="", help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--smoke", action="store_true", help="one trial of one step, small only")

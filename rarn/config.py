@@ -173,6 +173,7 @@ class TuneConfig:
     select_mode: str = "max"
     retrain_workers: int = 1
     retrain_use_gpu: bool = False
+    retrain_cpus_per_worker: float = 1.0  # CPUs of each Ray Train worker
     storage_path: str = ""  # "" -> <run_dir>/ray
 
 

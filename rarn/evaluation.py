@@ -555,7 +555,7 @@ _COMMON = [
     _f("n", pa.int64(), "number of evaluated points"),
     _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
     _f("impl_version", pa.string(), "version of that implementation"),
-    _f("seed", pa.int64(), "initial seed of the attack generator", nullable=True),
+    _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
 ]
 RESULTS_SCHEMA = pa.schema(
     [
@@ -566,7 +566,7 @@ RESULTS_SCHEMA = pa.schema(
             _f(f"flag_{k}", pa.bool_(), f"masking check {k}; null: not run", True)
             for k in MASKING_FLAGS
         ),
-        _f("masking_suspected", pa.bool_(), "any masking flag raised"),
+        _f("masking_suspected", pa.bool_(), "any flag raised; null: no check run", True),
     ],
     metadata={"rarn.schema": "robustness-results/1"},
 )
@@ -617,7 +617,9 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
             "seed": r.seed,
             "suite": suite,
             **{f"flag_{k}": r.flags.get(k) for k in MASKING_FLAGS},
-            "masking_suspected": any(bool(r.flags.get(k)) for k in MASKING_FLAGS),
+            "masking_suspected": any(bool(r.flags.get(k)) for k in MASKING_FLAGS)
+            if any(r.flags.get(k) is not None for k in MASKING_FLAGS)
+            else None,
         }
         clean = {"attack": "clean", "norm": "none", "eps": 0.0, "step_size": 0.0, "steps": 0}
         rows.append({**base, **clean, "accuracy": r.clean_accuracy})

@@ -112,13 +112,18 @@ def _index(plan: _Plan, g: int, group: _Group, device: torch.device) -> Tensor:
     return idx
 
 
-def _repeat(x: Tensor, groups: int, m: int) -> Tensor:
+def _repeat(x: Tensor, groups: int, m: int, channels_last: bool) -> Tensor:
     """``[B, G*c, H, W]`` -> ``[B, G*m*c, H, W]``: each block of ``c`` channels repeated ``m``
-    times in place, i.e. channel order (g, repeat, ch)."""
+    times in place (channel order (g, repeat, ch)), in one copy to the requested layout."""
     B, C, H, W = x.shape
-    if m == 1:
-        return x
-    return x.reshape(B, groups, 1, C // groups * H * W).expand(-1, -1, m, -1).reshape(B, -1, H, W)
+    if not channels_last:
+        if m == 1:
+            return x
+        x = x.reshape(B, groups, 1, C // groups * H * W).expand(-1, -1, m, -1)
+        return x.reshape(B, -1, H, W)
+    x = x.unflatten(1, (groups, 1, C // groups)).permute(0, 4, 5, 1, 2, 3)  # [B, H, W, G, 1, c]
+    x = x.expand(-1, -1, -1, -1, m, -1).reshape(B, H, W, groups * m * C // groups)
+    return x.permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
 
 
 def _batch_norm(x: Tensor, bns: list[nn.Module], training: bool) -> Tensor:
@@ -177,10 +182,19 @@ def _shared_batch_norm(x: Tensor, bns: list[nn.Module], repeats: int) -> Tensor:
     return y
 
 
-def _depthwise(x: Tensor, convs: list[nn.Conv2d]) -> Tensor:
-    """The depthwise convs ``convs`` (same hyper-parameters) of consecutive channel blocks."""
+def _depthwise(x: Tensor, convs: list[nn.Conv2d], x_sub: Tensor | None = None) -> Tensor:
+    """The depthwise convs ``convs`` (same hyper-parameters) of consecutive channel blocks.
+
+    ``x_sub`` is ``x[:, :, ::2, ::2]``: a stride-2 dilation-2 conv with even padding reads only
+    that sub-grid, so it runs there as a dense stride-1 conv (same sums; oneDNN's strided dilated
+    depthwise kernels are several times slower on CPU).
+    """
     c0 = convs[0]
     weight = torch.cat([c.weight for c in convs])
+    if x_sub is not None and c0.stride == (2, 2) and c0.dilation == (2, 2):
+        ph, pw = c0.padding
+        if ph % 2 == 0 and pw % 2 == 0:
+            return F.conv2d(x_sub, weight, None, 1, (ph // 2, pw // 2), 1, x.shape[1])
     return F.conv2d(x, weight, None, c0.stride, c0.padding, c0.dilation, x.shape[1])
 
 
@@ -190,7 +204,9 @@ def _pointwise(x: Tensor, convs: list[nn.Conv2d]) -> Tensor:
     return F.conv2d(x, weight, None, convs[0].stride, 0, 1, len(convs))
 
 
-def _factorized_reduce(r: Tensor, S: int, m: int, frs: list[FactorizedReduce], training: bool):
+def _factorized_reduce(
+    r: Tensor, S: int, m: int, frs: list[FactorizedReduce], training: bool, channels_last: bool
+) -> Tensor:
     """Batched :class:`FactorizedReduce` of the (already ReLU'd) sources in ``r`` (S blocks),
     ``m`` edges per source; returns ``[B, S*m*c, H', W']`` in edge order."""
     H, W = r.shape[2], r.shape[3]
@@ -204,14 +220,20 @@ def _factorized_reduce(r: Tensor, S: int, m: int, frs: list[FactorizedReduce], t
     parts = []
     for s in range(S):
         parts += [u1[:, s * c : (s + 1) * c], u2[:, s * c : (s + 1) * c]]
-    u = _repeat(torch.cat(parts, dim=1), S, m)
+    u = _repeat(torch.cat(parts, dim=1), S, m, channels_last)
     weight = torch.cat([w for fr in frs for w in (fr.conv_1.weight, fr.conv_2.weight)])
     y = F.conv2d(u, weight, None, 1, 0, 1, 2 * len(frs))
     return _batch_norm(y, [fr.bn for fr in frs], training)
 
 
 def _group_forward(
-    group: _Group, xs: list[Tensor], w: Tensor, beta: Tensor, k: int, training: bool
+    group: _Group,
+    xs: list[Tensor],
+    w: Tensor,
+    beta: Tensor,
+    k: int,
+    training: bool,
+    channels_last: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Contributions of ``group``'s edges to its target nodes, before the channel shuffle.
 
@@ -222,6 +244,7 @@ def _group_forward(
         beta: edge weights of the group's edges, ``[S*m]``.
         k: PC-DARTS K.
         training: BN mode.
+        channels_last: run the conv path in channels-last memory layout.
 
     Returns:
         The mixed-op part ``[B, m, c, H', W']`` and the bypass part ``[B, m, C - c, H', W']``
@@ -234,11 +257,12 @@ def _group_forward(
     ops = group.ops
     xa = xs[0][:, :c] if S == 1 else torch.cat([x[:, :c] for x in xs], dim=1)  # (s, ch)
     r = F.relu(xa)
-    r_rep = _repeat(r, S, m)  # (s, t, ch): one block of c channels per edge
+    r_rep = _repeat(r, S, m, channels_last)  # (s, t, ch): one block of c channels per edge
+    r_sub = _repeat(r[:, :, ::2, ::2], S, m, channels_last) if group.stride == 2 else None
 
     # First stage of the sep convs and the dil convs: a dw conv per kind, one pw conv, one BN.
     kinds = _SEP + _DIL
-    dw = [_depthwise(r_rep, [o[name][1] for o in ops]) for name in kinds]
+    dw = [_depthwise(r_rep, [o[name][1] for o in ops], r_sub) for name in kinds]
     Ho, Wo = dw[0].shape[2], dw[0].shape[3]
     z = _pointwise(torch.cat(dw, dim=1), [o[name][2] for name in kinds for o in ops])
     t1 = _batch_norm(z, [o[name][3] for name in kinds for o in ops], training)
@@ -259,7 +283,7 @@ def _group_forward(
     if shared_pools:
         pooled = _shared_batch_norm(pooled, pool_bns, m)
     else:
-        pooled = _batch_norm(_repeat(pooled, 2 * S, m), pool_bns, training)
+        pooled = _batch_norm(_repeat(pooled, 2 * S, m, channels_last), pool_bns, training)
 
     # Rows of c channels: per-edge rows (kind, s, t) and per-source rows (kind, s), each weighted
     # by a column of coef = beta_e * w_eo.
@@ -279,7 +303,7 @@ def _group_forward(
         src_cols.append(skip_col)
     else:
         frs = [o["skip_connect"] for o in ops]
-        edge_parts.append(_factorized_reduce(r, S, m, frs, training))
+        edge_parts.append(_factorized_reduce(r, S, m, frs, training, channels_last))
         edge_cols.append(skip_col)
 
     coef = (w * beta[:, None]).view(S, m, -1)
@@ -289,7 +313,9 @@ def _group_forward(
     if src_parts:
         mats.append(coef[:, :, src_cols].permute(1, 2, 0).reshape(m, -1))  # [t, (kind, s)]
     mix = torch.cat(mats, dim=1)
-    rows = torch.cat(edge_parts + src_parts, dim=1)
+    rows = torch.cat(edge_parts + src_parts, dim=1)  # NCHW unless every part is channels-last
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
     a = torch.matmul(mix, rows.view(B, -1, c * Ho * Wo)).view(B, m, c, Ho, Wo)
     if c == C:
         return a, None
@@ -319,7 +345,12 @@ def _shuffle_node(a: Tensor, b: Tensor | None, k: int) -> Tensor:
 
 
 def fused_cell_forward(
-    cell: nn.Module, s0: Tensor, s1: Tensor, op_weights: Tensor, edge_weights: Tensor
+    cell: nn.Module,
+    s0: Tensor,
+    s1: Tensor,
+    op_weights: Tensor,
+    edge_weights: Tensor,
+    channels_last: bool = True,
 ) -> Tensor:
     """The output of ``cell`` (a :class:`rarn.supernet.SearchCell`), computed with batched ops.
 
@@ -332,6 +363,8 @@ def fused_cell_forward(
         s1: output of the previous cell, ``[B, C_p, H, W]``.
         op_weights: op mixing weights ``[E, n_ops]`` (columns in ``PRIMITIVES`` order).
         edge_weights: PC-DARTS edge weights ``[E]``.
+        channels_last: run the batched convs and BNs in channels-last memory layout (faster
+            depthwise convs on CPU); node states stay in the default layout.
 
     Returns:
         ``[B, multiplier * C, H', W']``, the concatenated last ``multiplier`` states.
@@ -352,6 +385,7 @@ def fused_cell_forward(
             edge_weights.index_select(0, idx),
             k,
             training,
+            channels_last,
         )
         if acc_a is None:
             acc_a, acc_b = a, b

@@ -433,13 +433,17 @@ def _chain(modules: Iterator[nn.Module] | list[nn.Module]) -> float:
     return sum((module_log_lipschitz(m) for m in modules), 0.0)
 
 
-def _torchvision_block_bound(m: nn.Module) -> float | None:
-    """Residual blocks of torchvision baselines: branch bound + shortcut bound."""
-    if "torchvision" not in sys.modules:
+def _torchvision_bound(m: nn.Module) -> float | None:
+    """torchvision baselines: residual blocks (branch + shortcut) and the networks (chains)."""
+    if "torchvision" not in sys.modules:  # then m cannot be a torchvision module
         return None
-    from torchvision.models.mobilenetv2 import InvertedResidual
-    from torchvision.models.resnet import BasicBlock
+    from torchvision.models.mobilenetv2 import InvertedResidual, MobileNetV2
+    from torchvision.models.resnet import BasicBlock, ResNet
 
+    if isinstance(m, ResNet | MobileNetV2):
+        # Both forwards run their children in registration order; the global average pool
+        # between them (or a child) has l2 norm <= 1.
+        return _chain(list(m.children()))
     if isinstance(m, BasicBlock):  # relu(bn2(conv2(relu(bn1(conv1 x)))) + shortcut(x))
         branch = _chain([m.conv1, m.bn1, m.conv2, m.bn2])
         short = module_log_lipschitz(m.downsample) if m.downsample is not None else 0.0
@@ -456,7 +460,8 @@ def module_log_lipschitz(m: nn.Module) -> float:
     Per-layer rules are those of :mod:`rarn.lipschitz` (BN scale from running statistics,
     depthwise ``l1`` kernels, ``ceil(k/s)`` for max pools, Schur test for average pools,
     ``max(sigma_1, sigma_2)`` for FactorizedReduce), with two changes that make the bound
-    certified: spectral norms are exact, and average pools are bounded over all map sizes.
+    certified: spectral norms are bounded from above (not estimated from below by power
+    iteration), and average pools are bounded over all map sizes.
     Chains (``nn.Sequential`` and networks whose forward is their children in order) add
     log-bounds; residual blocks add bounds (log-sum-exp).
 
@@ -479,12 +484,10 @@ def module_log_lipschitz(m: nn.Module) -> float:
         if m.shortcut is None:  # x + branch(pre(x))
             return _lse([pre + branch, 0.0])
         return pre + _lse([branch, module_log_lipschitz(m.shortcut)])
-    block = _torchvision_block_bound(m)
-    if block is not None:
-        return block
-    if isinstance(m, nn.Sequential | WideResNet) or type(m).__name__ in ("ResNet", "MobileNetV2"):
-        # ResNet / MobileNetV2 forwards run their children in registration order (their global
-        # pooling, l2 norm <= 1, sits between children or is a child).
+    tv = _torchvision_bound(m)
+    if tv is not None:
+        return tv
+    if isinstance(m, nn.Sequential | WideResNet):
         return _chain(list(m.children()))
     if isinstance(m, nn.Conv2d):
         return _conv_log_bound(m)

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from rarn.attacks import AttackFn, eval_mode, get_attack
 from rarn.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
@@ -533,6 +534,8 @@ def run_retrain(
     callbacks: Sequence[EpochCallback | Callable[[int, Mapping[str, float]], None]] = (),
     checkpoint_dir: str | Path | None = None,
     device: str | torch.device | None = None,
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> RetrainResult:
     """Adversarially retrain ``cfg.genotype`` and keep the best-robust-on-validation weights.
 
@@ -547,6 +550,12 @@ def run_retrain(
             ``best.pt`` (selected weights) are written after every epoch, each with a ``.sha256``
             record; an existing ``last.pt`` there is resumed exactly.
         device: where to train (None: CUDA when available, else CPU).
+        wrap_model: wraps the network for the training steps only (data parallelism, e.g.
+            DDP); checkpoints, validation and the Lipschitz report use the unwrapped network,
+            which shares its parameters.
+        shard: ``(rank, world_size)``: this worker trains on every ``world_size``-th sample of
+            the training split, starting at ``rank`` (equal shares); validation is not sharded,
+            so every rank selects the same epoch.
 
     Returns:
         The :class:`RetrainResult`; its model carries the selected weights, and ``final``
@@ -569,6 +578,9 @@ def run_retrain(
         train_set, val_set = search_split(data_bundle.train, 1.0 - cfg.val_fraction, cfg.seed)
     else:
         train_set, val_set = data_bundle.train, None
+    rank, world = shard
+    if world > 1:  # data parallel: disjoint, equal-size shares keep the ranks in lockstep
+        train_set = Subset(train_set, range(rank, len(train_set) // world * world, world))
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, generator=loader_gen)
     val_loader = None if val_set is None else make_loader(val_set, cfg.batch_size, shuffle=False)
@@ -589,6 +601,7 @@ def run_retrain(
     channels_last = cfg.channels_last and on_gpu
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    train_model = wrap_model(model) if wrap_model is not None else model
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
@@ -629,7 +642,7 @@ def run_retrain(
             model.drop_path_prob = cfg.drop_path * (epoch - 1) / cfg.epochs
         t0 = time.perf_counter()
         tr = train_epoch(
-            model,
+            train_model,
             train_loader,
             step_fn,
             optimizer,

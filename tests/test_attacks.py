@@ -204,6 +204,7 @@ def test_fgsm_ignores_steps_and_step_size(digits):
         ({"step_size": 0.0}, "step_size must be a finite number > 0"),
         ({"x": torch.full((2, 1, 8, 8), 1.5)}, r"x must lie in \[0, 1\]"),
         ({"x": torch.full((2, 1, 8, 8), -0.1)}, r"x must lie in \[0, 1\]"),
+        ({"x": torch.full((2, 1, 8, 8), math.nan)}, r"x must lie in \[0, 1\]"),
         ({"x": torch.rand(2, 64)}, "NCHW"),
         ({"y": torch.zeros(3, dtype=torch.long)}, "batch size"),
         ({"y": torch.zeros(2)}, "integer"),

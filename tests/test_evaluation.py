@@ -320,6 +320,16 @@ def test_parquet_round_trip(result, tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["results.parquet"]  # no temp file
 
 
+def test_unchecked_result_with_a_64_bit_seed(digits, tmp_path):
+    model, x, y = digits
+    g = torch.Generator().manual_seed(2**64 - 1)  # torch seeds are uint64
+    kw = {"attacks": ("fgsm",), **SMALL, "generator": g, "checks": False}
+    r = evaluate_robustness(model, (x[:32], y[:32]), **kw)
+    back = pq.read_table(write_results(r.to_table(), tmp_path / "r.parquet")).to_pylist()
+    assert {row["seed"] for row in back} == {2**64 - 1}
+    assert all(row["masking_suspected"] is None for row in back)  # unknown, not "clean"
+
+
 def test_accuracy_vs_eps_plot(result, tmp_path):
     path = plot_accuracy_vs_eps(result.to_table(), tmp_path / "curve.png")
     assert path.read_bytes()[:8] == PNG_MAGIC

@@ -1,0 +1,127 @@
+"""Evaluation stage: the attack suite of :mod:`rarn.evaluation` on the held-out test split.
+
+Every retrained model is loaded back from MLflow (its sha256 checked first), evaluated in a Ray
+task (several at once), and its results (Parquet table, accuracy-vs-eps plot, metrics and the
+gradient-masking flags as tags) are logged to its retraining run. The same
+:func:`evaluate_model` serves ``python -m pipeline.registry evaluate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from pipeline.retrain import RetrainOutcome
+from pipeline.tracking import ChildRun, Tracking, load_model_checked
+from rarn.config import EvaluationConfig, TuneConfig
+from rarn.data import as_tensors
+from rarn.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
+
+__all__ = ["EvalOutcome", "evaluate_model", "run_evaluate_stage", "summary_metrics"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOutcome:
+    """Headline numbers of one evaluated model (the full table is in MLflow and on disk)."""
+
+    key: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    flags: dict[str, bool | None] = field(default_factory=dict)
+    results_path: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def summary_metrics(result: Any) -> dict[str, float]:
+    """``eval_clean_acc``, ``eval_<attack>_acc`` per attack, ``eval_worst_case_acc``."""
+    out = {"eval_clean_acc": result.clean_accuracy}
+    out["eval_worst_case_acc"] = result.worst_case_accuracy
+    out |= {f"eval_{a}_acc": v for a, v in result.robust_accuracy.items()}
+    return out
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    data: Any,
+    ev: EvaluationConfig,
+    *,
+    name: str,
+    out_dir: Path,
+    attacks: Sequence[str] | None = None,
+) -> tuple[Any, Path, Path | None]:
+    """Run the suite on ``data`` (``(x, y)`` tensors); write Parquet and (if a curve) a PNG.
+
+    Returns:
+        ``(RobustnessResult, parquet path, png path or None)``.
+    """
+    suite = tuple(attacks or ev.attacks) + (("autoattack",) if ev.autoattack else ())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    result = evaluate_robustness(
+        model.to(device),
+        data,
+        attacks=suite,
+        eps=ev.eps,
+        step_size=ev.step_size,
+        steps=ev.steps,
+        eps_curve=ev.eps_curve,
+        generator=torch.Generator(device=device).manual_seed(ev.seed),
+        model_name=name,
+        batch_size=ev.batch_size,
+        main_attack="pgd" if "pgd" in suite else suite[0],
+    )
+    table = result.to_table()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parquet = write_results(table, out_dir / "results.parquet")
+    png = None
+    if len(result.curve) >= 2:
+        png = plot_accuracy_vs_eps(table, out_dir / "accuracy_vs_eps.png")
+    return result, parquet, png
+
+
+@ray.remote
+def _evaluate(
+    retrained: RetrainOutcome, tracking: Tracking, bundle: Any, ev: EvaluationConfig, out: str
+) -> EvalOutcome:
+    """Ray task: load (sha256-checked), evaluate, log to the retraining run."""
+    try:
+        model = load_model_checked(tracking, retrained.model_uri, retrained.model_sha256)
+        x, y = as_tensors(bundle.test)  # Ray resolved the reference (zero-copy)
+        result, parquet, png = evaluate_model(
+            model, (x, y), ev, name=retrained.key, out_dir=Path(out) / retrained.key
+        )
+        run = ChildRun(tracking, retrained.retrain_run_id)
+        metrics = summary_metrics(result)
+        run.log_metrics(metrics, step=0)
+        run.set_tags({f"rarn.masking.{k}": v for k, v in result.flags.items()})
+        run.log_artifact_checked(parquet, "evaluation")
+        if png is not None:
+            run.log_artifact_checked(png, "evaluation")
+    except Exception as e:  # reported per model; the other models' evaluations go on
+        log.exception("evaluation of %s failed", retrained.key)
+        return EvalOutcome(retrained.key, error=f"{type(e).__name__}: {e}")
+    return EvalOutcome(retrained.key, metrics, dict(result.flags), str(parquet))
+
+
+def run_evaluate_stage(
+    retrained: Sequence[RetrainOutcome],
+    tracking: Tracking,
+    bundle: Any,
+    ev: EvaluationConfig,
+    tune_cfg: TuneConfig,
+    *,
+    out_dir: Path,
+) -> list[EvalOutcome]:
+    """Evaluate every successfully retrained model, concurrently; one outcome per model."""
+    task = _evaluate.options(num_cpus=tune_cfg.cpus_per_trial, num_gpus=tune_cfg.gpus_per_trial)
+    todo = [r for r in retrained if r.error is None and r.model_uri]
+    return ray.get([task.remote(r, tracking, bundle, ev, str(out_dir)) for r in todo])

@@ -1,0 +1,189 @@
+"""The model registry from the command line: lineage of a registered model, and re-evaluation.
+
+::
+
+    python -m pipeline.registry show rarn-digits@champion
+    python -m pipeline.registry evaluate models:/rarn-digits@champion --attacks fgsm pgd --steps 20
+
+``show`` prints the chain search trial -> genotype -> retraining run -> metrics from the tags
+the pipeline recorded (the genotype artifact is re-hashed on the way). ``evaluate`` downloads the
+model, checks its sha256 against the one recorded at log time, loads it and runs the attack suite
+of :mod:`rarn.evaluation` on the held-out test split of the data the model was trained on (the
+``data`` section of the run's logged ``config.yaml``, or ``--config``).
+
+The tracking URI is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<cwd>/mlflow.db`` (the pipeline's default), so run it where the pipeline ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.tracking import Tracking, download_checked, load_model_checked, resolve_tracking_uri
+from rarn.config import ConfigError, TrackingConfig, load_config
+
+__all__ = ["evaluate", "main", "parse_model_ref", "show"]
+
+
+def parse_model_ref(ref: str) -> tuple[str, str, str]:
+    """``models:/name@alias``, ``name@alias``, ``models:/name/3`` -> (name, kind, value)."""
+    body = ref.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        return name, "alias", alias
+    if "/" in body:
+        name, version = body.rsplit("/", 1)
+        return name, "version", version
+    raise ValueError(f"model reference {ref!r}: use NAME@ALIAS or models:/NAME/VERSION")
+
+
+def _version(tracking: Tracking, ref: str) -> Any:
+    name, kind, value = parse_model_ref(ref)
+    client = tracking.client()
+    if kind == "alias":
+        return client.get_model_version_by_alias(name, value)
+    return client.get_model_version(name, value)
+
+
+def _line(label: str, text: str) -> str:
+    return f"{label:<14}{text}"
+
+
+def show(tracking: Tracking, ref: str) -> str:
+    """The lineage of a registered model version as text."""
+    mv = _version(tracking, ref)
+    client = tracking.client()
+    tags = mv.tags
+    out = [_line("model", f"{mv.name} version {mv.version} {list(mv.aliases)} -> {mv.source}")]
+    out.append(_line("", f"sha256 {tags.get('rarn.model_sha256', '-')}"))
+    search_id = tags.get("rarn.search_run_id")
+    if search_id:
+        s = client.get_run(search_id)
+        m = s.data.metrics
+        keys = ("val_acc", "mu_F", "sigma_F", "p_satisfied", "parametric_share")
+        out.append(_line("search trial", f"{s.data.tags.get('rarn.key')} "
+                         f"{s.data.tags.get('rarn.trial_overrides', '')} run {search_id} "
+                         f"({s.info.status})"))  # fmt: skip
+        out.append(_line("", "  ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)))
+        with tempfile.TemporaryDirectory() as d:
+            from rarn.genotype import Genotype
+
+            g = Genotype.from_json(
+                download_checked(tracking, search_id, "genotype.json", d).read_text()
+            )
+        check = "verified" if g.sha256() == tags.get("rarn.genotype_sha") else "MISMATCH"
+        out.append(_line("genotype", f"sha256 {g.sha256()} ({check})"))
+        out.append(_line("", "normal " + " ".join(f"{op}<-{i}" for op, i in g.normal)))
+        out.append(_line("", "reduce " + " ".join(f"{op}<-{i}" for op, i in g.reduce)))
+    else:
+        out.append(_line("genotype", f"sha256 {tags.get('rarn.genotype_sha', '-')} (bundled)"))
+    r = client.get_run(tags["rarn.retrain_run_id"])
+    m = r.data.metrics
+    out.append(_line("retraining", f"run {r.info.run_id} ({r.info.status}), selected by "
+                     f"{r.data.tags.get('rarn.selected_by', '-')}"))  # fmt: skip
+    lip = [f"{k.removeprefix('final_')} {m[k]:.4g}" for k in
+           ("final_log_lipschitz_upper", "final_local_lipschitz", "final_params",
+            "final_val_acc", "final_val_robust_acc") if k in m]  # fmt: skip
+    out.append(_line("", "  ".join(lip)))
+    ev = {k.removeprefix("eval_").removesuffix("_acc"): v for k, v in m.items()
+          if k.startswith("eval_")}  # fmt: skip
+    flags = [k.removeprefix("rarn.masking.") for k, v in r.data.tags.items()
+             if k.startswith("rarn.masking.") and v == "True"]  # fmt: skip
+    if ev:
+        text = "  ".join(f"{k} {v:.4f}" for k, v in sorted(ev.items()))
+        out.append(_line("evaluation", text + f"  masking flags: {', '.join(flags) or 'none'}"))
+    parent = tags.get("rarn.parent_run_id")
+    if parent:
+        p = client.get_run(parent)
+        out.append(_line("pipeline run", f"{parent} data sha256 "
+                         f"{p.data.tags.get('rarn.data_fingerprint', '-')[:16]}... code "
+                         f"{p.data.tags.get('rarn.code_version', '-')}"))  # fmt: skip
+    return "\n".join(out)
+
+
+def evaluate(
+    tracking: Tracking,
+    ref: str,
+    *,
+    attacks: Sequence[str] | None = None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    output: str | None = None,
+) -> str:
+    """Load a registered model (sha256-checked) and re-run the attack suite; returns a table."""
+    from pipeline.evaluate import evaluate_model, summary_metrics
+    from rarn.data import as_tensors, load_dataset
+
+    mv = _version(tracking, ref)
+    expected = mv.tags.get("rarn.model_sha256")
+    if not expected:
+        raise ValueError(f"{ref}: no rarn.model_sha256 tag; refusing to load an unchecked model")
+    with tempfile.TemporaryDirectory() as d:
+        if config is None:  # the configuration the model was trained with
+            parent = mv.tags["rarn.parent_run_id"]
+            config = str(download_checked(tracking, parent, "config.yaml", Path(d) / "cfg"))
+        cfg = load_config(config, overrides)
+        model = load_model_checked(tracking, mv.source, expected)
+        x, y = as_tensors(load_dataset(cfg.data).test)
+        result, parquet, _ = evaluate_model(
+            model, (x, y), cfg.evaluation, name=f"{mv.name}/{mv.version}", out_dir=Path(d) / "out",
+            attacks=attacks,
+        )  # fmt: skip
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_bytes(parquet.read_bytes())
+    rows = result.to_table().to_pylist()
+    lines = [f"{mv.name} version {mv.version}: {len(y)} test points, sha256 verified"]
+    for r in rows:
+        lines.append(f"  {r['attack']:<12} eps {r['eps']:<8.4g} steps {r['steps']:<4} "
+                     f"acc {r['accuracy']:.4f}")  # fmt: skip
+    lines.append(json.dumps(summary_metrics(result), sort_keys=True))
+    flags = [k for k, v in result.flags.items() if v]
+    lines.append(f"masking flags: {', '.join(flags) or 'none'}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.registry", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--tracking-uri", default="", help="default: $MLFLOW_TRACKING_URI or ./mlflow.db"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("show", help="lineage of a registered model version")
+    s.add_argument("model", help="NAME@ALIAS, models:/NAME@ALIAS or models:/NAME/VERSION")
+    e = sub.add_parser("evaluate", help="load a registered model and re-run the attack suite")
+    e.add_argument("model")
+    e.add_argument("--attacks", nargs="+", default=None, help="default: the config's suite")
+    e.add_argument("--config", default=None, help="default: the config logged with the model")
+    e.add_argument("--output", default=None, help="write the results table (Parquet) here")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable, e.g. --set evaluation.steps=50")  # fmt: skip
+    args = p.parse_args(argv)
+    try:
+        uri = resolve_tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
+        tracking = Tracking(uri, experiment_id="", parent_run_id="")
+        if args.command == "show":
+            print(show(tracking, args.model))
+        else:
+            text = evaluate(tracking, args.model, attacks=args.attacks, config=args.config,
+                            overrides=args.overrides, output=args.output)  # fmt: skip
+            print(text)
+    except (ConfigError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # MlflowException (no such model/alias), integrity errors
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

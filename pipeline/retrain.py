@@ -1,0 +1,226 @@
+"""Retraining stage: each selected genotype is adversarially retrained by a Ray Train trainer.
+
+One ``TorchTrainer`` per genotype (DDP over ``tune.retrain_workers`` workers, gloo on CPU, NCCL
+on GPU), each launched from a zero-CPU Ray task so several genotypes train concurrently when the
+cluster has room. The worker loop is a thin adapter around :func:`rarn.training.run_retrain`
+with numbered Ray touch-points: data from the object store, resume from
+``ray.train.get_checkpoint()`` (or the newer local commit), DDP through ``prepare_model`` and a
+per-rank data shard, a per-epoch ``ray.train.report`` with rank 0's checkpoint, and
+``FailureConfig`` retries. Rank 0 owns the MLflow child run (tags ``rarn.search_run_id`` and
+``rarn.genotype_sha`` point back to the search) and logs the selected model with its sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from pipeline.checkpoints import PROGRESS, TrialStore
+from pipeline.tracking import ChildRun, Tracking, allowed_params, log_model_checked
+from rarn.config import RetrainConfig, TuneConfig, config_to_dict
+from rarn.genotype import Genotype
+from rarn.training import run_retrain
+
+__all__ = ["RetrainJob", "RetrainOutcome", "retrain_loop", "run_retrain_stage"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrainJob:
+    """One genotype to retrain and where its lineage points."""
+
+    key: str  # the search trial's key, or the bundled genotype's name
+    genotype: Genotype
+    cfg: RetrainConfig
+    tracking: Tracking
+    run_dir: str
+    search_run_id: str = ""  # empty for a bundled genotype (no search lineage)
+
+    @property
+    def root(self) -> Path:
+        return Path(self.run_dir) / "retrain" / self.key
+
+    def store(self, rank: int) -> TrialStore:
+        return TrialStore(self.root / f"rank{rank}")
+
+    def worker_config(self, world: int) -> RetrainConfig:
+        """The per-worker section: the genotype as a JSON file, the batch split over ranks."""
+        path = self.root / "genotype.json"
+        if not path.is_file() or path.read_text() != self.genotype.to_json():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".genotype.json.tmp{os.getpid()}")
+            tmp.write_text(self.genotype.to_json())
+            os.replace(tmp, path)
+        return dataclasses.replace(
+            self.cfg, genotype=str(path), batch_size=max(1, self.cfg.batch_size // world)
+        )
+
+    def open_run(self, start: int) -> ChildRun:
+        tags = {
+            "rarn.search_run_id": self.search_run_id,
+            "rarn.genotype_sha": self.genotype.sha256(),
+            "rarn.genotype_source": self.key,
+        }
+        params = allowed_params({"retrain": config_to_dict(self.cfg)})
+        run = self.tracking.child_run("retrain", self.key, params=params, tags=tags)
+        if start:
+            run.set_tags({"rarn.resumed_from_epoch": start})
+        return run
+
+
+def retrain_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: one genotype's adversarial retraining (one DDP rank)."""
+    job: RetrainJob = config["job"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # [1] Data: one copy in the object store, shared by every worker on a node.
+    (bundle,) = ray.get(config["bundle"])
+    store = job.store(rank)
+    # [2] Resume from Ray Train's checkpoint (retry/restore) or the newer local commit.
+    start = store.restore(ray.train.get_checkpoint(), what=f"retraining {job.key} rank {rank}")
+    store.record_attempt(start)
+    run = job.open_run(start) if rank == 0 else None
+
+    def report(epoch: int, metrics: Mapping[str, float]) -> None:
+        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
+        if run is not None:
+            run.log_metrics(metrics, step=epoch)
+        # [3] Every rank reports; rank 0 attaches its checkpoint.
+        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if rank == 0 else None
+        ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+    # [4] DDP: prepare_model wraps the network for the training steps; each rank trains a shard.
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    with run.failing_on_error() if run is not None else contextlib.nullcontext():
+        result = run_retrain(
+            job.worker_config(world), bundle, callbacks=[report], checkpoint_dir=store.work,
+            device=ray.train.torch.get_device(), wrap_model=wrap, shard=(rank, world),
+        )  # fmt: skip
+        if run is not None:
+            _log_result(job, run, result)
+
+
+def _log_result(job: RetrainJob, run: ChildRun, result: Any) -> None:
+    """Rank 0: final metrics, genotype and model (sha256-recorded); the run ends FINISHED."""
+    run.log_metrics({f"final_{k}": v for k, v in result.final.items()}, step=result.best_epoch)
+    run.set_tags({"rarn.selected_by": result.selected_by})
+    run.log_artifact_checked(job.root / "genotype.json")
+    log_model_checked(job.tracking, run.run_id, result.model.cpu().eval())
+    run.end("FINISHED")
+
+
+@ray.remote(num_cpus=0)
+def _fit(job: RetrainJob, bundle: Any, tune_cfg: TuneConfig, storage_path: str) -> str | None:
+    """Launcher task: build and fit one ``TorchTrainer``; returns an error text or None."""
+    use_gpu = tune_cfg.retrain_use_gpu
+    per_worker = {"CPU": tune_cfg.retrain_cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        retrain_loop,
+        train_loop_config={"job": job, "bundle": bundle},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tune_cfg.retrain_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker,
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=f"retrain-{job.key}",  # the same name on --resume continues this run
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=tune_cfg.max_failures),
+        ),
+    )
+    try:
+        trainer.fit()
+    except Exception as e:  # TrainingFailedError wraps the worker's exception
+        text = str(e).strip().splitlines()
+        return next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "error")
+    return None
+
+
+@dataclass
+class RetrainOutcome:
+    """One retraining after the stage: lineage ids, model, final metrics, or its error."""
+
+    key: str
+    genotype_sha: str
+    search_run_id: str
+    retrain_run_id: str | None = None
+    model_uri: str | None = None
+    model_sha256: str | None = None
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _outcome(job: RetrainJob, error: str | None) -> RetrainOutcome:
+    o = RetrainOutcome(job.key, job.genotype.sha256(), job.search_run_id, error=error)
+    o.retrain_run_id = job.tracking.find_child("retrain", job.key)
+    if o.retrain_run_id is None:
+        return o
+    client = job.tracking.client()
+    run = client.get_run(o.retrain_run_id)
+    if run.info.status == "RUNNING":  # a worker died before it could end its run
+        client.set_terminated(o.retrain_run_id, status="FAILED" if error else "FINISHED")
+    o.model_uri = run.data.tags.get("rarn.model_uri")
+    o.model_sha256 = run.data.tags.get("rarn.model_sha256")
+    o.metrics = {k: float(v) for k, v in run.data.metrics.items() if k.startswith("final_")}
+    if error is None and o.model_uri is None:
+        o.error = "no model was logged"
+    return o
+
+
+def run_retrain_stage(
+    jobs: Sequence[RetrainJob],
+    bundle: Any,
+    tune_cfg: TuneConfig,
+    *,
+    storage_path: str,
+    progress_every_s: float = 15.0,
+    echo: Any = print,
+) -> list[RetrainOutcome]:
+    """Retrain every job concurrently (as resources allow); one outcome per job, in order.
+
+    Args:
+        jobs: the genotypes to retrain.
+        bundle: ``ray.put(DatasetBundle)``.
+        tune_cfg: workers, GPUs, CPUs per worker, max failures.
+        storage_path: Ray Train storage (a retraining of the same name resumes there).
+        progress_every_s: how often to print each job's last epoch (from its local commits).
+        echo: where progress lines go.
+    """
+    # In a list, the reference reaches the workers unresolved: one copy in the object store.
+    refs = [_fit.remote(job, [bundle], tune_cfg, storage_path) for job in jobs]
+    pending, last = list(refs), 0.0
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        if pending and time.monotonic() - last > progress_every_s:
+            last = time.monotonic()
+            for job in jobs:
+                echo(f"[retrain] {job.key}: {_progress_line(job)}")
+    errors = ray.get(refs)
+    return [_outcome(job, err) for job, err in zip(jobs, errors)]
+
+
+def _progress_line(job: RetrainJob) -> str:
+    latest = job.store(0).latest()
+    if latest is None:
+        return "starting"
+    p = json.loads((latest / PROGRESS).read_text())
+    m = p.get("metrics", {})
+    acc = "".join(f", {k} {m[k]:.3f}" for k in ("train_acc", "val_robust_acc") if k in m)
+    return f"epoch {p['epoch']}/{job.cfg.epochs}{acc}"

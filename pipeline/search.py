@@ -1,0 +1,323 @@
+"""Search stage: N RACL searches in parallel on Ray Tune, then top-k selection.
+
+The trainable is a thin adapter around :func:`rarn.search.run_search`; its Ray touch-points are
+numbered like Ray's own examples. Data reach the trials once through the object store
+(``tune.with_parameters``); every epoch reports metrics with a checkpoint (``tune.report``); a
+retried or restored trial resumes from ``tune.get_checkpoint()`` (or from its newer local commit
+after a driver SIGKILL, see :mod:`pipeline.checkpoints`); ``FailureConfig`` retries killed
+workers; ``Tuner.restore`` continues an interrupted experiment.
+
+The param space is expanded here into explicit trial points with stable keys (``t00``, ``t01``,
+...), so a trial's MLflow run, stable folder and checkpoints are found again after any restart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+from pipeline.checkpoints import TrialStore
+from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
+from rarn.config import Config, ConfigError, TuneConfig, config_from_dict, config_to_dict
+from rarn.genotype import Genotype
+from rarn.search import SearchData, SearchResult, run_search
+
+__all__ = [
+    "SearchJob",
+    "TrialOutcome",
+    "build_tuner",
+    "collect_outcomes",
+    "search_trainable",
+    "select_top_k",
+    "trial_points",
+    "with_overrides",
+]
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "search"
+
+
+# ----------------------------------------------------------------------------------------------
+# Trial points: the param space as explicit, keyed configs
+
+
+def with_overrides(cfg: Config, point: Mapping[str, Any]) -> Config:
+    """``cfg`` with dotted keys (``search.seed``) replaced, validated like the YAML.
+
+    Raises:
+        ConfigError: unknown key or wrong type.
+    """
+    values = config_to_dict(cfg)
+    for dotted, value in point.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"tune.param_space: unknown config key {dotted}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"tune.param_space: unknown config key {dotted}")
+        node[leaf] = value
+    return config_from_dict(values)
+
+
+def trial_points(cfg: Config) -> list[dict[str, Any]]:
+    """The grid of ``tune.param_space`` times ``tune.num_samples``, each with a stable ``key``.
+
+    Repeats (``num_samples > 1``) shift ``search.seed`` by the repeat index unless the seed is
+    itself swept, so repeated trials are different searches. Every point is validated.
+
+    Raises:
+        ConfigError: an unknown key, a wrong value type, or an empty grid axis.
+    """
+    t: TuneConfig = cfg.tune
+    if t.num_samples < 1:
+        raise ConfigError(f"tune.num_samples must be >= 1, got {t.num_samples}")
+    keys = sorted(t.param_space)
+    for k in keys:
+        if not isinstance(t.param_space[k], list) or not t.param_space[k]:
+            raise ConfigError(f"tune.param_space.{k}: expected a non-empty list of values")
+    combos = [dict(zip(keys, v)) for v in itertools.product(*(t.param_space[k] for k in keys))]
+    points = []
+    for rep in range(t.num_samples):
+        for combo in combos:
+            point = dict(combo)
+            if rep and "search.seed" not in point:
+                point["search.seed"] = cfg.search.seed + rep
+            with_overrides(cfg, point)  # validate now, in the driver
+            points.append({"key": f"t{len(points):02d}", **point})
+    return points
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainable
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """What every trial needs besides its data: base config, lineage handle, run folder."""
+
+    cfg: Config
+    tracking: Tracking
+    run_dir: str
+
+    def store(self, key: str) -> TrialStore:
+        return TrialStore(Path(self.run_dir) / "search" / "trials" / key)
+
+
+def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob) -> None:
+    """One Tune trial: one RACL search, reported epoch by epoch."""
+    point = {k: v for k, v in config["trial"].items() if k != "key"}
+    key, cfg = config["trial"]["key"], with_overrides(job.cfg, point)
+    store = job.store(key)
+    # [1] Resume from Tune's checkpoint (retry or restore) or the newer local commit.
+    start = store.restore(tune.get_checkpoint(), what=f"search trial {key}")
+    run = _open_trial_run(job, key, cfg, point, start)
+
+    def report(epoch: int, metrics: Mapping[str, float]) -> None:
+        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
+        run.log_metrics(metrics, step=epoch)
+        # [2] Report every epoch, with the committed checkpoint.
+        tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
+
+    with run.failing_on_error():
+        # [3] The search itself: pure PyTorch, resuming from store.work.
+        result = run_search(
+            cfg.search, cfg.constraint, data, callbacks=[report], checkpoint_dir=store.work
+        )
+        _log_genotype(run, store, result)
+
+
+def _open_trial_run(job: SearchJob, key: str, cfg: Config, point: dict, start: int) -> ChildRun:
+    """The trial's MLflow child run: created on the first attempt, continued afterwards."""
+    job.store(key).record_attempt(start)
+    params = allowed_params({"search": config_to_dict(cfg.search)})
+    params |= allowed_params({"constraint": config_to_dict(cfg.constraint)})
+    tags = {"rarn.trial_overrides": json.dumps(point, sort_keys=True)}
+    run = job.tracking.child_run("search", key, params=params, tags=tags)
+    if start:
+        run.set_tags({"rarn.resumed_from_epoch": start})
+    return run
+
+
+def _log_genotype(run: ChildRun, store: TrialStore, result: SearchResult) -> None:
+    """The decoded genotype as a sha256-recorded artifact, final moments, FINISHED."""
+    path = store.root / "genotype.json"
+    path.write_text(result.genotype.to_json())
+    run.log_artifact_checked(path)
+    run.set_tags({
+        "rarn.genotype_sha": result.genotype.sha256(),
+        "rarn.genotypes": json.dumps({m: g.sha256()[:12] for m, g in result.genotypes.items()}),
+    })  # fmt: skip
+    final = result.final
+    moments = {f"final_{k}": final[k] for k in ("mu_F", "sigma_F") if k in final}
+    run.log_metrics(moments, step=int(final.get("epoch", 0)))
+    run.end("FINISHED")
+
+
+# ----------------------------------------------------------------------------------------------
+# The Tuner
+
+
+def build_tuner(
+    cfg: Config,
+    data: SearchData,
+    job: SearchJob,
+    *,
+    storage_path: str,
+    points: Sequence[Mapping[str, Any]] | None = None,
+    resume: bool = False,
+    verbose: int = 1,
+) -> tune.Tuner:
+    """A fresh ``Tuner``, or ``Tuner.restore`` of the experiment under ``storage_path``.
+
+    Args:
+        cfg: the resolved config (its ``tune`` section sets resources and selection).
+        data: the search split, put once into the object store by ``tune.with_parameters``.
+        job: base config, tracking handle and run folder for every trial.
+        storage_path: absolute folder or URI of Tune's experiment storage.
+        points: explicit trial points (default: :func:`trial_points`).
+        resume: restore the experiment when it can be restored.
+        verbose: Tune's verbosity (0 silent, 1 status table, 2 every result).
+    """
+    t = cfg.tune
+    trainable = tune.with_resources(
+        tune.with_parameters(search_trainable, data=data, job=job),
+        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
+    )
+    path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
+    if resume and tune.Tuner.can_restore(path):
+        # Finished trials stay finished; errored ones (divergence, corrupted checkpoint) too.
+        return tune.Tuner.restore(
+            path, trainable=trainable, resume_unfinished=True, resume_errored=False
+        )
+    scheduler = FIFOScheduler()
+    if t.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=cfg.search.epochs,
+            grace_period=t.grace_period,
+            reduction_factor=2,
+        )
+    elif t.scheduler != "none":
+        raise ConfigError(f"tune.scheduler {t.scheduler!r}: use none | asha")
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(list(points or trial_points(cfg)))},
+        tune_config=tune.TuneConfig(
+            metric=t.select_metric,
+            mode=t.select_mode,
+            scheduler=scheduler,
+            max_concurrent_trials=t.max_concurrent or None,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT,
+            storage_path=storage_path,
+            verbose=verbose,
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
+            # num_to_keep=1 also forces an experiment snapshot after every trial checkpoint,
+            # so a SIGKILLed driver restores trials from their latest epoch (ENV.md §6).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Outcomes and selection
+
+
+@dataclass
+class TrialOutcome:
+    """One trial after the experiment: status, last metrics, lineage."""
+
+    key: str
+    overrides: dict[str, Any]
+    status: str  # TERMINATED | ERROR | (interrupted:) RUNNING, PENDING, PAUSED
+    metrics: dict[str, float] = field(default_factory=dict)
+    complete: bool = False  # ran all its epochs (not stopped early by ASHA)
+    error: str | None = None
+    search_run_id: str | None = None
+    genotype_sha: str | None = None
+    genotype: Genotype | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "genotype"}
+        d["genotype"] = self.genotype.to_dict() if self.genotype else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialOutcome:
+        g = d.get("genotype")
+        return cls(**{**d, "genotype": Genotype.from_dict(g) if g else None})
+
+
+def collect_outcomes(results: Any, cfg: Config, tracking: Tracking) -> list[TrialOutcome]:
+    """Turn a ``ResultGrid`` into outcomes; close trial runs that Tune ended for them.
+
+    Early-stopped (ASHA) and errored trials may never reach their own ``end()``; their MLflow
+    runs are closed here (FINISHED or FAILED). Interrupted trials stay open until resumed.
+    """
+    # Trial status (TERMINATED / ERROR / interrupted) is only on the Trial objects.
+    trials = {t.config["trial"]["key"]: t for t in results._experiment_analysis.trials}
+    client = tracking.client()
+    out = []
+    for key in sorted(trials):
+        trial = trials[key]
+        point = {k: v for k, v in trial.config["trial"].items() if k != "key"}
+        last = trial.last_result or {}
+        metrics = {k: float(v) for k, v in last.items() if _is_number(v)}
+        epochs = with_overrides(cfg, point).search.epochs
+        o = TrialOutcome(key, point, trial.status, metrics, metrics.get("epoch", 0) >= epochs)
+        if trial.status == "ERROR":
+            text = str(trial.get_pickled_error() or trial.get_error() or "error").strip()
+            o.error = text.splitlines()[-1] if text else "error"
+        o.search_run_id = tracking.find_child("search", key)
+        if o.search_run_id:
+            run = client.get_run(o.search_run_id)
+            if run.info.status == "RUNNING" and trial.status in ("TERMINATED", "ERROR"):
+                status = "FAILED" if trial.status == "ERROR" else "FINISHED"
+                client.set_terminated(o.search_run_id, status=status)
+            if trial.status == "TERMINATED":
+                o.genotype_sha = run.data.tags.get("rarn.genotype_sha")
+        out.append(o)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def select_top_k(outcomes: Sequence[TrialOutcome], k: int, metric: str, mode: str) -> list[str]:
+    """Keys of the best ``k`` finished trials by their last ``metric``; errored ones skipped.
+
+    Trials that ran all their epochs rank before early-stopped ones.
+    """
+    if mode not in ("max", "min"):
+        raise ConfigError(f"tune.select_mode {mode!r}: use max | min")
+    ok = [o for o in outcomes if o.status == "TERMINATED" and o.genotype_sha]
+    ok = [o for o in ok if metric in o.metrics]
+    sign = 1.0 if mode == "max" else -1.0
+    ok.sort(key=lambda o: (o.complete, sign * o.metrics[metric]), reverse=True)
+    return [o.key for o in ok[:k]]
+
+
+def load_genotypes(outcomes: Sequence[TrialOutcome], keys: Sequence[str], tracking: Tracking,
+                   tmp: Path) -> None:  # fmt: skip
+    """Fetch the selected trials' genotype artifacts, sha256-checked, into their outcomes."""
+    by_key = {o.key: o for o in outcomes}
+    for key in keys:
+        o = by_key[key]
+        path = download_checked(tracking, o.search_run_id, "genotype.json", tmp / key)
+        g = Genotype.from_json(path.read_text())
+        if g.sha256() != o.genotype_sha:
+            raise RuntimeError(f"trial {key}: genotype sha256 differs from rarn.genotype_sha")
+        o.genotype = g
