@@ -55,7 +55,11 @@ def main() -> None:
     ap.add_argument("--out", default="docs/ablation.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reference", action="store_true", help="per-edge reference forward")
+    ap.add_argument("--markdown", nargs="+", help="only print the table of these JSON files")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown([r for f in args.markdown for r in json.loads(Path(f).read_text())]))
+        return
     torch.set_num_threads(args.threads)
     bundle = load_dataset(DataConfig(name="digits"))
     data = SearchData.from_bundle(bundle, 0.5, 0)
@@ -102,6 +106,24 @@ def main() -> None:
         rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
+
+
+
+def markdown(rows: list[dict]) -> str:
+    """The ablation as a markdown table (docs/constraint.md)."""
+    head = ("| variant | κ | arch lr | final μ_F (own bound) | faithful ln λ_F | satisfied | "
+            "h≤0 share (last epoch) | conv share | val acc | FGSM acc |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        sat = "—" if r["satisfied_at_end"] is None else ("yes" if r["satisfied_at_end"] else "no")
+        frac = "—" if r["frac_h_le_0_last_epoch"] is None else f"{r['frac_h_le_0_last_epoch']:.2f}"
+        kappa = "—" if r["kappa"] is None else f"{r['kappa']:g}"
+        lines.append(
+            f"| {r['variant']} | {kappa} | {r['arch_lr']:g} | {r['mu_F']:.2f} | "
+            f"{r['mu_F_faithful_product']:.1f} | {sat} | {frac} | {r['parametric_share']:.2f} | "
+            f"{r['val_acc']:.3f} | {r['fgsm_acc']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ trial fails with a clear message, the others are unaffected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -112,34 +113,32 @@ class TrialStore:
             what: the trial's name for error messages.
 
         Raises:
-            CheckpointCorrupted: the newest commit does not match its recorded digests.
+            CheckpointCorrupted: no copy of the newest commit matches its recorded digests.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        local = self.latest()
-        candidates: list[tuple[int, int, Path, Any]] = []
-        if local is not None and (p := _read_progress(local)) is not None:
-            candidates.append((p["epoch"], 1, local, None))
-        ctx = reported.as_directory() if reported is not None else None
-        try:
-            if ctx is not None:
-                remote = Path(ctx.__enter__())
-                if (p := _read_progress(remote)) is not None:
-                    candidates.append((p["epoch"], 0, remote, None))
-            shutil.rmtree(self.work, ignore_errors=True)
-            self.work.mkdir(parents=True)
-            if not candidates:
+        shutil.rmtree(self.work, ignore_errors=True)
+        self.work.mkdir(parents=True)
+        with contextlib.ExitStack() as stack:
+            sources = [self.latest()]
+            if reported is not None:
+                sources.append(Path(stack.enter_context(reported.as_directory())))
+            found = [(p, d) for d in sources if d is not None and (p := _read_progress(d))]
+            if not found:
                 return 0
-            # Newest epoch first; on a tie the local copy (the same commit, no download).
-            epoch, _, src, _ = max(candidates, key=lambda c: (c[0], c[1]))
-            progress = _read_progress(src) or {}
-            _verify(src, progress, what)
-            for name in progress["files"]:
-                shutil.copy2(src / name, self.work / name)
-            log.info("%s: resuming from the checkpoint of epoch %d (%s)", what, epoch, src)
-            return int(epoch)
-        finally:
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+            newest = max(p["epoch"] for p, _ in found)
+            errors = []
+            for progress, src in (c for c in found if c[0]["epoch"] == newest):
+                try:  # the local copy first (no download); Ray's copy of the same commit next
+                    _verify(src, progress, what)
+                except CheckpointCorrupted as e:
+                    log.warning("%s", e)
+                    errors.append(e)
+                    continue
+                for name in progress["files"]:
+                    shutil.copy2(src / name, self.work / name)
+                log.info("%s: resuming from the checkpoint of epoch %d (%s)", what, newest, src)
+                return int(newest)
+            raise errors[0]
 
     def record_attempt(self, start_epoch: int) -> None:
         """Append ``{pid, start_epoch, time}`` to ``attempts.jsonl`` (what resumed from where)."""

@@ -78,6 +78,8 @@ def evaluate_model(
         model_name=name,
         batch_size=ev.batch_size,
         main_attack="pgd" if "pgd" in suite else suite[0],
+        checks=ev.checks,
+        black_box_queries=ev.black_box_queries,
     )
     table = result.to_table()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.tracking import TrackingUnavailable, check_reachable, resolve_tracking_uri
 from rarn.config import Config, ConfigError, config_to_dict, dump_config, load_config
 from rarn.data import DataError, load_dataset
 
@@ -51,6 +52,7 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "retrain.epochs=1", "retrain.batch_size=32", "retrain.init_channels=8", "retrain.layers=5",
     "retrain.steps=2", "retrain.val_steps=1",
     "evaluation.attacks=[fgsm, pgd]", "evaluation.steps=2", "evaluation.autoattack=false",
+    "evaluation.black_box_queries=50",
     "tune.top_k=1", "tune.max_failures=1", "tune.scheduler=none",
 )  # fmt: skip
 
@@ -451,8 +453,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             diff = _diff(config_to_dict(stored), config_to_dict(cfg))
             if diff:
                 raise ConfigError(f"--resume: config differs from {run_dir}/config.yaml: {diff}")
-        from pipeline.tracking import TrackingUnavailable, check_reachable, resolve_tracking_uri
-
         uri = resolve_tracking_uri(cfg.tracking)
         check_reachable(uri)  # seconds, not MLflow's minutes of retries
         bundle = load_dataset(cfg.data)

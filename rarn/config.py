@@ -153,6 +153,8 @@ class EvaluationConfig:
     eps_curve: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255)
     batch_size: int = 256
     autoattack: bool = False
+    checks: bool = True  # gradient-masking checks (rarn.evaluation.run_masking_checks)
+    black_box_queries: int = 500  # query budget of the black-box (Square) check
     seed: int = 0
 
 

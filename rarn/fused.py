@@ -112,18 +112,21 @@ def _index(plan: _Plan, g: int, group: _Group, device: torch.device) -> Tensor:
     return idx
 
 
-def _repeat(x: Tensor, groups: int, m: int, channels_last: bool) -> Tensor:
-    """``[B, G*c, H, W]`` -> ``[B, G*m*c, H, W]``: each block of ``c`` channels repeated ``m``
-    times in place (channel order (g, repeat, ch)), in one copy to the requested layout."""
-    B, C, H, W = x.shape
-    if not channels_last:
-        if m == 1:
-            return x
-        x = x.reshape(B, groups, 1, C // groups * H * W).expand(-1, -1, m, -1)
-        return x.reshape(B, -1, H, W)
-    x = x.unflatten(1, (groups, 1, C // groups)).permute(0, 4, 5, 1, 2, 3)  # [B, H, W, G, 1, c]
-    x = x.expand(-1, -1, -1, -1, m, -1).reshape(B, H, W, groups * m * C // groups)
-    return x.permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
+def _nhwc(x: Tensor) -> Tensor:
+    """``[B, C, H, W]`` -> its ``[B, H, W, C]`` view (contiguous for channels-last memory)."""
+    return x.permute(0, 2, 3, 1)
+
+
+def _nchw(x: Tensor) -> Tensor:
+    """Inverse of :func:`_nhwc`."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _repeat(x: Tensor, groups: int, m: int) -> Tensor:
+    """``[B, G*c, H, W]`` -> ``[B, G*m*c, H, W]`` channels-last: each block of ``c`` channels
+    repeated ``m`` times in place (channel order (g, repeat, ch)), in one copy."""
+    y = _nhwc(x).unflatten(3, (groups, 1, -1)).expand(-1, -1, -1, -1, m, -1)
+    return _nchw(y.flatten(3))
 
 
 def _batch_norm(x: Tensor, bns: list[nn.Module], training: bool) -> Tensor:
@@ -204,74 +207,80 @@ def _pointwise(x: Tensor, convs: list[nn.Conv2d]) -> Tensor:
     return F.conv2d(x, weight, None, convs[0].stride, 0, 1, len(convs))
 
 
+def _subsample(x: Tensor) -> Tensor:
+    """``x[:, :, ::2, ::2]`` as a kernel-1 stride-2 average pool: the same values, but its backward
+    keeps the channels-last layout (slicing's backward allocates a default-layout zero tensor, and
+    mixed layouts send BN and ReLU backward to slow kernels)."""
+    return F.avg_pool2d(x, 1, 2)
+
+
 def _factorized_reduce(
-    r: Tensor, S: int, m: int, frs: list[FactorizedReduce], training: bool, channels_last: bool
+    r: Tensor, r_sub: Tensor, S: int, m: int, frs: list[FactorizedReduce], training: bool
 ) -> Tensor:
-    """Batched :class:`FactorizedReduce` of the (already ReLU'd) sources in ``r`` (S blocks),
-    ``m`` edges per source; returns ``[B, S*m*c, H', W']`` in edge order."""
+    """Batched :class:`FactorizedReduce` of the ReLU'd partial channels ``r`` of ``S`` sources.
+
+    Args:
+        r: ``[B, S*c, H, W]``.
+        r_sub: ``_repeat(_subsample(r), S, m)``, what every edge's ``conv_1`` reads.
+        S: number of sources.
+        m: edges per source.
+        frs: the edges' modules, in (source, target) order.
+        training: BN mode.
+
+    Returns:
+        ``[B, S*m*c, H', W']`` in edge order.
+    """
     H, W = r.shape[2], r.shape[3]
-    u1 = r[:, :, ::2, ::2]
-    shifted = r[:, :, 1:, 1:]
-    if H % 2 or W % 2:
-        shifted = F.pad(shifted, (0, W % 2, 0, H % 2))
-    u2 = shifted[:, :, ::2, ::2]
-    c = r.shape[1] // S
-    # (source, half, ch) so that each edge's two convs read consecutive blocks.
-    parts = []
-    for s in range(S):
-        parts += [u1[:, s * c : (s + 1) * c], u2[:, s * c : (s + 1) * c]]
-    u = _repeat(torch.cat(parts, dim=1), S, m, channels_last)
-    weight = torch.cat([w for fr in frs for w in (fr.conv_1.weight, fr.conv_2.weight)])
-    y = F.conv2d(u, weight, None, 1, 0, 1, 2 * len(frs))
-    return _batch_norm(y, [fr.bn for fr in frs], training)
+    E = S * m
+    # conv_2 reads x[:, :, 1:, 1:], zero-padded to even size, at stride 2.
+    shifted = _repeat(_subsample(F.pad(r, (-1, W % 2, -1, H % 2))), S, m)
+    y1 = F.conv2d(r_sub, torch.cat([fr.conv_1.weight for fr in frs]), None, 1, 0, 1, E)
+    y2 = F.conv2d(shifted, torch.cat([fr.conv_2.weight for fr in frs]), None, 1, 0, 1, E)
+    # Per edge cat([conv_1, conv_2]): channel order (e, half, ch).
+    y = torch.cat([_nhwc(y1).unflatten(3, (E, 1, -1)), _nhwc(y2).unflatten(3, (E, 1, -1))], dim=4)
+    return _batch_norm(_nchw(y.flatten(3)), [fr.bn for fr in frs], training)
 
 
 def _group_forward(
     group: _Group,
-    xs: list[Tensor],
+    xas: list[Tensor],
+    xbs: list[Tensor] | None,
     w: Tensor,
     beta: Tensor,
-    k: int,
     training: bool,
-    channels_last: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Contributions of ``group``'s edges to its target nodes, before the channel shuffle.
 
     Args:
-        group: the edges leaving ``xs``.
-        xs: the source states, ``[B, C, H, W]`` each.
+        group: the edges leaving the sources.
+        xas: the partial channels ``x[:, :c]`` of every source, ``[B, c, H, W]``.
+        xbs: the bypass channels ``x[:, c:]`` of every source (``None`` when K = 1).
         w: op weights of the group's edges, ``[S*m, n_ops]`` in (source, target) order.
         beta: edge weights of the group's edges, ``[S*m]``.
-        k: PC-DARTS K.
         training: BN mode.
-        channels_last: run the conv path in channels-last memory layout.
 
     Returns:
-        The mixed-op part ``[B, m, c, H', W']`` and the bypass part ``[B, m, C - c, H', W']``
-        (``None`` when ``k == 1``) for each of the ``m`` targets.
+        The mixed part ``[B, m*c, H', W']`` (target-major channels) and the bypass part
+        ``[B, H', W', m, C - c]`` (``None`` when K = 1) for each of the ``m`` targets.
     """
     S, m = len(group.sources), len(group.targets)
-    B, C, H, W = xs[0].shape
-    c = C // k
+    c = xas[0].shape[1]
     E = S * m
     ops = group.ops
-    xa = xs[0][:, :c] if S == 1 else torch.cat([x[:, :c] for x in xs], dim=1)  # (s, ch)
+    xa = xas[0] if S == 1 else torch.cat(xas, dim=1)  # (s, ch)
     r = F.relu(xa)
-    r_rep = _repeat(r, S, m, channels_last)  # (s, t, ch): one block of c channels per edge
-    r_sub = _repeat(r[:, :, ::2, ::2], S, m, channels_last) if group.stride == 2 else None
+    r_rep = _repeat(r, S, m)  # (s, t, ch): one block of c channels per edge
+    r_sub = _repeat(_subsample(r), S, m) if group.stride == 2 else None
 
     # First stage of the sep convs and the dil convs: a dw conv per kind, one pw conv, one BN.
     kinds = _SEP + _DIL
     dw = [_depthwise(r_rep, [o[name][1] for o in ops], r_sub) for name in kinds]
-    Ho, Wo = dw[0].shape[2], dw[0].shape[3]
     z = _pointwise(torch.cat(dw, dim=1), [o[name][2] for name in kinds for o in ops])
     t1 = _batch_norm(z, [o[name][3] for name in kinds for o in ops], training)
+    sep1, dil = t1.split(2 * E * c, dim=1)  # split, not slicing: see _subsample
     # Second stage of the sep convs.
-    u = F.relu(t1[:, : 2 * E * c])
-    dw2 = [
-        _depthwise(u[:, i * E * c : (i + 1) * E * c], [o[name][5] for o in ops])
-        for i, name in enumerate(_SEP)
-    ]
+    u = F.relu(sep1).split(E * c, dim=1)
+    dw2 = [_depthwise(u[i], [o[name][5] for o in ops]) for i, name in enumerate(_SEP)]
     z2 = _pointwise(torch.cat(dw2, dim=1), [o[name][6] for name in _SEP for o in ops])
     t2 = _batch_norm(z2, [o[name][7] for name in _SEP for o in ops], training)
 
@@ -283,11 +292,11 @@ def _group_forward(
     if shared_pools:
         pooled = _shared_batch_norm(pooled, pool_bns, m)
     else:
-        pooled = _batch_norm(_repeat(pooled, 2 * S, m, channels_last), pool_bns, training)
+        pooled = _batch_norm(_repeat(pooled, 2 * S, m), pool_bns, training)
 
     # Rows of c channels: per-edge rows (kind, s, t) and per-source rows (kind, s), each weighted
     # by a column of coef = beta_e * w_eo.
-    edge_parts, edge_cols = [t2, t1[:, 2 * E * c :]], [PRIMITIVES.index(n) for n in kinds]
+    edge_parts, edge_cols = [t2, dil], [PRIMITIVES.index(n) for n in kinds]
     src_parts: list[Tensor] = []
     src_cols: list[int] = []
     pool_cols = [PRIMITIVES.index(n) for n in _POOL]
@@ -303,7 +312,7 @@ def _group_forward(
         src_cols.append(skip_col)
     else:
         frs = [o["skip_connect"] for o in ops]
-        edge_parts.append(_factorized_reduce(r, S, m, frs, training, channels_last))
+        edge_parts.append(_factorized_reduce(r, r_sub, S, m, frs, training))
         edge_cols.append(skip_col)
 
     coef = (w * beta[:, None]).view(S, m, -1)
@@ -312,50 +321,50 @@ def _group_forward(
     mats = [torch.einsum("tu,suk->tksu", eye, coef[:, :, edge_cols]).reshape(m, -1)]
     if src_parts:
         mats.append(coef[:, :, src_cols].permute(1, 2, 0).reshape(m, -1))  # [t, (kind, s)]
-    mix = torch.cat(mats, dim=1)
-    rows = torch.cat(edge_parts + src_parts, dim=1)  # NCHW unless every part is channels-last
-    if not rows.is_contiguous():
-        rows = rows.contiguous()
-    a = torch.matmul(mix, rows.view(B, -1, c * Ho * Wo)).view(B, m, c, Ho, Wo)
-    if c == C:
+    mix = torch.cat(mats, dim=1)  # [m, N]
+    # A 1 x 1 conv over the rows with weight mix (x) I_c: one GEMM in channels-last layout.
+    eye_c = torch.eye(c, dtype=coef.dtype, device=coef.device)
+    weight = torch.einsum("tn,ab->tanb", mix, eye_c).reshape(m * c, -1, 1, 1)
+    a = F.conv2d(torch.cat(edge_parts + src_parts, dim=1), weight)  # [B, m*c, H', W']
+    if xbs is None:
         return a, None
 
     # Bypass x_b (max-pooled on strided edges): sum_s beta[s, t] x_b[s] for every target t.
-    if S == 1:
-        xb = xs[0][:, c:]
+    beta = beta.view(S, m, 1)
+    b = None
+    for s, xb in enumerate(xbs):
         if group.stride != 1:
             xb = F.max_pool2d(xb, 2, 2, ceil_mode=True)
-        b = beta.view(1, m, 1, 1, 1) * xb.unsqueeze(1)
-    else:
-        xb = torch.cat([x[:, c:] for x in xs], dim=1)
-        if group.stride != 1:
-            xb = F.max_pool2d(xb, 2, 2, ceil_mode=True)
-        b = torch.matmul(beta.view(S, m).t(), xb.reshape(B, S, -1))
-        b = b.view(B, m, C - c, Ho, Wo)
+        xb = _nhwc(xb).unsqueeze(3)  # [B, H', W', 1, C - c]
+        b = xb * beta[s] if b is None else torch.addcmul(b, xb, beta[s])
     return a, b
 
 
 def _shuffle_node(a: Tensor, b: Tensor | None, k: int) -> Tensor:
-    """``channel_shuffle(cat([a, b]), k)`` in one copy (``a``: ``[B, c, H, W]``)."""
+    """``channel_shuffle(cat([a, b]), k)`` in one copy, channels-last.
+
+    Args:
+        a: the mixed part ``[B, c, H, W]``.
+        b: the bypass part as ``[B, H, W, (k - 1) * c]``, or ``None`` when ``k == 1``.
+        k: PC-DARTS K.
+    """
     if b is None:
         return a
-    B, c, H, W = a.shape
-    out = torch.cat([a.unsqueeze(2), b.unflatten(1, (k - 1, c)).transpose(1, 2)], dim=2)
-    return out.view(B, c * k, H, W)
+    c = a.shape[1]
+    # Shuffled channel i*k + q holds channel q*c + i of cat([a, b]).
+    y = torch.cat([_nhwc(a).unsqueeze(4), b.unflatten(3, (k - 1, c)).transpose(3, 4)], dim=4)
+    return _nchw(y.flatten(3))
 
 
 def fused_cell_forward(
-    cell: nn.Module,
-    s0: Tensor,
-    s1: Tensor,
-    op_weights: Tensor,
-    edge_weights: Tensor,
-    channels_last: bool = True,
+    cell: nn.Module, s0: Tensor, s1: Tensor, op_weights: Tensor, edge_weights: Tensor
 ) -> Tensor:
     """The output of ``cell`` (a :class:`rarn.supernet.SearchCell`), computed with batched ops.
 
     Same value, gradients and BN running-statistics updates as ``cell(s0, s1, op_weights,
-    edge_weights)``, up to float rounding (the sums run in another order).
+    edge_weights)``, up to float rounding (the sums run in another order). Works in
+    channels-last memory layout (oneDNN's depthwise convs and BN are several times faster there
+    on CPU); the output is channels-last.
 
     Args:
         cell: the search cell whose modules hold the parameters.
@@ -363,8 +372,6 @@ def fused_cell_forward(
         s1: output of the previous cell, ``[B, C_p, H, W]``.
         op_weights: op mixing weights ``[E, n_ops]`` (columns in ``PRIMITIVES`` order).
         edge_weights: PC-DARTS edge weights ``[E]``.
-        channels_last: run the batched convs and BNs in channels-last memory layout (faster
-            depthwise convs on CPU); node states stay in the default layout.
 
     Returns:
         ``[B, multiplier * C, H', W']``, the concatenated last ``multiplier`` states.
@@ -372,26 +379,39 @@ def fused_cell_forward(
     plan = _get_plan(cell)
     k = cell.edges[0].k
     training = cell.training
-    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
-    acc_a: Tensor | None = None
-    acc_b: Tensor | None = None
+    cl = torch.channels_last
+    states = [
+        cell.preprocess0(s0.contiguous(memory_format=cl)),
+        cell.preprocess1(s1.contiguous(memory_format=cl)),
+    ]
+    acc_a: Tensor | None = None  # [B, m*c, H, W]: mixed part for the remaining targets
+    acc_b: Tensor | None = None  # [B, H, W, m, C - c]: bypass part for the remaining targets
     for g, group in enumerate(plan.groups):
         idx = _index(plan, g, group, op_weights.device)
-        xs = [states[s] for s in group.sources]
-        a, b = _group_forward(
-            group,
-            xs,
-            op_weights.index_select(0, idx),
-            edge_weights.index_select(0, idx),
-            k,
-            training,
-            channels_last,
-        )
-        if acc_a is None:
-            acc_a, acc_b = a, b
-        else:
-            acc_a = acc_a[:, 1:] + a
-            acc_b = None if b is None else acc_b[:, 1:] + b
+        C = states[group.sources[0]].shape[1]
+        c = C // k
+        # split, not slicing, so that the gradients stay channels-last (see _subsample)
+        parts = [
+            states[s].split([c, C - c], dim=1) if k > 1 else (states[s],) for s in group.sources
+        ]
+        xas = [p[0] for p in parts]
+        xbs = [p[1] for p in parts] if k > 1 else None
+        w, beta = op_weights.index_select(0, idx), edge_weights.index_select(0, idx)
+        a, b = _group_forward(group, xas, xbs, w, beta, training)
+        if acc_a is not None:  # earlier groups' contributions to the same targets
+            a = acc_a + a
+            b = None if b is None else acc_b + b
         # The first target of this group has now received all its edges.
-        states.append(_shuffle_node(acc_a[:, 0], None if acc_b is None else acc_b[:, 0], k))
+        if a.shape[1] > c:
+            node_a, acc_a = a.split([c, a.shape[1] - c], dim=1)
+        else:
+            node_a, acc_a = a, None
+        node_b = None
+        if b is not None:
+            if b.shape[3] > 1:
+                node_b, acc_b = b.split([1, b.shape[3] - 1], dim=3)
+            else:
+                node_b, acc_b = b, None
+            node_b = node_b.squeeze(3)
+        states.append(_shuffle_node(node_a, node_b, k))
     return torch.cat(states[-cell.multiplier :], dim=1)

@@ -629,6 +629,8 @@ def run_retrain(
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         torch.set_rng_state(ck["rng"]["torch"])
+        if on_gpu and "cuda" in ck["rng"]:
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
         for name, g in generators.items():
             g.set_state(ck["rng"]["generators"][name])
         start, history, best = int(ck["epoch"]), list(ck["history"]), dict(ck["best"])
@@ -689,6 +691,8 @@ def run_retrain(
                 "torch": torch.get_rng_state(),
                 "generators": {k: g.get_state() for k, g in generators.items()},
             }
+            if on_gpu:
+                rng["cuda"] = torch.cuda.get_rng_state(dev)
             state = {
                 "epoch": epoch,
                 "model": _cpu_state(model),

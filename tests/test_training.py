@@ -92,6 +92,19 @@ def test_every_step_changes_weights_with_finite_loss(name: str) -> None:
     assert any("cells.0.ops" in k and "weight" in k for k in changed)
 
 
+def test_bf16_and_channels_last_are_cpu_no_ops() -> None:
+    results = []
+    for flag in (False, True):
+        model = _net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        m = train_epoch(
+            model, [_batch()], make_step("standard"), opt, bf16=flag, channels_last=flag
+        )
+        results.append((m["loss"], [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
 def test_make_step_and_schedule_errors() -> None:
     with pytest.raises(KeyError, match="pgd"):
         make_step("madry")
