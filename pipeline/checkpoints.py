@@ -105,8 +105,11 @@ class TrialStore:
                 shutil.rmtree(old, ignore_errors=True)
         return d
 
-    def restore(self, reported: _HasDirectory | None, what: str) -> int:
-        """Fill ``work/`` from the newest commit (Ray's or local); returns its epoch (0: none).
+    def restore(self, reported: _HasDirectory | None, what: str) -> dict[str, Any] | None:
+        """Fill ``work/`` from the newest commit (Ray's or local); returns its progress record.
+
+        The record holds ``epoch``, the files' digests and the epoch's ``metrics`` (if any were
+        committed); None when there is nothing to resume from.
 
         Args:
             reported: the checkpoint Ray hands back on a retry or restore, or None.
@@ -124,7 +127,7 @@ class TrialStore:
                 sources.append(Path(stack.enter_context(reported.as_directory())))
             found = [(p, d) for d in sources if d is not None and (p := _read_progress(d))]
             if not found:
-                return 0
+                return None
             newest = max(p["epoch"] for p, _ in found)
             errors = []
             for progress, src in (c for c in found if c[0]["epoch"] == newest):
@@ -137,7 +140,7 @@ class TrialStore:
                 for name in progress["files"]:
                     shutil.copy2(src / name, self.work / name)
                 log.info("%s: resuming from the checkpoint of epoch %d (%s)", what, newest, src)
-                return int(newest)
+                return progress
             raise errors[0]
 
     def record_attempt(self, start_epoch: int) -> None:

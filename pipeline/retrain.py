@@ -68,17 +68,14 @@ class RetrainJob:
             self.cfg, genotype=str(path), batch_size=max(1, self.cfg.batch_size // world)
         )
 
-    def open_run(self, start: int) -> ChildRun:
+    def open_run(self) -> ChildRun:
         tags = {
             "rarn.search_run_id": self.search_run_id,
             "rarn.genotype_sha": self.genotype.sha256(),
             "rarn.genotype_source": self.key,
         }
         params = allowed_params({"retrain": config_to_dict(self.cfg)})
-        run = self.tracking.child_run("retrain", self.key, params=params, tags=tags)
-        if start:
-            run.set_tags({"rarn.resumed_from_epoch": start})
-        return run
+        return self.tracking.child_run("retrain", self.key, params=params, tags=tags)
 
 
 def retrain_loop(config: dict[str, Any]) -> None:
@@ -88,11 +85,7 @@ def retrain_loop(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # [1] Data: one copy in the object store, shared by every worker on a node.
     (bundle,) = ray.get(config["bundle"])
-    store = job.store(rank)
-    # [2] Resume from Ray Train's checkpoint (retry/restore) or the newer local commit.
-    start = store.restore(ray.train.get_checkpoint(), what=f"retraining {job.key} rank {rank}")
-    store.record_attempt(start)
-    run = job.open_run(start) if rank == 0 else None
+    store, run = job.store(rank), (job.open_run() if rank == 0 else None)
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
         ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
@@ -102,9 +95,14 @@ def retrain_loop(config: dict[str, Any]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if rank == 0 else None
         ray.train.report(dict(metrics), checkpoint=checkpoint)
 
-    # [4] DDP: prepare_model wraps the network for the training steps; each rank trains a shard.
-    wrap = ray.train.torch.prepare_model if world > 1 else None
     with run.failing_on_error() if run is not None else contextlib.nullcontext():
+        # [2] Resume from Ray Train's checkpoint (retry/restore) or the newer local commit.
+        progress = store.restore(ray.train.get_checkpoint(), what=f"retraining {job.key} r{rank}")
+        store.record_attempt(
+            run.resumed(progress) if run else int((progress or {}).get("epoch", 0))
+        )
+        # [4] DDP: prepare_model wraps the network for the training steps; ranks train shards.
+        wrap = ray.train.torch.prepare_model if world > 1 else None
         result = run_retrain(
             job.worker_config(world), bundle, callbacks=[report], checkpoint_dir=store.work,
             device=ray.train.torch.get_device(), wrap_model=wrap, shard=(rank, world),

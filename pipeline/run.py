@@ -200,6 +200,7 @@ class Pipeline:
             SearchJob,
             build_tuner,
             collect_outcomes,
+            fit,
             load_genotypes,
             select_top_k,
         )
@@ -217,10 +218,10 @@ class Pipeline:
         )  # fmt: skip
         n = self._n_trials()
         self.echo(f"[search] Ray Tune: {n} trials, top {t.top_k} by {t.select_metric}")
-        results = tuner.fit()
+        results, interrupted = fit(tuner)
+        if interrupted:  # Tune stopped on SIGINT and saved its state for Tuner.restore
+            raise KeyboardInterrupt
         outcomes = collect_outcomes(results, cfg, self.tracking)
-        if any(o.status not in ("TERMINATED", "ERROR") for o in outcomes):
-            raise KeyboardInterrupt  # Tune stopped on SIGINT and saved its state
         selected = select_top_k(outcomes, t.top_k, t.select_metric, t.select_mode)
         for o in outcomes:
             if o.error:

@@ -17,6 +17,9 @@ import itertools
 import json
 import logging
 import math
+import os
+import signal
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ __all__ = [
     "TrialOutcome",
     "build_tuner",
     "collect_outcomes",
+    "fit",
     "search_trainable",
     "select_top_k",
     "trial_points",
@@ -118,10 +122,7 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
     """One Tune trial: one RACL search, reported epoch by epoch."""
     point = {k: v for k, v in config["trial"].items() if k != "key"}
     key, cfg = config["trial"]["key"], with_overrides(job.cfg, point)
-    store = job.store(key)
-    # [1] Resume from Tune's checkpoint (retry or restore) or the newer local commit.
-    start = store.restore(tune.get_checkpoint(), what=f"search trial {key}")
-    run = _open_trial_run(job, key, cfg, point, start)
+    store, run = job.store(key), _trial_run(job, key, cfg, point)
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
         ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
@@ -130,6 +131,9 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
     with run.failing_on_error():
+        # [1] Resume from Tune's checkpoint (retry or restore) or the newer local commit.
+        progress = store.restore(tune.get_checkpoint(), what=f"search trial {key}")
+        store.record_attempt(run.resumed(progress))
         # [3] The search itself: pure PyTorch, resuming from store.work.
         result = run_search(
             cfg.search, cfg.constraint, data, callbacks=[report], checkpoint_dir=store.work
@@ -137,16 +141,12 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
         _log_genotype(run, store, result)
 
 
-def _open_trial_run(job: SearchJob, key: str, cfg: Config, point: dict, start: int) -> ChildRun:
+def _trial_run(job: SearchJob, key: str, cfg: Config, point: dict[str, Any]) -> ChildRun:
     """The trial's MLflow child run: created on the first attempt, continued afterwards."""
-    job.store(key).record_attempt(start)
     params = allowed_params({"search": config_to_dict(cfg.search)})
     params |= allowed_params({"constraint": config_to_dict(cfg.constraint)})
     tags = {"rarn.trial_overrides": json.dumps(point, sort_keys=True)}
-    run = job.tracking.child_run("search", key, params=params, tags=tags)
-    if start:
-        run.set_tags({"rarn.resumed_from_epoch": start})
-    return run
+    return job.tracking.child_run("search", key, params=params, tags=tags)
 
 
 def _log_genotype(run: ChildRun, store: TrialStore, result: SearchResult) -> None:
@@ -229,6 +229,32 @@ def build_tuner(
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         ),
     )
+
+
+def fit(tuner: tune.Tuner) -> tuple[Any, bool]:
+    """``tuner.fit()``; returns ``(results, interrupted)``.
+
+    On SIGINT Tune stops, saves its state and returns normally, marking running trials
+    TERMINATED in memory (RUNNING in the saved state, so ``Tuner.restore`` resumes them). Its
+    handler puts the previous SIGINT handler back only when a signal arrived, which is how the
+    interruption is detected here; afterwards the previous handler is always restored (Tune
+    leaves its own installed, which would swallow a later Ctrl-C).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    watching = main and not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0"))
+    previous = signal.getsignal(signal.SIGINT) if main else None
+
+    def marker(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if watching:
+        signal.signal(signal.SIGINT, marker)
+    try:
+        results = tuner.fit()
+        return results, watching and signal.getsignal(signal.SIGINT) is marker
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -257,12 +257,12 @@ class Tracking:
         run_id = self.find_child(role, key)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
-            return ChildRun(self, run_id, resumed=True)
+            return ChildRun(self, run_id, continued=True)
         base = {"mlflow.parentRunId": self.parent_run_id, "rarn.role": role, "rarn.key": key}
         run = client.create_run(
             self.experiment_id, tags={**base, **(tags or {})}, run_name=f"{role}-{key}"
         )
-        child = ChildRun(self, run.info.run_id, resumed=False)
+        child = ChildRun(self, run.info.run_id)
         if params:
             client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         return child
@@ -274,7 +274,7 @@ class ChildRun:
 
     tracking: Tracking
     run_id: str
-    resumed: bool = False
+    continued: bool = False  # the run existed (a retried or restored trial)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -290,6 +290,21 @@ class ChildRun:
         self.tracking.client().log_batch(
             self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]
         )
+
+    def resumed(self, progress: Mapping[str, Any] | None) -> int:
+        """Record a resume; log the resumed epoch's metrics if the kill beat their logging.
+
+        Returns:
+            The epoch resumed from (0: a fresh start).
+        """
+        if not progress:
+            return 0
+        epoch = int(progress["epoch"])
+        self.set_tags({"rarn.resumed_from_epoch": epoch})
+        history = self.tracking.client().get_metric_history(self.run_id, "epoch")
+        if epoch not in {m.step for m in history}:
+            self.log_metrics(progress.get("metrics", {}), step=epoch)
+        return epoch
 
     def log_artifact_checked(self, local_path: str | Path, artifact_dir: str | None = None) -> str:
         """Log a file and record its sha256 as ``rarn.sha256.<artifact path>``."""
@@ -430,12 +445,27 @@ def log_model_checked(tracking: Tracking, run_id: str, model: Any) -> tuple[str,
             serialization_format="pickle",
         )
         with tempfile.TemporaryDirectory() as d:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=info.model_uri, dst_path=d, tracking_uri=tracking.uri
-            )
-            digest = dir_sha256(local)
+            digest = dir_sha256(_download_model(tracking, info.model_uri, d))
         mlflow.set_tags({"rarn.model_uri": info.model_uri, "rarn.model_sha256": digest})
     return info.model_uri, digest
+
+
+def _download_model(tracking: Tracking, model_uri: str, dst: str) -> str:
+    """Download a logged model (``models:/m-<id>``) from *this* tracking store.
+
+    ``download_artifacts`` resolves ``models:/`` URIs against the process-global tracking URI,
+    so the logged model's artifact location is looked up here with an explicit client.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    location = model_uri
+    if model_uri.startswith("models:/m-"):
+        location = (
+            tracking.client().get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+        )
+    return download_artifacts(
+        artifact_uri=location, dst_path=dst, tracking_uri=tracking.uri, registry_uri=tracking.uri
+    )
 
 
 def load_model_checked(tracking: Tracking, model_uri: str, expected_sha256: str) -> Any:
@@ -445,12 +475,9 @@ def load_model_checked(tracking: Tracking, model_uri: str, expected_sha256: str)
         ArtifactIntegrityError: the downloaded files differ from what was logged.
     """
     import mlflow.pytorch
-    from mlflow.artifacts import download_artifacts
 
     with tempfile.TemporaryDirectory() as d:
-        local = download_artifacts(
-            artifact_uri=model_uri, dst_path=d, tracking_uri=tracking.uri, registry_uri=tracking.uri
-        )
+        local = _download_model(tracking, model_uri, d)
         digest = dir_sha256(local)
         if digest != expected_sha256:
             raise ArtifactIntegrityError(

@@ -156,7 +156,8 @@ class Network(nn.Module):
     In training mode with ``auxiliary=True`` the forward pass returns ``(logits, aux_logits)``;
     otherwise (and always in eval mode) it returns ``logits`` of shape ``(B, num_classes)``.
     ``drop_path_prob`` and ``drop_path_generator`` are plain attributes that a training loop sets
-    (DARTS ramps the probability linearly over the epochs).
+    (DARTS ramps the probability linearly over the epochs); the generator must live on the
+    inputs' device (None: torch's global RNG).
 
     Args:
         genotype: the cell pair.

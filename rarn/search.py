@@ -67,7 +67,10 @@ class SearchDiverged(RuntimeError):
 
     def __init__(self, epoch: int, step: int, what: str, value: float) -> None:
         super().__init__(f"search diverged at epoch {epoch}, step {step}: {what} = {value}")
-        self.epoch, self.step, self.what = epoch, step, what
+        self.epoch, self.step, self.what, self.value = epoch, step, what, value
+
+    def __reduce__(self) -> tuple:  # picklable across processes (Ray trials, multiprocessing)
+        return type(self), (self.epoch, self.step, self.what, self.value)
 
 
 class SearchCallback(Protocol):

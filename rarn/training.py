@@ -82,6 +82,9 @@ class TrainingDiverged(RuntimeError):
         super().__init__(f"training diverged at epoch {epoch}, step {step}: loss = {value}")
         self.epoch, self.step, self.value = epoch, step, value
 
+    def __reduce__(self) -> tuple:  # picklable across processes (Ray workers, multiprocessing)
+        return type(self), (self.epoch, self.step, self.value)
+
 
 class StepOutput(NamedTuple):
     """What a step function returns: the loss to minimise and the logits to score."""

@@ -16,6 +16,11 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)  # workers inherit the driver's environment
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models are dominated by per-op overhead: one intra-op thread is faster for them, and on a
+# shared 2-core machine two threads contend badly (10-50x slower measured under load).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +40,57 @@ def ray_local():
     )
     yield
     ray.shutdown()
+
+
+def _proc_starttime(pid: int) -> str | None:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class Reaper:
+    """Processes a test started, recorded by PID (with start time, so a reused PID is spared)."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[int, str] = {}
+
+    def track_tree(self, pid: int) -> list[int]:
+        """Record ``pid`` and all its current descendants; returns their PIDs."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+        tree, todo = [pid], [pid]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            tree += kids
+            todo += kids
+        for p in tree:
+            start = _proc_starttime(p)
+            if start is not None:
+                self.recorded.setdefault(p, start)
+        return tree
+
+    def kill_all(self) -> None:
+        import signal
+
+        for pid, start in self.recorded.items():
+            if _proc_starttime(pid) == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        self.recorded.clear()
+
+
+@pytest.fixture
+def reaper():
+    """Kills every process recorded with ``reaper.track_tree(pid)`` at teardown."""
+    r = Reaper()
+    yield r
+    r.kill_all()

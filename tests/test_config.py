@@ -16,8 +16,16 @@ def test_defaults_and_yaml(tmp_path):
 
 
 def test_overrides_cast_by_type():
-    cfg = load_config(None, ["search.epochs=2", "constraint.eta=0.95", "search.fused=false",
-                             "evaluation.attacks=[fgsm, pgd]", "data.name=cifar10-npz"])
+    cfg = load_config(
+        None,
+        [
+            "search.epochs=2",
+            "constraint.eta=0.95",
+            "search.fused=false",
+            "evaluation.attacks=[fgsm, pgd]",
+            "data.name=cifar10-npz",
+        ],
+    )
     assert cfg.search.epochs == 2 and cfg.constraint.eta == 0.95 and cfg.search.fused is False
     assert cfg.evaluation.attacks == ("fgsm", "pgd")
     assert cfg.data.name == "cifar10-npz"

@@ -17,8 +17,12 @@ from rarn.search import RACLSearch
 
 @pytest.fixture(scope="module")
 def search():
-    s = RACLSearch(SearchConfig(init_channels=8, layers=5, fused=False), ConstraintConfig(),
-                   num_classes=10, in_channels=1)
+    s = RACLSearch(
+        SearchConfig(init_channels=8, layers=5, fused=False),
+        ConstraintConfig(),
+        num_classes=10,
+        in_channels=1,
+    )
     s.model.train()
     with torch.no_grad():  # real BN statistics, so the op constants are those of a trained net
         for _ in range(5):
@@ -40,7 +44,8 @@ def test_delta_agrees_with_large_monte_carlo(search, bound, mixture):
     mu_f, sigma_f = delta_moments(arch.mu(), arch.sigma(), inputs, bound, mixture)
     with torch.no_grad():
         mc_mu, mc_sigma = monte_carlo_moments(
-            arch.sample(torch.Generator().manual_seed(1), n=4000), inputs, bound, mixture)
+            arch.sample(torch.Generator().manual_seed(1), n=4000), inputs, bound, mixture
+        )
     assert abs(float(mu_f) - float(mc_mu)) <= 0.15
     assert abs(float(sigma_f) / float(mc_sigma) - 1) <= 0.10
 

@@ -22,8 +22,12 @@ def test_json_round_trip(name, tmp_path):
 
 def test_racl_genotype_is_the_published_one():
     g = GENOTYPES["RACL"]
-    assert g.normal[:4] == (("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_5x5", 0),
-                            ("skip_connect", 1))
+    assert g.normal[:4] == (
+        ("sep_conv_3x3", 0),
+        ("sep_conv_3x3", 1),
+        ("sep_conv_5x5", 0),
+        ("skip_connect", 1),
+    )
     assert parametric_share(g) == 12 / 16
 
 

@@ -46,7 +46,7 @@ def test_avg_pool_constant():
     assert math.isclose(avg_pool_lipschitz(3, 1, 1, True), 1.0, rel_tol=1e-6)
 
 
-def _jacobian_norm(f, x, iters=30):
+def _jacobian_norm(f, x, iters=15):
     """Largest singular value of the Jacobian of f at x by power iteration on J^T J."""
     v = torch.randn_like(x)
     v = v / v.norm()
@@ -78,7 +78,7 @@ def test_op_bound_exceeds_local_gradient_norm(name, stride):
         op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
     _warm_bn(op, C, size)
     bound = math.exp(log_lipschitz(op, n_iters=200))
-    for seed in range(3):
+    for seed in range(2):
         x = torch.randn(1, C, size, size, generator=torch.Generator().manual_seed(seed))
         local = _jacobian_norm(op, x)
         assert local <= bound * (1 + 1e-3), (name, stride, local, bound)

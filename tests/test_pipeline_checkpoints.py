@@ -31,14 +31,15 @@ def _epoch(store: TrialStore, epoch: int) -> Path:
 
 def test_commit_keeps_one_verified_checkpoint_and_restores_it(tmp_path):
     store = TrialStore(tmp_path / "t00")
-    assert store.restore(None, what="t00") == 0 and store.latest() is None
+    assert store.restore(None, what="t00") is None and store.latest() is None
     _epoch(store, 1)
     c2 = _epoch(store, 2)
     assert store.latest() == c2 and [p.name for p in store.root.glob("ckpt-*")] == [c2.name]
     progress = json.loads((c2 / PROGRESS).read_text())
     assert progress["epoch"] == 2 and set(progress["files"]) == {"checkpoint.pt", "genotype.json"}
     (store.work / "checkpoint.pt").write_bytes(b"half-written epoch 3")  # killed before commit
-    assert store.restore(None, what="t00") == 2
+    progress = store.restore(None, what="t00")
+    assert progress["epoch"] == 2 and progress["metrics"] == {"val_acc": 0.2}
     assert (store.work / "checkpoint.pt").read_bytes().startswith(b"weights after epoch 2")
 
 
@@ -47,9 +48,9 @@ def test_restore_takes_the_newer_of_ray_and_local(tmp_path):
     local = TrialStore(tmp_path / "local")
     old = _epoch(ray_side, 1)  # Tune's snapshot lags behind after a driver SIGKILL
     _epoch(local, 3)
-    assert local.restore(_Reported(old), what="t") == 3
+    assert local.restore(_Reported(old), what="t")["epoch"] == 3
     newer = _epoch(ray_side, 5)  # a retry on another node: Ray's copy is the newer one
-    assert local.restore(_Reported(newer), what="t") == 5
+    assert local.restore(_Reported(newer), what="t")["epoch"] == 5
     assert (local.work / "genotype.json").read_text() == json.dumps({"epoch": 5})
 
 

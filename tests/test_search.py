@@ -12,8 +12,17 @@ from rarn.genotype import Genotype, parametric_share
 from rarn.search import RACLSearch, SearchData, SearchDiverged, run_search
 
 # Tiny but complete: 3 cells (normal, reduction, reduction), 2 nodes per cell, a few steps.
-TINY = SearchConfig(epochs=2, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
-                    max_steps_per_epoch=2, arch_lr=6e-3, seed=0)
+TINY = SearchConfig(
+    epochs=2,
+    warmup_epochs=1,
+    batch_size=16,
+    init_channels=8,
+    layers=3,
+    nodes=2,
+    max_steps_per_epoch=2,
+    arch_lr=6e-3,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +40,20 @@ def test_two_epoch_search_yields_valid_genotype(data):
     assert Genotype.from_json(result.genotype.to_json()) == result.genotype
     assert set(result.genotypes) == {"quantile", "median", "sample"}
     last = seen[-1][1]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "mu_F", "sigma_F", "h", "y",
-                "p_satisfied", "epoch_time", "grad_norm", "parametric_share"):
+    for key in (
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "mu_F",
+        "sigma_F",
+        "h",
+        "y",
+        "p_satisfied",
+        "epoch_time",
+        "grad_norm",
+        "parametric_share",
+    ):
         assert key in last and math.isfinite(last[key]), key
     assert last["arch_steps"] == 2 and seen[0][1]["arch_steps"] == 0  # warm-up epoch
     assert len(result.genotype.normal) == 8
@@ -41,8 +62,9 @@ def test_two_epoch_search_yields_valid_genotype(data):
 def test_resume_reproduces_uninterrupted_run(data, tmp_path):
     cfg = TINY
     straight = run_search(cfg, ConstraintConfig(), data, checkpoint_dir=tmp_path / "a")
-    run_search(dataclasses.replace(cfg, epochs=1), ConstraintConfig(), data,
-               checkpoint_dir=tmp_path / "b")
+    run_search(
+        dataclasses.replace(cfg, epochs=1), ConstraintConfig(), data, checkpoint_dir=tmp_path / "b"
+    )
     resumed = run_search(cfg, ConstraintConfig(), data, checkpoint_dir=tmp_path / "b")
     drop = ("epoch_time",)
     strip = lambda h: [{k: v for k, v in m.items() if k not in drop} for m in h]  # noqa: E731
@@ -94,7 +116,10 @@ def test_tight_threshold_lowers_the_bound(data):
     off = dataclasses.replace(tight, enabled=False)
     on_run = run_search(cfg, tight, data).final
     off_run = run_search(cfg, off, data).final
-    assert on_run["mu_F_last"] < off_run["mu_F_last"] - 0.1, (on_run["mu_F_last"], off_run["mu_F_last"])
+    assert on_run["mu_F_last"] < off_run["mu_F_last"] - 0.1, (
+        on_run["mu_F_last"],
+        off_run["mu_F_last"],
+    )
     assert on_run["y"] > 0 and off_run["y"] == 0
 
 
@@ -106,8 +131,12 @@ def test_divergence_names_epoch_and_step(data):
 
 def test_bad_search_config_is_rejected():
     with pytest.raises(ValueError, match="grad_norm_mode"):
-        RACLSearch(dataclasses.replace(TINY, grad_norm_mode="approx"), ConstraintConfig(),
-                   num_classes=10, in_channels=1)
+        RACLSearch(
+            dataclasses.replace(TINY, grad_norm_mode="approx"),
+            ConstraintConfig(),
+            num_classes=10,
+            in_channels=1,
+        )
     with pytest.raises(ValueError, match="constraint.mixture"):
         RACLSearch(TINY, ConstraintConfig(mixture="convs"), num_classes=10, in_channels=1)
 
@@ -119,6 +148,7 @@ def test_corrupted_checkpoint_is_a_clear_error(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_default_config_genotype_stays_convolutional():
     """configs/default.yaml on digits keeps at least half of its 16 edges parametric."""
     cfg = load_config("configs/default.yaml")

@@ -1,0 +1,68 @@
+"""End to end: ``pipeline/run.py --config configs/smoke.yaml`` on the shared Ray instance.
+
+Checks the registered model and its alias, the lineage (parent -> search trials -> retraining,
+tags pointing back), run statuses, the params allow-list, and the registry CLI (``show`` and
+``evaluate``, which re-checks the model's sha256 before loading it). Retraining uses two Ray
+Train workers, so DDP over gloo runs here too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import registry
+from pipeline.run import main
+from pipeline.tracking import Tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_smoke_pipeline_registers_champion_with_lineage(ray_local, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "do-not-log-me")
+    rc = main(["--config", str(ROOT / "configs/smoke.yaml"), "tune.retrain_workers=2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "models:/rarn-smoke@champion" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = Tracking(uri, "", "").client()
+    mv = client.get_model_version_by_alias("rarn-smoke", "champion")
+    tags = mv.tags
+    parent = client.get_run(tags["rarn.parent_run_id"])
+    search = client.get_run(tags["rarn.search_run_id"])
+    retrain = client.get_run(tags["rarn.retrain_run_id"])
+    # Lineage: both children nest under the parent and point at each other by tags.
+    assert search.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert retrain.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert retrain.data.tags["rarn.search_run_id"] == search.info.run_id
+    assert retrain.data.tags["rarn.genotype_sha"] == search.data.tags["rarn.genotype_sha"]
+    assert tags["rarn.genotype_sha"] == search.data.tags["rarn.genotype_sha"]
+    assert tags["rarn.model_sha256"] == retrain.data.tags["rarn.model_sha256"]
+    assert len(parent.data.tags["rarn.data_fingerprint"]) == 64
+    assert parent.data.tags["rarn.code_version"]
+    assert {"eval_clean_acc", "eval_pgd_acc", "eval_worst_case_acc"} <= set(retrain.data.metrics), (
+        tmp_path / "runs/smoke/state.json"
+    ).read_text()
+    assert "final_log_lipschitz_upper" in retrain.data.metrics
+    # Every run ended; no credentials or tracking settings among the params.
+    exp = parent.info.experiment_id
+    runs = client.search_runs([exp])
+    assert len(runs) == 1 + 2 + 1  # parent, two search trials, one retraining
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for r in runs:
+        assert not [k for k in r.data.params if k.startswith("tracking")]
+        assert not [v for v in r.data.params.values() if "do-not-log-me" in v]
+    # The registry CLI: lineage, then a sha256-checked reload and re-evaluation.
+    assert registry.main(["--tracking-uri", uri, "show", "rarn-smoke@champion"]) == 0
+    shown = capsys.readouterr().out
+    assert search.info.run_id in shown and retrain.info.run_id in shown and "(verified)" in shown
+    args = ["--tracking-uri", uri, "evaluate", "models:/rarn-smoke@champion", "--attacks", "fgsm"]
+    assert registry.main([*args, "--output", str(tmp_path / "re.parquet")]) == 0
+    assert "sha256 verified" in capsys.readouterr().out
+    assert (tmp_path / "re.parquet").stat().st_size > 0
