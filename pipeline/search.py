@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -134,10 +135,10 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
         # [1] Resume from Tune's checkpoint (retry or restore) or the newer local commit.
         progress = store.restore(tune.get_checkpoint(), what=f"search trial {key}")
         store.record_attempt(run.resumed(progress))
-        # [3] The search itself: pure PyTorch, resuming from store.work.
-        result = run_search(
-            cfg.search, cfg.constraint, data, callbacks=[report], checkpoint_dir=store.work
-        )
+        # [3] The search itself: pure PyTorch, resuming from store.work (GPU when granted one).
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        result = run_search(cfg.search, cfg.constraint, data, callbacks=[report],
+                            checkpoint_dir=store.work, device=device)  # fmt: skip
         _log_genotype(run, store, result)
 
 

@@ -60,13 +60,14 @@ def _assert_close_grads(names, ga, gb, rtol=RTOL, atol=ATOL):
     assert worst[0] <= rtol, f"gradient of {worst[1]} differs: {worst[0]:.3g}"
 
 
-def _assert_same_buffers(ref: Supernet, fused: Supernet, rtol=RTOL, atol=ATOL):
+def _assert_same_buffers(ref: Supernet, fused: Supernet, rtol=RTOL, atol=1e-12):
+    # Running means are ~0 (inputs are BN outputs): an absolute floor, no per-tensor scale.
     errs = [
-        (_rel_err(a.double(), b.double(), atol), name)
+        (float((a.double() - b.double()).abs().max() - rtol * a.double().abs().max()), name)
         for (name, a), (_, b) in zip(ref.named_buffers(), fused.named_buffers())
     ]
     worst = max(errs)
-    assert worst[0] <= rtol, f"buffer {worst[1]} differs: {worst[0]:.3g}"
+    assert worst[0] <= atol, f"buffer {worst[1]} differs by {worst[0]:.3g}"
 
 
 CASES = {

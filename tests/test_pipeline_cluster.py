@@ -113,7 +113,7 @@ def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
         assert retrain.data.tags["rarn.search_run_id"] == search.info.run_id
         assert retrain.data.tags["mlflow.parentRunId"] == mv.tags["rarn.parent_run_id"]
         assert search.info.status == retrain.info.status == "FINISHED"
-        assert not (project / "mlflow.db").exists()  # nothing fell back to a local store
+        assert not list(temp_dir.rglob("mlflow.db"))  # the job never fell back to a local store
     finally:
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its own processes
         try:

@@ -3,7 +3,7 @@
 Checks the registered model and its alias, the lineage (parent -> search trials -> retraining,
 tags pointing back), run statuses, the params allow-list, and the registry CLI (``show`` and
 ``evaluate``, which re-checks the model's sha256 before loading it). Retraining uses two Ray
-Train workers, so DDP over gloo runs here too.
+Train workers, so DDP over gloo runs here too, and the search runs under the ASHA scheduler.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ def test_smoke_pipeline_registers_champion_with_lineage(ray_local, tmp_path, mon
     monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "do-not-log-me")
-    rc = main(["--config", str(ROOT / "configs/smoke.yaml"), "tune.retrain_workers=2"])
+    # Two DDP workers for the retraining; ASHA may stop the weaker search after epoch 1.
+    overrides = ["tune.retrain_workers=2", "tune.scheduler=asha", "tune.grace_period=1"]
+    rc = main(["--config", str(ROOT / "configs/smoke.yaml"), *overrides])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "models:/rarn-smoke@champion" in out

@@ -1,0 +1,126 @@
+"""What the Tune search stage costs on top of a bare ``rarn.search.run_search``, and its throughput.
+
+Runs the same small search (configs/default.yaml's search and constraint, shortened with
+``--epochs`` / ``--steps``) once directly in this process and once as a one-trial Tune stage
+(the pipeline's trainable: MLflow child run, per-epoch checkpoint commits and ``tune.report``),
+both single-threaded as a 1-CPU trial is. Then two trials with at most 1 and at most 2 running
+at a time. Prints one JSON line; progress goes to stderr.
+
+    python benchmarks/pipeline_overhead.py                 # ~ minutes on 2 CPUs
+    python benchmarks/pipeline_overhead.py --epochs 1 --steps 4  # quick look
+
+The ratio's goal (<= 1.10) is for a multi-minute job: the Tune stage adds a roughly fixed cost
+(worker start, imports, MLflow run), reported as ``fixed_overhead_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+for _k, _v in {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
+    os.environ.setdefault(_k, _v)  # before importing ray
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.search import SearchJob, build_tuner  # noqa: E402
+from pipeline.tracking import prepare_tracking  # noqa: E402
+from rarn.config import load_config  # noqa: E402
+from rarn.data import load_dataset  # noqa: E402
+from rarn.search import SearchData, run_search  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--steps", type=int, default=0, help="max steps per epoch (0: full D_T)")
+    args = p.parse_args()
+    cfg = load_config(args.config, [f"search.epochs={args.epochs}",
+                                    f"search.max_steps_per_epoch={args.steps}",
+                                    f"search.warmup_epochs={min(1, args.epochs - 1)}"])  # fmt: skip
+    bundle = load_dataset(cfg.data)
+    data = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
+
+    _say(f"[bench] direct run_search: {args.epochs} epochs, 1 thread")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a 1-CPU trial gets (Ray sets OMP_NUM_THREADS=1)
+    t0 = time.perf_counter()
+    run_search(cfg.search, cfg.constraint, data)
+    direct = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+        ray_init = time.perf_counter() - t0
+
+        def stage(name: str, points: list[dict], max_concurrent: int) -> float:
+            run_dir = Path(tmp) / name
+            t = replace(cfg.tune, max_concurrent=max_concurrent, max_failures=0)
+            c = replace(cfg, run_dir=str(run_dir), tune=t)
+            uri = f"sqlite:///{tmp}/mlflow.db"
+            tracking = prepare_tracking(c, uri=uri, run_dir=run_dir, fingerprint=bundle.fingerprint)
+            job = SearchJob(c, tracking, str(run_dir))
+            storage = str(run_dir / "ray")
+            tuner = build_tuner(c, data, job, storage_path=storage, points=points, verbose=0)
+            t0 = time.perf_counter()
+            results = tuner.fit()
+            wall = time.perf_counter() - t0
+            assert not results.errors, results.errors
+            return wall
+
+        _say("[bench] the same search as a one-trial Tune stage")
+        seed = cfg.search.seed
+        tune_s = stage("one", [{"key": "t00", "search.seed": seed}], 1)
+        two = [{"key": f"t{i:02d}", "search.seed": seed + i} for i in range(2)]
+        _say("[bench] 2 trials, at most 1 at a time")
+        seq = stage("seq", two, 1)
+        _say("[bench] 2 trials, at most 2 at a time")
+        par = stage("par", two, 2)
+        ray.shutdown()
+
+    print(json.dumps({
+        "benchmark": "pipeline_overhead",
+        "config": Path(args.config).name,
+        "epochs": args.epochs,
+        "max_steps_per_epoch": args.steps,
+        "direct_s": round(direct, 2),
+        "tune_stage_s": round(tune_s, 2),
+        "ratio": round(tune_s / direct, 3),
+        "fixed_overhead_s": round(tune_s - direct, 2),
+        "ray_init_s": round(ray_init, 2),
+        "throughput": {
+            "trials": 2,
+            "concurrency_1": {"wall_s": round(seq, 2), "trials_per_min": round(120 / seq, 3)},
+            "concurrency_2": {"wall_s": round(par, 2), "trials_per_min": round(120 / par, 3)},
+            "speedup": round(seq / par, 3),
+        },
+        "cpus": os.cpu_count(),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
