@@ -64,15 +64,30 @@ def main() -> None:
     bundle = load_dataset(DataConfig(name="digits"))
     data = SearchData.from_bundle(bundle, 0.5, 0)
     x_test, y_test = as_tensors(bundle.test)
-    base = SearchConfig(epochs=args.epochs, warmup_epochs=args.warmup, batch_size=32,
-                        init_channels=8, layers=5, seed=args.seed, fused=not args.reference)
+    base = SearchConfig(
+        epochs=args.epochs,
+        warmup_epochs=args.warmup,
+        batch_size=32,
+        init_channels=8,
+        layers=5,
+        seed=args.seed,
+        fused=not args.reference,
+    )
     runs = []
     for lr in [float(v) for v in args.arch_lrs.split(",")]:
         runs.append(("off", None, lr, ConstraintConfig(enabled=False)))
         for vname, (bound, mixture, threshold) in VARIANTS.items():
             for kappa in [float(v) for v in args.kappas.split(",")]:
-                runs.append((vname, kappa, lr, ConstraintConfig(
-                    bound=bound, mixture=mixture, threshold=threshold, kappa=kappa)))
+                runs.append(
+                    (
+                        vname,
+                        kappa,
+                        lr,
+                        ConstraintConfig(
+                            bound=bound, mixture=mixture, threshold=threshold, kappa=kappa
+                        ),
+                    )
+                )
     rows = []
     for vname, kappa, lr, ccfg in runs:
         scfg = dataclasses.replace(base, arch_lr=lr)
@@ -82,8 +97,9 @@ def main() -> None:
 
             with tempfile.TemporaryDirectory() as d:
                 result = run_search(scfg, ccfg, data, checkpoint_dir=d)
-                s = RACLSearch(scfg, ccfg, num_classes=data.num_classes,
-                               in_channels=data.in_channels)
+                s = RACLSearch(
+                    scfg, ccfg, num_classes=data.num_classes, in_channels=data.in_channels
+                )
                 s.load(d)
         inputs = s.bound_inputs(20)
         with torch.no_grad():
@@ -108,11 +124,12 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(rows, indent=1))
 
 
-
 def markdown(rows: list[dict]) -> str:
     """The ablation as a markdown table (docs/constraint.md)."""
-    head = ("| variant | κ | arch lr | final μ_F (own bound) | faithful ln λ_F | satisfied | "
-            "h≤0 share (last epoch) | conv share | val acc | FGSM acc |")
+    head = (
+        "| variant | κ | arch lr | final μ_F (own bound) | faithful ln λ_F | satisfied | "
+        "h≤0 share (last epoch) | conv share | val acc | FGSM acc |"
+    )
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         sat = "—" if r["satisfied_at_end"] is None else ("yes" if r["satisfied_at_end"] else "no")

@@ -264,7 +264,8 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!s}; {cls.__name__} has: {', '.join(sorted(names))}"
+            f"unknown config key {prefix}{unknown[0]!s}; "
+            f"{cls.__name__} has: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
     try:

@@ -106,7 +106,7 @@ def log_bound(
 def delta_moments(
     mu: ArchSample, sigma: ArchSample, inputs: BoundInputs, bound: str, mixture: str
 ) -> tuple[Tensor, Tensor]:
-    """``(mu_F, sigma_F)`` by the first-order delta method, differentiable in ``mu`` and ``sigma``."""
+    """``(mu_F, sigma_F)`` by the first-order delta method, differentiable in mu and sigma."""
     mus = mu.as_tuple()
     if not all(t.requires_grad for t in mus):
         mus = tuple(t.detach().requires_grad_(True) for t in mus)
@@ -130,7 +130,7 @@ def satisfaction_probability(mu_f: float, sigma_f: float, log_lambda_bar: float)
 
 
 class ChanceConstraint:
-    """Threshold, dual variable and augmented-Lagrangian term of ``P(lambda_F <= lambda_bar) >= eta``.
+    """Threshold, dual and augmented-Lagrangian term of ``P(lambda_F <= lambda_bar) >= eta``.
 
     Args:
         eta: confidence level.

@@ -51,7 +51,8 @@ class Genotype:
                     raise ValueError(f"Genotype.{name}[{k}]: unknown op {op!r}; known: {known}")
                 if not 0 <= i < node:
                     raise ValueError(
-                        f"Genotype.{name}[{k}]: node {node} cannot take input {i} (valid 0..{node - 1})"
+                        f"Genotype.{name}[{k}]: node {node} cannot take input {i} "
+                        f"(valid 0..{node - 1})"
                     )
         for name in ("normal_concat", "reduce_concat"):
             concat = tuple(int(i) for i in getattr(self, name))

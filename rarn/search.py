@@ -250,9 +250,13 @@ class RACLSearch:
             betas=(search.arch_beta1, search.arch_beta2),
         )
         self.constraint = ChanceConstraint(
-            constraint.eta, constraint.rho, constraint.threshold, constraint.kappa,
-            constraint.log_lambda_bar, constraint.dual_init,
-        )  # fmt: skip
+            constraint.eta,
+            constraint.rho,
+            constraint.threshold,
+            constraint.kappa,
+            constraint.log_lambda_bar,
+            constraint.dual_init,
+        )
         self.sample_gen = torch.Generator().manual_seed(search.seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -312,11 +316,17 @@ class RACLSearch:
         if c.enabled:
             self.constraint.dual_step(h_val)
         return {
-            "arch_loss": float(loss.detach()), "val_ce": float(ce.detach()),
-            "mu_F": float(mu_f.detach()), "sigma_F": float(sigma_f.detach()),
-            "h": h_val, "y": self.constraint.y, "log_lambda_bar": log_bar,
-            "p_satisfied": satisfaction_probability(float(mu_f.detach()), float(sigma_f.detach()), log_bar),
-        }  # fmt: skip
+            "arch_loss": float(loss.detach()),
+            "val_ce": float(ce.detach()),
+            "mu_F": float(mu_f.detach()),
+            "sigma_F": float(sigma_f.detach()),
+            "h": h_val,
+            "y": self.constraint.y,
+            "log_lambda_bar": log_bar,
+            "p_satisfied": satisfaction_probability(
+                float(mu_f.detach()), float(sigma_f.detach()), log_bar
+            ),
+        }
 
     def weight_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
         """One SGD step on ``CE + gamma E||grad_x CE||`` from a D_T batch."""
@@ -553,14 +563,20 @@ def run_search(
             for k in ("mu_F", "sigma_F", "h", "p_satisfied", "val_ce"):
                 metrics[k] = sums[k] / n_a
             metrics.update(
-                y=last_arch["y"], log_lambda_bar=last_arch["log_lambda_bar"], frac_satisfied=n_sat / n_a,
-                mu_F_last=last_arch["mu_F"], h_last=last_arch["h"],
-            )  # fmt: skip
+                y=last_arch["y"],
+                log_lambda_bar=last_arch["log_lambda_bar"],
+                frac_satisfied=n_sat / n_a,
+                mu_F_last=last_arch["mu_F"],
+                h_last=last_arch["h"],
+            )
         genotype = s.decode()
         metrics.update(
-            epoch=float(epoch + 1), lr=lr, parametric_share=parametric_share(genotype),
-            arch_steps=float(n_a), epoch_time=time.perf_counter() - t0,
-        )  # fmt: skip
+            epoch=float(epoch + 1),
+            lr=lr,
+            parametric_share=parametric_share(genotype),
+            arch_steps=float(n_a),
+            epoch_time=time.perf_counter() - t0,
+        )
         s.epoch = epoch + 1
         s.history.append(metrics)
         log.info(

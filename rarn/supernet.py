@@ -149,7 +149,7 @@ class MixedOp(nn.Module):
 
 
 class SearchCell(nn.Module):
-    """A DARTS cell of mixed ops: 2 inputs, ``nodes`` intermediate nodes, concat of the last ones."""
+    """A DARTS cell of mixed ops: 2 inputs, ``nodes`` intermediate nodes, concat of the nodes."""
 
     def __init__(
         self,
