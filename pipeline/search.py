@@ -128,6 +128,7 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
         ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
         run.log_metrics(metrics, step=epoch)
+        _log_genotype(run, ckpt / "genotype.json")  # a trial ASHA stops keeps its genotype
         # [2] Report every epoch, with the committed checkpoint.
         tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(str(ckpt)))
 
@@ -139,7 +140,7 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
         device = "cuda" if torch.cuda.is_available() else "cpu"
         result = run_search(cfg.search, cfg.constraint, data, callbacks=[report],
                             checkpoint_dir=store.work, device=device)  # fmt: skip
-        _log_genotype(run, store, result)
+        _log_genotype(run, store.root / "genotype.json", result)
 
 
 def _trial_run(job: SearchJob, key: str, cfg: Config, point: dict[str, Any]) -> ChildRun:
@@ -150,15 +151,19 @@ def _trial_run(job: SearchJob, key: str, cfg: Config, point: dict[str, Any]) -> 
     return job.tracking.child_run("search", key, params=params, tags=tags)
 
 
-def _log_genotype(run: ChildRun, store: TrialStore, result: SearchResult) -> None:
-    """The decoded genotype as a sha256-recorded artifact, final moments, FINISHED."""
-    path = store.root / "genotype.json"
-    path.write_text(result.genotype.to_json())
-    run.log_artifact_checked(path)
-    run.set_tags({
-        "rarn.genotype_sha": result.genotype.sha256(),
-        "rarn.genotypes": json.dumps({m: g.sha256()[:12] for m, g in result.genotypes.items()}),
-    })  # fmt: skip
+def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None) -> None:
+    """The current genotype as a sha256-recorded artifact (when it changed); with the final
+    ``result``: all decodings, the final moments, and the run ends FINISHED."""
+    if result is not None:
+        path.write_text(result.genotype.to_json())
+    sha = Genotype.from_json(path.read_text()).sha256()
+    if run.tracking.client().get_run(run.run_id).data.tags.get("rarn.genotype_sha") != sha:
+        run.log_artifact_checked(path)
+        run.set_tags({"rarn.genotype_sha": sha})
+    if result is None:
+        return
+    decodings = {m: g.sha256()[:12] for m, g in result.genotypes.items()}
+    run.set_tags({"rarn.genotypes": json.dumps(decodings)})
     final = result.final
     moments = {f"final_{k}": final[k] for k in ("mu_F", "sigma_F") if k in final}
     run.log_metrics(moments, step=int(final.get("epoch", 0)))

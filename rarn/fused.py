@@ -185,26 +185,48 @@ def _shared_batch_norm(x: Tensor, bns: list[nn.Module], repeats: int) -> Tensor:
     return y
 
 
-def _depthwise(x: Tensor, convs: list[nn.Conv2d], x_sub: Tensor | None = None) -> Tensor:
-    """The depthwise convs ``convs`` (same hyper-parameters) of consecutive channel blocks.
+def _depthwise(
+    x: Tensor, convs: list[nn.Conv2d], m: int = 1, x_sub: Tensor | None = None
+) -> Tensor:
+    """The depthwise convs ``convs`` (same hyper-parameters, ``c`` channels each) of ``m`` edges
+    per block of ``c`` input channels, as one conv with channel multiplier ``m``.
 
-    ``x_sub`` is ``x[:, :, ::2, ::2]``: a stride-2 dilation-2 conv with even padding reads only
-    that sub-grid, so it runs there as a dense stride-1 conv (same sums; oneDNN's strided dilated
-    depthwise kernels are several times slower on CPU).
+    Args:
+        x: ``[B, G*c, H, W]``, ``G`` blocks (sources) of ``c`` channels.
+        convs: ``G*m`` convs in (block, edge) order.
+        m: edges per block.
+        x_sub: ``x[:, :, ::2, ::2]``; a stride-2 dilation-2 conv with even padding reads only that
+            sub-grid, so it runs there as a dense stride-1 conv (same sums; oneDNN's strided
+            dilated depthwise kernels are several times slower on CPU).
+
+    Returns:
+        ``[B, G*c*m, H', W']``, channel order (block, ch, edge).
     """
     c0 = convs[0]
-    weight = torch.cat([c.weight for c in convs])
-    if x_sub is not None and c0.stride == (2, 2) and c0.dilation == (2, 2):
-        ph, pw = c0.padding
-        if ph % 2 == 0 and pw % 2 == 0:
-            return F.conv2d(x_sub, weight, None, 1, (ph // 2, pw // 2), 1, x.shape[1])
-    return F.conv2d(x, weight, None, c0.stride, c0.padding, c0.dilation, x.shape[1])
+    weight = torch.cat([c.weight for c in convs])  # (block, edge, ch)
+    if m > 1:
+        G, c = len(convs) // m, c0.weight.shape[0]
+        weight = weight.view(G, m, c, *weight.shape[1:]).transpose(1, 2).flatten(0, 2)
+    stride, padding, dilation = c0.stride, c0.padding, c0.dilation
+    if x_sub is not None and stride == (2, 2) and dilation == (2, 2):
+        if padding[0] % 2 == 0 and padding[1] % 2 == 0:
+            x, stride, dilation = x_sub, 1, 1
+            padding = (padding[0] // 2, padding[1] // 2)
+    return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
 
 
-def _pointwise(x: Tensor, convs: list[nn.Conv2d]) -> Tensor:
-    """The 1 x 1 convs ``convs`` (``c`` -> ``c``) of consecutive channel blocks."""
-    weight = torch.cat([c.weight for c in convs])
-    return F.conv2d(x, weight, None, convs[0].stride, 0, 1, len(convs))
+def _pointwise(x: Tensor, convs: list[nn.Conv2d], m: int = 1) -> Tensor:
+    """The 1 x 1 convs ``convs`` (``c`` -> ``c'``, in (block, edge) order) of the output of
+    :func:`_depthwise` with multiplier ``m``; returns channel order (block, edge, ch')."""
+    weight = torch.cat([c.weight for c in convs])  # [G*m*c', c, 1, 1]
+    groups = len(convs) // m
+    if m > 1:
+        # Input channel (ch, t) of block s feeds edge t only: weight (x) [t == t'].
+        c_out, c = convs[0].weight.shape[:2]
+        eye = torch.eye(m, dtype=weight.dtype, device=weight.device)
+        weight = torch.einsum("suab,ut->suabt", weight.view(groups, m, c_out, c), eye)
+        weight = weight.reshape(groups * m * c_out, c * m, 1, 1)
+    return F.conv2d(x, weight, None, 1, 0, 1, groups)
 
 
 def _subsample(x: Tensor) -> Tensor:
@@ -215,15 +237,14 @@ def _subsample(x: Tensor) -> Tensor:
 
 
 def _factorized_reduce(
-    r: Tensor, r_sub: Tensor, S: int, m: int, frs: list[FactorizedReduce], training: bool
+    r: Tensor, r_sub: Tensor, S: int, frs: list[FactorizedReduce], training: bool
 ) -> Tensor:
     """Batched :class:`FactorizedReduce` of the ReLU'd partial channels ``r`` of ``S`` sources.
 
     Args:
         r: ``[B, S*c, H, W]``.
-        r_sub: ``_repeat(_subsample(r), S, m)``, what every edge's ``conv_1`` reads.
+        r_sub: ``_subsample(r)``, what every edge's ``conv_1`` reads.
         S: number of sources.
-        m: edges per source.
         frs: the edges' modules, in (source, target) order.
         training: BN mode.
 
@@ -231,11 +252,11 @@ def _factorized_reduce(
         ``[B, S*m*c, H', W']`` in edge order.
     """
     H, W = r.shape[2], r.shape[3]
-    E = S * m
+    E = len(frs)
     # conv_2 reads x[:, :, 1:, 1:], zero-padded to even size, at stride 2.
-    shifted = _repeat(_subsample(F.pad(r, (-1, W % 2, -1, H % 2))), S, m)
-    y1 = F.conv2d(r_sub, torch.cat([fr.conv_1.weight for fr in frs]), None, 1, 0, 1, E)
-    y2 = F.conv2d(shifted, torch.cat([fr.conv_2.weight for fr in frs]), None, 1, 0, 1, E)
+    shifted = _subsample(F.pad(r, (-1, W % 2, -1, H % 2)))
+    y1 = F.conv2d(r_sub, torch.cat([fr.conv_1.weight for fr in frs]), None, 1, 0, 1, S)
+    y2 = F.conv2d(shifted, torch.cat([fr.conv_2.weight for fr in frs]), None, 1, 0, 1, S)
     # Per edge cat([conv_1, conv_2]): channel order (e, half, ch).
     y = torch.cat([_nhwc(y1).unflatten(3, (E, 1, -1)), _nhwc(y2).unflatten(3, (E, 1, -1))], dim=4)
     return _batch_norm(_nchw(y.flatten(3)), [fr.bn for fr in frs], training)
@@ -265,24 +286,23 @@ def _group_forward(
     """
     S, m = len(group.sources), len(group.targets)
     c = xas[0].shape[1]
-    E = S * m
     ops = group.ops
     xa = xas[0] if S == 1 else torch.cat(xas, dim=1)  # (s, ch)
     r = F.relu(xa)
-    r_rep = _repeat(r, S, m)  # (s, t, ch): one block of c channels per edge
-    r_sub = _repeat(_subsample(r), S, m) if group.stride == 2 else None
+    r_sub = _subsample(r) if group.stride == 2 else None
 
-    # First stage of the sep convs and the dil convs: a dw conv per kind, one pw conv, one BN.
-    kinds = _SEP + _DIL
-    dw = [_depthwise(r_rep, [o[name][1] for o in ops], r_sub) for name in kinds]
-    z = _pointwise(torch.cat(dw, dim=1), [o[name][2] for name in kinds for o in ops])
-    t1 = _batch_norm(z, [o[name][3] for name in kinds for o in ops], training)
-    sep1, dil = t1.split(2 * E * c, dim=1)  # split, not slicing: see _subsample
-    # Second stage of the sep convs.
-    u = F.relu(sep1).split(E * c, dim=1)
-    dw2 = [_depthwise(u[i], [o[name][5] for o in ops]) for i, name in enumerate(_SEP)]
-    z2 = _pointwise(torch.cat(dw2, dim=1), [o[name][6] for name in _SEP for o in ops])
-    t2 = _batch_norm(z2, [o[name][7] for name in _SEP for o in ops], training)
+    # Every sep / dil conv kind: one grouped dw conv, one grouped pw conv, one BN for all edges.
+    outs = []
+    for name in _SEP + _DIL:
+        mods = [o[name] for o in ops]
+        y = _depthwise(r, [mod[1] for mod in mods], m, r_sub)  # (s, ch, t)
+        y = _pointwise(y, [mod[2] for mod in mods], m)  # (s, t, ch): one block per edge
+        y = _batch_norm(y, [mod[3] for mod in mods], training)
+        if name in _SEP:
+            y = _depthwise(F.relu(y), [mod[5] for mod in mods])
+            y = _pointwise(y, [mod[6] for mod in mods])
+            y = _batch_norm(y, [mod[7] for mod in mods], training)
+        outs.append(y)
 
     # Pools (+ BN): in training mode with batch statistics the output is the same on every edge
     # of a source, so it is computed once per source.
@@ -296,7 +316,7 @@ def _group_forward(
 
     # Rows of c channels: per-edge rows (kind, s, t) and per-source rows (kind, s), each weighted
     # by a column of coef = beta_e * w_eo.
-    edge_parts, edge_cols = [t2, dil], [PRIMITIVES.index(n) for n in kinds]
+    edge_parts, edge_cols = outs, [PRIMITIVES.index(n) for n in _SEP + _DIL]
     src_parts: list[Tensor] = []
     src_cols: list[int] = []
     pool_cols = [PRIMITIVES.index(n) for n in _POOL]
@@ -312,7 +332,7 @@ def _group_forward(
         src_cols.append(skip_col)
     else:
         frs = [o["skip_connect"] for o in ops]
-        edge_parts.append(_factorized_reduce(r, r_sub, S, m, frs, training))
+        edge_parts.append(_factorized_reduce(r, r_sub, S, frs, training))
         edge_cols.append(skip_col)
 
     coef = (w * beta[:, None]).view(S, m, -1)
@@ -322,10 +342,15 @@ def _group_forward(
     if src_parts:
         mats.append(coef[:, :, src_cols].permute(1, 2, 0).reshape(m, -1))  # [t, (kind, s)]
     mix = torch.cat(mats, dim=1)  # [m, N]
-    # A 1 x 1 conv over the rows with weight mix (x) I_c: one GEMM in channels-last layout.
+    # 1 x 1 convs over the rows with weight mix (x) I_c: GEMMs in channels-last layout, one per
+    # part (no concatenated copy of the rows).
     eye_c = torch.eye(c, dtype=coef.dtype, device=coef.device)
     weight = torch.einsum("tn,ab->tanb", mix, eye_c).reshape(m * c, -1, 1, 1)
-    a = F.conv2d(torch.cat(edge_parts + src_parts, dim=1), weight)  # [B, m*c, H', W']
+    parts = edge_parts + src_parts
+    a = None
+    for part, wp in zip(parts, weight.split([p.shape[1] for p in parts], dim=1)):
+        y = F.conv2d(part, wp)
+        a = y if a is None else a + y
     if xbs is None:
         return a, None
 
