@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -90,11 +91,13 @@ def resolve_config(args: argparse.Namespace) -> Config:
         path = local if local.is_file() else _ROOT / "configs" / "default.yaml"
     overrides = [*(SMOKE_OVERRIDES if args.smoke else ()), *args.overrides]
     cfg = load_config(path, overrides)
-    if args.smoke:
+    if args.smoke:  # a curve around the config's own eps; a run_dir of its own
         ev = cfg.evaluation
         cfg = dataclasses.replace(
             cfg, evaluation=dataclasses.replace(ev, eps_curve=(ev.eps / 2, ev.eps))
         )
+        if not any(o.startswith("run_dir=") for o in args.overrides):
+            cfg = dataclasses.replace(cfg, run_dir=cfg.run_dir.rstrip("/") + "-smoke")
     return cfg
 
 
@@ -376,6 +379,14 @@ class Pipeline:
                 _fmt(o["metrics"].get("final_log_lipschitz_upper"), 2),
                 o["search_run_id"] or "-", o.get("retrain_run_id") or "-",
             ))  # fmt: skip
+        if not retrained:  # --stages search: the selected trials
+            for i, key in enumerate(self.state.search.get("selected", []), 1):
+                o = outcomes[key]
+                rows.append((
+                    str(i), key, ",".join(f"{k}={v}" for k, v in o["overrides"].items()) or "-",
+                    (o["genotype_sha"] or "")[:12], "-", "-", "-", "-",
+                    o["search_run_id"] or "-", "-",
+                ))  # fmt: skip
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         errored = [o for o in outcomes.values() if o.get("error")]
@@ -495,8 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT["ok"]
     except KeyboardInterrupt:
         _close(pipe, "KILLED")
-        resume = " ".join(["python pipeline/run.py", *(sys.argv[1:] if argv is None else argv)])
-        print(f"\ninterrupted; continue with: {resume} --resume", file=sys.stderr)
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        resume = shlex.join(["python", "pipeline/run.py", *given, "--resume"])
+        print(f"\ninterrupted; continue with: {resume}", file=sys.stderr)
         return EXIT["interrupted"]
     except PipelineError as e:
         _close(pipe, "FAILED")

@@ -321,10 +321,14 @@ class ChildRun:
 
     @contextlib.contextmanager
     def failing_on_error(self) -> Iterator[ChildRun]:
-        """End the run FAILED (with the error as a tag) when the block raises, then re-raise."""
+        """End the run FAILED (with the error as a tag) when the block raises, then re-raise.
+
+        ``SystemExit`` / ``KeyboardInterrupt`` (Ray stopping the actor: ASHA, an interrupted
+        experiment) leave the run open; the driver closes it as FINISHED or KILLED.
+        """
         try:
             yield self
-        except BaseException as e:
+        except Exception as e:
             with contextlib.suppress(Exception):
                 self.set_tags({"rarn.error": f"{type(e).__name__}: {e}"[:4000]})
                 self.end("FAILED")

@@ -4,17 +4,24 @@ Computes exactly the function of :meth:`rarn.supernet.SearchCell.forward` (Eq. (
 Dong et al., TPAMI 2025, with PC-DARTS partial channels, Xu et al. 2020, arXiv:1907.05737), but
 instead of ~50 tiny ops per edge it processes all edges that leave the same input node at once:
 
-* every edge from source ``i`` reads the same partial-channel slice ``x_i[:, :C/K]``; the edges'
-  depthwise convs of one (kernel, dilation) kind become one grouped conv over the concatenated
-  weights, the pointwise convs of all kinds one grouped 1 x 1 conv, the BNs one ``F.batch_norm``
-  over the concatenated channels (sources ``s0`` and ``s1`` are batched together, they feed the
-  same nodes);
+* every edge from source ``i`` reads the same partial-channel slice ``x_i[:, :C/K]`` (sources
+  ``s0`` and ``s1`` feed the same nodes and are batched together); per (kernel, dilation) kind,
+  the edges' first depthwise convs become one conv with channel multiplier ``m`` (the number of
+  edges per source: no copy of the input per edge), their pointwise convs one grouped 1 x 1 conv,
+  their BNs one ``F.batch_norm`` over the concatenated channels, and so on for the second half
+  of the sep convs;
 * in training mode, pool -> BN(affine=False) gives the same output on every edge of a source
   (batch statistics of the same input), so it runs once per source; every edge's BN still
   receives the reference running-statistics update;
 * the mixing ``node_j = sum_e beta_e shuffle(cat(sum_o w_eo o(x_a), x_b))`` is linear, so it is
-  ``shuffle(cat(sum_e,o beta_e w_eo o(x_a), sum_e beta_e x_b))``: one small matmul per source
-  group for the mixed part, one for the bypass part, one channel shuffle per node.
+  ``shuffle(cat(sum_e,o beta_e w_eo o(x_a), sum_e beta_e x_b))``: per source group one 1 x 1
+  conv (a GEMM) per op kind for the mixed part, broadcast products for the bypass part, and one
+  channel shuffle per node.
+
+Everything runs in channels-last memory layout: oneDNN's depthwise convs and BN are several times
+faster there on CPU than in NCHW (on these 2-core machines). Sub-tensors are taken with ``split``
+and strided sub-sampling with a kernel-1 pool, never by slicing, so that gradients stay
+channels-last too (a mixed-layout gradient sends BN backward to a ~5x slower kernel).
 
 The parameters and buffers are read from the per-edge modules on every call (no second copy), so
 ``state_dict``, checkpoints and :mod:`rarn.lipschitz` see the same network. The plan (which
@@ -81,6 +88,8 @@ def _build_plan(cell: nn.Module) -> _Plan:
     index = {pair: e for e, pair in enumerate(endpoints)}
     # s0 and s1 feed the same nodes and have the same shape: one group; node i one group each.
     source_sets = [(0, 1)] + [(i,) for i in range(2, cell.nodes + 1)]
+    for edge in cell.edges:
+        _check_ops(dict(zip(PRIMITIVES, edge.ops)), edge.stride)
     groups = []
     for sources in source_sets:
         targets = tuple(range(max(2, sources[-1] + 1), cell.nodes + 2))
@@ -89,6 +98,22 @@ def _build_plan(cell: nn.Module) -> _Plan:
         ops = [dict(zip(PRIMITIVES, cell.edges[e].ops)) for e in edge_index]
         groups.append(_Group(sources, targets, edge_index, cell.edges[edge_index[0]].stride, ops))
     return _Plan(_plan_key(cell), groups, {})
+
+
+def _check_ops(ops: dict[str, nn.Module], stride: int) -> None:
+    """The module structure the fused forward reads (rarn.search_space, MixedOp)."""
+    ok = all(isinstance(ops[n], nn.Sequential) and len(ops[n]) == 8 for n in _SEP)
+    ok &= all(isinstance(ops[n], nn.Sequential) and len(ops[n]) == 4 for n in _DIL)
+    ok &= all(
+        isinstance(ops[n], nn.Sequential)
+        and isinstance(ops[n][0], (nn.MaxPool2d, nn.AvgPool2d))
+        and isinstance(ops[n][1], nn.BatchNorm2d)
+        for n in _POOL
+    )
+    skip = ops["skip_connect"]
+    ok &= isinstance(skip, nn.Identity) if stride == 1 else isinstance(skip, FactorizedReduce)
+    if not ok:
+        raise NotImplementedError("fused forward: unexpected op modules; use fused=False")
 
 
 def _plan_key(cell: nn.Module) -> tuple[int, ...]:
@@ -162,23 +187,22 @@ def _shared_batch_norm(x: Tensor, bns: list[nn.Module], repeats: int) -> Tensor:
     by ``repeats`` BNs per block, ``bns`` in (block, repeat) order; updates all their running
     statistics with the batch statistics of their block, as ``nn.BatchNorm2d`` does."""
     bn0 = bns[0]
-    y = F.batch_norm(x, None, None, None, None, True, 0.0, bn0.eps)
+    y, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, bn0.eps)
     if bn0.track_running_stats:
         if bn0.momentum is None:
             raise NotImplementedError("fused forward needs BatchNorm with a float momentum")
         with torch.no_grad():
             n = x.numel() // x.shape[1]
-            # nn.BatchNorm2d: running_var uses the unbiased batch variance.
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1 if n > 1 else 0)
+            # The kernel's biased variance, back from 1 / sqrt(var + eps); nn.BatchNorm2d's
+            # running_var takes the unbiased one.
+            var = (invstd.pow(-2) - bn0.eps).clamp_min_(0.0) * (n / max(n - 1, 1))
             c = bn0.num_features
             blocks = x.shape[1] // c
             mean = mean.view(blocks, 1, c).expand(-1, repeats, -1).reshape(-1)
             var = var.view(blocks, 1, c).expand(-1, repeats, -1).reshape(-1)
-            rm = torch.cat([bn.running_mean for bn in bns])
-            rv = torch.cat([bn.running_var for bn in bns])
             mom = bn0.momentum
-            rm = rm.mul_(1.0 - mom).add_(mean, alpha=mom)
-            rv = rv.mul_(1.0 - mom).add_(var, alpha=mom)
+            rm = torch.cat([bn.running_mean for bn in bns]).mul_(1.0 - mom).add_(mean, alpha=mom)
+            rv = torch.cat([bn.running_var for bn in bns]).mul_(1.0 - mom).add_(var, alpha=mom)
             torch._foreach_copy_([bn.running_mean for bn in bns], rm.split(c))
             torch._foreach_copy_([bn.running_var for bn in bns], rv.split(c))
             torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)

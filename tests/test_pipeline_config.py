@@ -137,7 +137,8 @@ def test_select_top_k_skips_errored_and_incomplete_trials():
     assert TrialOutcome.from_dict(outs[0].to_dict()) == outs[0]
 
 
-def test_params_allow_list_and_redaction(tmp_path):
+def test_params_allow_list_and_redaction(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(SMOKE, ["tracking.tracking_uri=http://user:s3cret@host:5000"])
     params = allowed_params(config_to_dict(cfg))
     assert "search.epochs" in params and "tune.param_space" in params
