@@ -57,6 +57,13 @@ def _starts(trial: Path) -> list[int]:
     return [json.loads(ln)["start_epoch"] for ln in lines]
 
 
+def _attempts(trial: Path) -> list[int]:
+    try:
+        return _starts(trial)
+    except (OSError, ValueError):
+        return []
+
+
 def _listening_addresses(pids: list[int]) -> set[str]:
     """Local addresses of the TCP sockets in LISTEN state that ``pids`` hold."""
     inodes = set()
@@ -101,7 +108,14 @@ def test_sigint_then_sigkill_then_resume(tmp_path, reaper):
     at_sigint = _epoch(t01)
     # 2. --resume, then SIGKILL once t01 has made progress: no state saved on the way out.
     p = _driver(tmp_path, "--resume")
-    _wait(lambda: _epoch(t01) > at_sigint, p, 240, "t01 progress after the first resume")
+    # A new attempt must have started (attempts.jsonl) and advanced: a late write of the
+    # interrupted attempt alone would otherwise satisfy the progress check.
+    _wait(
+        lambda: len(_attempts(t01)) >= 2 and _epoch(t01) > at_sigint,
+        p,
+        240,
+        "t01 progress after the first resume",
+    )
     assert _epoch(t01) < EPOCHS, "t01 finished too early for the test"
     reaper.track_tree(p.pid)  # the driver, its Ray processes and workers, by PID
     p.kill()
