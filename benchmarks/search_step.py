@@ -77,7 +77,7 @@ def _batch(shape: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.rand(B, 3, side, side, generator=g), torch.randint(0, 10, (B,), generator=g)
 
 
-def bench_weight_step(warmup: int, trials: int) -> dict:
+def bench_weight_step(warmup: int, trials: int, threads: int) -> dict:
     shape = WEIGHT_SHAPE
     torch.manual_seed(0)
     base = Supernet(C=shape["C"], layers=shape["layers"], k=shape["k"], fused=False)
@@ -110,7 +110,10 @@ def bench_weight_step(warmup: int, trials: int) -> dict:
         "cpu_speedup_fused_vs_reference": round(cpu_ips["fused"] / cpu_ips["reference"], 2),
         "published_pc_darts_images_per_s": PUBLISHED_PC_DARTS,
         "fused_vs_published": round(ips["fused"] / PUBLISHED_PC_DARTS, 2),
-        "goal_met": ips["fused"] >= GOAL_SPEEDUP * PUBLISHED_PC_DARTS
+        # The published figure is for 2 threads: the goal is only checked there.
+        "goal_met": None
+        if threads != 2
+        else ips["fused"] >= GOAL_SPEEDUP * PUBLISHED_PC_DARTS
         and ips["fused"] >= GOAL_SPEEDUP * ips["reference"],
     }
 
@@ -204,7 +207,7 @@ def main() -> None:
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
     }
     t0 = time.perf_counter()
-    result["weight_step"] = bench_weight_step(args.warmup, args.trials)
+    result["weight_step"] = bench_weight_step(args.warmup, args.trials, args.threads)
     if not args.skip_search:
         result["search_iteration"] = {
             name: bench_search(SEARCH_SHAPES[name], args.warmup, args.trials)
