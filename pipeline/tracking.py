@@ -46,6 +46,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from rarn.checkpoint import file_sha256
 from rarn.config import Config, TrackingConfig, config_to_dict, dump_config
 
 __all__ = [
@@ -147,15 +148,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"tracking server {redact_uri(uri)} is unreachable ({reason}); start it or set "
             "tracking.tracking_uri / MLFLOW_TRACKING_URI"
         ) from None
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dir_sha256(root: str | Path) -> str:
