@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rarn.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, eval_mode, get_attack
@@ -19,49 +18,9 @@ FAST = [a for a in ATTACKS if a != "autoattack"]  # autoattack has its own, smal
 EXTRA = {"square": {"steps": 100}}  # queries, not gradient steps
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is much faster than two on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _train_digits_net(seed: int = 0, epochs: int = 8):
-    """A small conv net on sklearn's 8x8 digits (1 channel, x in [0, 1]); ~97 % test accuracy."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)  # (1797, 1, 8, 8)
-    y = torch.tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 16, 10),
-    )
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(epochs):
-        order = torch.randperm(1300, generator=g)
-        for i in range(0, 1300, 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval(), x[1300:], y[1300:]
-
-
 @pytest.fixture(scope="module")
-def digits():
-    return _train_digits_net()
+def digits(digits_net_trainer):
+    return digits_net_trainer()
 
 
 def _run(name, model, x, y, seed=0, **kw):

@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import rarn.attacks as attacks
@@ -36,49 +35,9 @@ SMALL = {"eps": 0.1, "step_size": 0.025, "steps": 10}  # digits: 8x8 in [0, 1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread is much faster than two on a loaded 2-core machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _train_digits_net(seed: int = 0, epochs: int = 8):
-    """A small conv net on sklearn's 8x8 digits (1 channel, x in [0, 1]); ~97 % test accuracy."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)  # (1797, 1, 8, 8)
-    y = torch.tensor(digits.target)
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(y), generator=g)
-    x, y = x[perm], y[perm]
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(32 * 16, 10),
-    )
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(epochs):
-        order = torch.randperm(1300, generator=g)
-        for i in range(0, 1300, 64):
-            idx = order[i : i + 64]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return net.eval(), x[1300:], y[1300:]
-
-
 @pytest.fixture(scope="module")
-def digits():
-    model, x, y = _train_digits_net()
+def digits(digits_net_trainer):
+    model, x, y = digits_net_trainer()
     return model, x[:160], y[:160]
 
 
@@ -335,9 +294,9 @@ def test_accuracy_vs_eps_plot(result, tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
-def test_transfer_matrix(digits, tmp_path):
+def test_transfer_matrix(digits, digits_net_trainer, tmp_path):
     model, x, y = digits
-    other, _, _ = _train_digits_net(seed=1, epochs=4)
+    other, _, _ = digits_net_trainer(seed=1, epochs=4)
     table = transfer_matrix(
         {"a": model, "b": other}, (x[:96], y[:96]), **SMALL, generator=torch.Generator()
     )
