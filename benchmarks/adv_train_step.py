@@ -1,6 +1,6 @@
 """Throughput of adversarial-training steps relative to a clean step, RACL genotype network.
 
-Times full training steps through :func:`rarn.training.train_epoch` (step function, backward,
+Times full training steps through :func:`rarn.robust.loop.train_epoch` (step function, backward,
 clipping, SGD) for ``standard``, ``pgd`` (PGD-7, 8/255, 2/255), ``trades`` (7 KL steps, beta 6)
 and ``fast`` (Fast-AT) at two shapes and the same batch size, interleaving the methods within
 each trial so that machine-load drift hits them alike. Prints one JSON line: per method the
@@ -21,8 +21,9 @@ import time
 
 import torch
 
-from rarn.network import build_network, count_parameters
-from rarn.training import make_step, train_epoch
+from rarn.models.darts import build_network, count_parameters
+from rarn.robust.loop import train_epoch
+from rarn.robust.steps import make_step
 
 SHAPES = {
     "small": {"C": 8, "layers": 5, "side": 32, "batch": 32},

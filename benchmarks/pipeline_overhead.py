@@ -1,4 +1,5 @@
-"""What the Tune search stage costs on top of a bare ``rarn.search.run_search``, and its throughput.
+"""What the Tune search stage costs on top of a bare ``rarn.nas.search.run_search``, and its
+throughput.
 
 Runs the same small search (configs/default.yaml's search and constraint, shortened with
 ``--epochs`` / ``--steps``) once directly in this process and once as a one-trial Tune stage
@@ -42,7 +43,7 @@ from pipeline.search import SearchJob, build_tuner  # noqa: E402
 from pipeline.tracking import prepare_tracking  # noqa: E402
 from rarn.config import load_config  # noqa: E402
 from rarn.data import load_dataset  # noqa: E402
-from rarn.search import SearchData, run_search  # noqa: E402
+from rarn.nas.search import SearchData, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,12 +3,12 @@
 Weight step (forward + CE + backward + SGD step, no architecture update) of the PC-DARTS
 supernet at C=8, 5 cells, batch 32, 32x32x3, K=4 for the per-edge reference
 (``Supernet(fused=False)``), the reference in channels-last layout, and the fused forward
-(:mod:`rarn.fused`, the default). The published PC-DARTS code reaches about 36 images/s at this
+(:mod:`rarn.nas._fused`, the default). The published PC-DARTS code reaches about 36 images/s at this
 shape on these 2-core machines; the goal is at least twice that, with identical results
 (``tests/test_fused.py``).
 
 Search iteration (architecture step on a D_V batch + weight step on a D_T batch, both of the
-same size) of :class:`rarn.search.RACLSearch` with the fused supernet, at two shapes:
+same size) of :class:`rarn.nas.search.RACLSearch` with the fused supernet, at two shapes:
 
 * ``plain``: PC-DARTS-style, ``SearchConfig(sampling=False, grad_norm_weight=0)``,
   ``ConstraintConfig(enabled=False)``;
@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from rarn.config import ConstraintConfig, SearchConfig
-from rarn.search import RACLSearch
-from rarn.supernet import Supernet
+from rarn.nas.search import RACLSearch
+from rarn.nas.supernet import Supernet
 
 WEIGHT_SHAPE = {"C": 8, "layers": 5, "batch": 32, "side": 32, "k": 4}
 SEARCH_SHAPES = {

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from rarn.config import ConstraintConfig, DataConfig, SearchConfig
-from rarn.constraint import log_bound
 from rarn.data import as_tensors, load_dataset
-from rarn.search import RACLSearch, SearchData, run_search
+from rarn.nas.constraint import log_bound
+from rarn.nas.search import RACLSearch, SearchData, run_search
 
 VARIANTS = {
     # name: (bound, mixture, threshold)

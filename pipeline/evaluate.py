@@ -1,4 +1,4 @@
-"""Evaluation stage: the attack suite of :mod:`rarn.evaluation` on the held-out test split.
+"""Evaluation stage: the attack suite of :mod:`rarn.robust.evaluation` on the held-out test split.
 
 Every retrained model is loaded back from MLflow (its sha256 checked first), evaluated in a Ray
 task (several at once), and its results (Parquet table, accuracy-vs-eps plot, metrics and the
@@ -21,7 +21,7 @@ from pipeline.retrain import RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking, load_model_checked
 from rarn.config import EvaluationConfig, TuneConfig
 from rarn.data import as_tensors
-from rarn.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
+from rarn.robust.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
 
 __all__ = ["EvalOutcome", "evaluate_model", "run_evaluate_stage", "summary_metrics"]
 

@@ -8,7 +8,8 @@
 ``show`` prints the chain search trial -> genotype -> retraining run -> metrics from the tags
 the pipeline recorded (the genotype artifact is re-hashed on the way). ``evaluate`` downloads the
 model, checks its sha256 against the one recorded at log time, loads it and runs the attack suite
-of :mod:`rarn.evaluation` on the held-out test split of the data the model was trained on (the
+of :mod:`rarn.robust.evaluation` on the held-out test split of the data the model was trained on
+(the
 ``data`` section of the run's logged ``config.yaml``, or ``--config``).
 
 The tracking URI is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
@@ -72,7 +73,7 @@ def show(tracking: Tracking, ref: str) -> str:
                          f"({s.info.status})"))  # fmt: skip
         out.append(_line("", "  ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)))
         with tempfile.TemporaryDirectory() as d:
-            from rarn.genotype import Genotype
+            from rarn.nas.genotype import Genotype
 
             g = Genotype.from_json(
                 download_checked(tracking, search_id, "genotype.json", d).read_text()

@@ -2,7 +2,7 @@
 
 One ``TorchTrainer`` per genotype (DDP over ``tune.retrain_workers`` workers, gloo on CPU, NCCL
 on GPU), each launched from a zero-CPU Ray task so several genotypes train concurrently when the
-cluster has room. The worker loop is a thin adapter around :func:`rarn.training.run_retrain`
+cluster has room. The worker loop is a thin adapter around :func:`rarn.robust.retrain.run_retrain`
 with numbered Ray touch-points: data from the object store, resume from
 ``ray.train.get_checkpoint()`` (or the newer local commit), DDP through ``prepare_model`` and a
 per-rank data shard, a per-epoch ``ray.train.report`` with rank 0's checkpoint, and
@@ -30,8 +30,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.checkpoints import PROGRESS, TrialStore
 from pipeline.tracking import ChildRun, Tracking, allowed_params, log_model_checked
 from rarn.config import RetrainConfig, TuneConfig, config_to_dict
-from rarn.genotype import Genotype
-from rarn.training import run_retrain
+from rarn.nas.genotype import Genotype
+from rarn.robust.retrain import run_retrain
 
 __all__ = ["RetrainJob", "RetrainOutcome", "retrain_loop", "run_retrain_stage"]
 

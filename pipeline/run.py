@@ -104,10 +104,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
 def _validate(cfg: Config, stages: Sequence[str], resume: bool) -> None:
     """Everything checkable before anything is written (raises ConfigError)."""
     from pipeline.search import trial_points
-    from rarn.attacks import ATTACKS
     from rarn.data import DATASETS
-    from rarn.genotype import get_genotype
-    from rarn.training import SCHEDULES, STEPS
+    from rarn.nas.genotype import get_genotype
+    from rarn.robust.attacks import ATTACKS
+    from rarn.robust.loop import SCHEDULES
+    from rarn.robust.steps import STEPS
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages:
@@ -207,7 +208,7 @@ class Pipeline:
             load_genotypes,
             select_top_k,
         )
-        from rarn.search import SearchData
+        from rarn.nas.search import SearchData
 
         if self.state.search.get("done"):
             self.echo(f"[search] finished earlier: selected {self.state.search['selected']}")
@@ -251,7 +252,7 @@ class Pipeline:
     def retrain_jobs(self) -> list[Any]:
         from pipeline.retrain import RetrainJob
         from pipeline.search import TrialOutcome
-        from rarn.genotype import get_genotype
+        from rarn.nas.genotype import get_genotype
 
         common = {"cfg": self.cfg.retrain, "tracking": self.tracking, "run_dir": str(self.run_dir)}
         if self.cfg.retrain.genotype != "searched":

@@ -1,6 +1,6 @@
 """Search stage: N RACL searches in parallel on Ray Tune, then top-k selection.
 
-The trainable is a thin adapter around :func:`rarn.search.run_search`; its Ray touch-points are
+The trainable is a thin adapter around :func:`rarn.nas.search.run_search`; its Ray touch-points are
 numbered like Ray's own examples. Data reach the trials once through the object store
 (``tune.with_parameters``); every epoch reports metrics with a checkpoint (``tune.report``); a
 retried or restored trial resumes from ``tune.get_checkpoint()`` (or from its newer local commit
@@ -32,8 +32,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from pipeline.checkpoints import TrialStore
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
 from rarn.config import Config, ConfigError, TuneConfig, config_from_dict, config_to_dict
-from rarn.genotype import Genotype
-from rarn.search import SearchData, SearchResult, run_search
+from rarn.nas.genotype import Genotype
+from rarn.nas.search import SearchData, SearchResult, run_search
 
 __all__ = [
     "SearchJob",

@@ -11,10 +11,11 @@ dict, so a mismatch is reported by parameter name instead of half-loading a mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from torch import nn
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "atomic_path",
+    "atomic_write",
     "file_sha256",
     "load_checkpoint",
     "load_state_checked",
@@ -46,6 +49,40 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``.
+
+    The replacement is one ``os.replace`` (atomic on POSIX), so a reader sees the old file or the
+    new one, never a half-written one; when the block raises, the temporary file is removed and
+    ``path`` is untouched. The parent directory is created if needed.
+
+    Example::
+
+        with atomic_path("results.parquet") as tmp:
+            pq.write_table(table, tmp)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically; returns the path."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, str):
+            tmp.write_text(data, encoding="utf-8")
+        else:
+            tmp.write_bytes(data)
+    return Path(path)
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
@@ -62,15 +99,11 @@ def save_checkpoint(path: str | Path, checkpoint: Mapping[str, Any], *, kind: st
         The hex sha256 of the written file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": CHECKPOINT_FORMAT, "kind": kind, **checkpoint}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    digest = file_sha256(tmp)
-    os.replace(tmp, path)
-    side_tmp = _sidecar(tmp)
-    side_tmp.write_text(f"{digest}  {path.name}\n")
-    os.replace(side_tmp, _sidecar(path))
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+        digest = file_sha256(tmp)
+    atomic_write(_sidecar(path), f"{digest}  {path.name}\n")
     return digest
 
 

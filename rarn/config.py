@@ -105,7 +105,9 @@ class ConstraintConfig:
     bound: str = "node_mean"  # product | node_mean (see docs/constraint.md)
     mixture: str = "parametric"  # ops in the bound's mixture: all | no_none | parametric
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
-    threshold: str = "tracking"  # absolute | relative | tracking (rarn.constraint.ChanceConstraint)
+    threshold: str = (
+        "tracking"  # absolute | relative | tracking (rarn.nas.constraint.ChanceConstraint)
+    )
     kappa: float = 0.05  # relative: ln lambda_bar = mu_F0 - kappa * |mu_F0|
     log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
     rho: float = 1.0  # augmented-Lagrangian penalty
@@ -153,7 +155,7 @@ class EvaluationConfig:
     eps_curve: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255)
     batch_size: int = 256
     autoattack: bool = False
-    checks: bool = True  # gradient-masking checks (rarn.evaluation.run_masking_checks)
+    checks: bool = True  # gradient-masking checks (rarn.robust.evaluation.run_masking_checks)
     black_box_queries: int = 500  # query budget of the black-box (Square) check
     seed: int = 0
 

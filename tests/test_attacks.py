@@ -1,4 +1,5 @@
-"""Tests of rarn.attacks: every registered attack on a tiny conv net trained on sklearn digits."""
+"""Tests of rarn.robust.attacks: every registered attack on a tiny conv net trained on sklearn
+digits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from rarn.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, eval_mode, get_attack
+from rarn.robust.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, eval_mode, get_attack
 
 EPS = {"linf": 0.1, "l2": 1.0}  # digits are 8x8 in [0, 1]; 8/255 would be too small to matter
 NEEDS_TORCHATTACKS = {"autoattack", "pgd_torchattacks"}
@@ -207,5 +208,8 @@ def test_autoattack_small(digits):
 
 
 def test_rarn_imports_without_torchattacks():
-    code = "import sys, rarn.attacks, rarn.evaluation; assert 'torchattacks' not in sys.modules"
+    code = (
+        "import sys, rarn.robust.attacks, rarn.robust.evaluation; "
+        "assert 'torchattacks' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,14 +5,14 @@ import torch
 from scipy.stats import norm
 
 from rarn.config import ConstraintConfig, SearchConfig
-from rarn.constraint import (
+from rarn.nas.constraint import (
     ChanceConstraint,
     delta_moments,
     log_bound,
     monte_carlo_moments,
     satisfaction_probability,
 )
-from rarn.search import RACLSearch
+from rarn.nas.search import RACLSearch
 
 
 @pytest.fixture(scope="module")

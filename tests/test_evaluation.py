@@ -1,4 +1,5 @@
-"""Tests of rarn.evaluation: worst case, masking flags, results tables, transfer, bad input."""
+"""Tests of rarn.robust.evaluation: worst case, masking flags, results tables, transfer, bad
+input."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-import rarn.attacks as attacks
-from rarn.evaluation import (
+import rarn.robust.attacks as attacks
+from rarn.robust.evaluation import (
     MASKING_FLAGS,
     RESULTS_SCHEMA,
     TRANSFER_SCHEMA,

@@ -1,4 +1,5 @@
-"""The fused supernet forward (rarn.fused) computes the per-edge reference (SearchCell.forward).
+"""The fused supernet forward (rarn.nas._fused) computes the per-edge reference
+(SearchCell.forward).
 
 Both paths run on deep copies of one supernet in float64, so any difference beyond rounding is a
 bug: logits, every parameter gradient (weights and architecture), BN running statistics and
@@ -14,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rarn.fused import fused_cell_forward
-from rarn.supernet import Supernet
+from rarn.nas._fused import fused_cell_forward
+from rarn.nas.supernet import Supernet
 
 RTOL, ATOL = 1e-9, 1e-11  # float64: the two paths only sum in another order
 

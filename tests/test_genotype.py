@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from rarn.genotype import GENOTYPES, Genotype, derive_genotype, get_genotype, parametric_share
-from rarn.search_space import PRIMITIVES
+from rarn.nas.decode import derive_genotype
+from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype, parametric_share
+from rarn.nas.ops import PRIMITIVES
 
 
 @pytest.mark.parametrize("name", sorted(GENOTYPES))

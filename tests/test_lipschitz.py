@@ -5,8 +5,13 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp
 
-from rarn.lipschitz import LipschitzEstimator, avg_pool_lipschitz, log_lipschitz, power_iteration
-from rarn.search_space import PRIMITIVES, build_op
+from rarn.lipschitz.estimator import (
+    LipschitzEstimator,
+    avg_pool_lipschitz,
+    log_lipschitz,
+    power_iteration,
+)
+from rarn.nas.ops import PRIMITIVES, build_op
 
 
 def test_power_iteration_matches_matrix_norm():

@@ -1,4 +1,5 @@
-"""Tests for rarn.network / rarn.baselines: shapes, heads, drop-path, registry, Lipschitz bounds."""
+"""Tests for rarn.models.darts / rarn.models.baselines: shapes, heads, drop-path, registry,
+Lipschitz bounds."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rarn.baselines import BASELINES
-from rarn.genotype import GENOTYPES, Genotype
-from rarn.network import (
+from rarn.models.baselines import BASELINES
+from rarn.models.darts import (
     Network,
     build_network,
     count_parameters,
@@ -20,7 +20,8 @@ from rarn.network import (
     local_lipschitz,
     module_log_lipschitz,
 )
-from rarn.search_space import build_op
+from rarn.nas.genotype import GENOTYPES, Genotype
+from rarn.nas.ops import build_op
 
 SHAPES = [(1, 8), (3, 32)]  # (channels, side): digits and CIFAR
 

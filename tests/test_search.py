@@ -8,8 +8,8 @@ import torch
 
 from rarn.config import ConstraintConfig, DataConfig, SearchConfig, load_config
 from rarn.data import load_dataset
-from rarn.genotype import Genotype, parametric_share
-from rarn.search import RACLSearch, SearchData, SearchDiverged, run_search
+from rarn.nas.genotype import Genotype, parametric_share
+from rarn.nas.search import RACLSearch, SearchData, SearchDiverged, run_search
 
 # Tiny but complete: 3 cells (normal, reduction, reduction), 2 nodes per cell, a few steps.
 TINY = SearchConfig(

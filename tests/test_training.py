@@ -1,4 +1,4 @@
-"""Tests for rarn.training and rarn.checkpoint: steps, loop, evaluation, checkpoints, retraining."""
+"""Tests for rarn.robust (steps, loop, retrain) and rarn.checkpoint."""
 
 from __future__ import annotations
 
@@ -13,17 +13,10 @@ from torch import nn
 from rarn.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
 from rarn.config import DataConfig, RetrainConfig
 from rarn.data import DatasetBundle, TensorImageDataset, load_dataset, make_loader
-from rarn.network import build_network
-from rarn.training import (
-    STEPS,
-    StepOutput,
-    TrainingDiverged,
-    evaluate,
-    make_scheduler,
-    make_step,
-    run_retrain,
-    train_epoch,
-)
+from rarn.models.darts import build_network
+from rarn.robust.loop import TrainingDiverged, evaluate, make_scheduler, train_epoch
+from rarn.robust.retrain import run_retrain
+from rarn.robust.steps import STEPS, StepOutput, make_step
 
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared/data/cifar10_subset.npz"
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.search_space import FactorizedReduce, Zero
+from rarn.nas.ops import FactorizedReduce, Zero
 
 __all__ = [
     "LipschitzEstimator",

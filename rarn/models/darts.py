@@ -4,10 +4,10 @@
 ``NetworkCIFAR``/``NetworkImageNet``) that RACL (Dong et al., TPAMI 2025, spec §4) retrains with
 adversarial training: a stem, ``layers`` cells with reduction cells at 1/3 and 2/3 of the depth,
 an optional auxiliary head after the second reduction, drop-path on non-identity ops, global
-pooling and a linear classifier. Ops come from the one registry, :func:`rarn.search_space.build_op`.
+pooling and a linear classifier. Ops come from the one registry, :func:`rarn.nas.ops.build_op`.
 
 :func:`build_network` resolves a bundled genotype name, a genotype JSON path, a
-:class:`~rarn.genotype.Genotype` or a baseline name (:data:`rarn.baselines.BASELINES`).
+:class:`~rarn.nas.genotype.Genotype` or a baseline name (:data:`rarn.models.baselines.BASELINES`).
 
 Lipschitz (spec §2.1 Eq. 2-3, §2.3): :func:`lipschitz_upper_bound` is a *certified* l2 upper bound
 of the eval-mode logits map ``x -> F(x)``, composed exactly through the cell DAG (node: sum over its
@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.attacks import eval_mode
-from rarn.genotype import GENOTYPES, Genotype, get_genotype
-from rarn.lipschitz import bn_log_scale, depthwise_log_bound
-from rarn.search_space import FactorizedReduce, ReLUConvBN, Zero, build_op
+from rarn.lipschitz.estimator import bn_log_scale, depthwise_log_bound
+from rarn.models.common import eval_mode, logit_margin
+from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype
+from rarn.nas.ops import FactorizedReduce, ReLUConvBN, Zero, build_op
 
 __all__ = [
     "STEMS",
@@ -274,8 +274,9 @@ def build_network(
     """Build a genotype network or a human-designed baseline by name.
 
     Args:
-        name_or_genotype: a :data:`~rarn.genotype.GENOTYPES` key, a path to a genotype JSON
-            file, a :class:`~rarn.genotype.Genotype`, or a :data:`~rarn.baselines.BASELINES` key.
+        name_or_genotype: a :data:`~rarn.nas.genotype.GENOTYPES` key, a path to a genotype JSON
+            file, a :class:`~rarn.nas.genotype.Genotype`, or a
+            :data:`~rarn.models.baselines.BASELINES` key.
         num_classes: number of logits.
         in_channels: input image channels.
         C: initial channels of a genotype network (ignored by baselines).
@@ -291,7 +292,7 @@ def build_network(
     Raises:
         KeyError: an unknown name (the message lists genotypes and baselines).
     """
-    from rarn.baselines import BASELINES
+    from rarn.models.baselines import BASELINES
 
     if isinstance(name_or_genotype, str) and name_or_genotype in BASELINES:
         if auxiliary or drop_path > 0:
@@ -413,7 +414,7 @@ def _avg_pool_log_bound(m: nn.AvgPool2d) -> float:
     bound is the smaller of the matrix's spectral-norm bound and its Schur test
     ``sqrt(max row sum * max column sum)``; at ``n >= 4k + 4`` the border patterns only repeat
     (with period ``stride``), so the Schur test of sizes ``4k + 4 .. 4k + 3 + stride`` covers all
-    larger maps. For a 3 x 3 stride-1 pool this gives the ``7/6`` of :mod:`rarn.lipschitz`
+    larger maps. For a 3 x 3 stride-1 pool this gives the ``7/6`` of :mod:`rarn.lipschitz.estimator`
     (large maps), above the exact norms of small maps (at most 1.06 for 3 x 3).
     """
     (k, _), (p, _) = _pair(m.kernel_size), _pair(m.padding)
@@ -467,7 +468,7 @@ def _torchvision_bound(m: nn.Module) -> float | None:
 def module_log_lipschitz(m: nn.Module) -> float:
     """Certified log l2-Lipschitz bound of one module in eval mode.
 
-    Per-layer rules are those of :mod:`rarn.lipschitz` (BN scale from running statistics,
+    Per-layer rules are those of :mod:`rarn.lipschitz.estimator` (BN scale from running statistics,
     depthwise ``l1`` kernels, ``ceil(k/s)`` for max pools, Schur test for average pools,
     ``max(sigma_1, sigma_2)`` for FactorizedReduce), with two changes that make the bound
     certified: spectral norms are bounded from above (not estimated from below by power
@@ -478,7 +479,7 @@ def module_log_lipschitz(m: nn.Module) -> float:
     Raises:
         NotImplementedError: a layer with no rule, so nothing is silently left out.
     """
-    from rarn.baselines import WideBasicBlock, WideResNet
+    from rarn.models.baselines import WideBasicBlock, WideResNet
 
     if isinstance(m, Network):
         return _network_log_bound(m)
@@ -588,9 +589,7 @@ def local_lipschitz(model: nn.Module, x: Tensor, y: Tensor, *, objective: str = 
         if objective == "ce":
             f = F.cross_entropy(z, y, reduction="sum")
         else:
-            z_y = z.gather(1, y[:, None]).squeeze(1)
-            z_other = z.scatter(1, y[:, None], float("-inf")).amax(dim=1)
-            f = (z_y - z_other).sum()
+            f = -logit_margin(z, y).sum()
         # Eval mode: samples are independent, so the gradient of the sum is per-sample.
         (g,) = torch.autograd.grad(f, x)
     return float(g.flatten(1).norm(dim=1).max()) / math.sqrt(2.0)

@@ -1,8 +1,9 @@
-"""Discrete architectures: the frozen ``Genotype`` value type, decoding, and bundled genotypes.
+"""Discrete architectures: the frozen ``Genotype`` value type and the bundled (published) genotypes.
 
 A genotype lists, for the normal and the reduction cell, two ``(op, input)`` pairs per
 intermediate node (DARTS encoding: inputs 0 and 1 are the cell inputs c_{k-2}, c_{k-1}, input
-``i >= 2`` is node ``i``). :func:`derive_genotype` is the pure decoding rule of spec §2.8: best
+``i >= 2`` is node ``i``). :func:`rarn.nas.decode.derive_genotype` is the pure decoding rule of
+spec §2.8: best
 non-``none`` op per edge, top-2 incoming edges per node by ``op score x edge weight``.
 """
 
@@ -15,14 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
-from rarn.search_space import PARAMETRIC, PRIMITIVES
+from rarn.nas.ops import PARAMETRIC, PRIMITIVES
 
 __all__ = [
     "GENOTYPES",
     "Genotype",
-    "derive_genotype",
     "edge_endpoints",
     "get_genotype",
     "parametric_share",
@@ -101,63 +99,6 @@ def parametric_share(genotype: Genotype) -> float:
 def edge_endpoints(nodes: int) -> list[tuple[int, int]]:
     """``(input, node)`` for every supernet edge, in DARTS order (node 2's edges first)."""
     return [(i, j + 2) for j in range(nodes) for i in range(j + 2)]
-
-
-def _derive_cell(op_scores: Tensor, edge_weights: Tensor, nodes: int) -> list[tuple[str, int]]:
-    none = PRIMITIVES.index("none")
-    scores = op_scores.detach().double().clone()
-    scores[:, none] = float("-inf")
-    best_score, best_op = scores.max(dim=1)
-    strength = best_score.exp() * edge_weights.detach().double()
-    pairs: list[tuple[str, int]] = []
-    start = 0
-    for j in range(nodes):
-        n_in = j + 2
-        s = strength[start : start + n_in]
-        # Stable top-2 (ties broken towards the lower input index).
-        top = sorted(range(n_in), key=lambda i: (-float(s[i]), i))[:2]
-        for i in sorted(top):
-            pairs.append((PRIMITIVES[int(best_op[start + i])], i))
-        start += n_in
-    return pairs
-
-
-def derive_genotype(
-    normal_scores: Tensor,
-    normal_edges: Tensor,
-    reduce_scores: Tensor,
-    reduce_edges: Tensor,
-    nodes: int = 4,
-) -> Genotype:
-    """Decode per-op log-scores ``[E, n_ops]`` and edge weights ``[E]`` into a :class:`Genotype`.
-
-    Args:
-        normal_scores: log op scores of the normal cell, columns in ``PRIMITIVES`` order
-            (e.g. ``log_softmax`` of the eta-lower quantiles of the op distributions).
-        normal_edges: per-edge weights (e.g. PC-DARTS edge normalisation), positive.
-        reduce_scores, reduce_edges: the same for the reduction cell.
-        nodes: intermediate nodes per cell.
-
-    Returns:
-        The genotype: per node the two strongest incoming edges, each with its best non-``none``
-        op; the edge strength is ``exp(op score) * edge weight`` (PC-DARTS).
-    """
-    E = sum(j + 2 for j in range(nodes))
-    for name, t, shape in (
-        ("normal_scores", normal_scores, (E, len(PRIMITIVES))),
-        ("reduce_scores", reduce_scores, (E, len(PRIMITIVES))),
-        ("normal_edges", normal_edges, (E,)),
-        ("reduce_edges", reduce_edges, (E,)),
-    ):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")
-    concat = tuple(range(2, nodes + 2))
-    return Genotype(
-        normal=_derive_cell(normal_scores, normal_edges, nodes),
-        normal_concat=concat,
-        reduce=_derive_cell(reduce_scores, reduce_edges, nodes),
-        reduce_concat=concat,
-    )
 
 
 def _g(normal: Sequence[tuple[str, int]], reduce: Sequence[tuple[str, int]]) -> Genotype:

@@ -7,7 +7,7 @@ architecture parameters random: every op logit and edge logit ``z`` is ``N(mu, s
 ``alpha = exp(z)`` is log-normal; a forward pass uses ``softmax(z)`` of a reparameterised sample
 (``z = mu + sigma * eps``), or of ``mu`` (the median) in deterministic mode.
 
-The per-edge loop here (``fused=False``) is the readable reference; :mod:`rarn.fused` computes
+The per-edge loop here (``fused=False``) is the readable reference; :mod:`rarn.nas._fused` computes
 the same function with the ops that share an input batched together (``fused=True``).
 """
 
@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.genotype import edge_endpoints
-from rarn.search_space import (
+from rarn.nas.genotype import edge_endpoints
+from rarn.nas.ops import (
     PRIMITIVES,
     FactorizedReduce,
     ReLUConvBN,
@@ -257,7 +257,7 @@ class Supernet(nn.Module):
         for cell in self.cells:
             ow, ew = (w_r, b_r) if cell.reduction else (w_n, b_n)
             if self.fused:
-                from rarn.fused import fused_cell_forward
+                from rarn.nas._fused import fused_cell_forward
 
                 s0, s1 = s1, fused_cell_forward(cell, s0, s1, ow, ew)
             else:

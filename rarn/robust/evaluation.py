@@ -1,16 +1,17 @@
 """Robustness evaluation: per-attack and worst-case accuracy, gradient-masking checks, results.
 
 Implements the evaluation protocol of spec section 6.1: clean accuracy, robust accuracy under each
-attack of :mod:`rarn.attacks` (Eq. (1) of the spec), and the per-sample worst case over the suite
-in the manner of AutoAttack (Croce and Hein 2020, https://arxiv.org/abs/2003.01690): a boolean
-``robust`` mask, robust accuracy ``robust.float().mean()``. Robustness numbers are only worth
+attack of :mod:`rarn.robust.attacks` (Eq. (1) of the spec), and the per-sample worst case over
+the suite in the manner of AutoAttack (Croce and Hein 2020, https://arxiv.org/abs/2003.01690):
+a boolean ``robust`` mask, robust accuracy ``robust.float().mean()``. Robustness numbers are
+only worth
 something when the gradients are not masked (Athalye et al. 2018, https://arxiv.org/abs/1802.00420;
 Carlini et al. 2019, https://arxiv.org/abs/1902.06705), so every result carries the flags of six
 named checks: outputs that are probabilities, zero input gradients, randomised outputs, accuracy
 not decreasing with more PGD steps or with a larger eps, and a black-box attack (the Square-style
-random search :func:`rarn.attacks.square`) beating the white-box ones. Results are pyarrow tables
-with a fixed schema (:data:`RESULTS_SCHEMA`, :data:`TRANSFER_SCHEMA`), written as Parquet, with PNG
-plots of the accuracy-vs-eps curves and of source x target transfer matrices.
+random search :func:`rarn.robust.attacks.square`) beating the white-box ones. Results are pyarrow
+tables with a fixed schema (:data:`RESULTS_SCHEMA`, :data:`TRANSFER_SCHEMA`), written as Parquet,
+with PNG plots of the accuracy-vs-eps curves and of source x target transfer matrices.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
-from rarn.attacks import ATTACK_IMPL, ATTACK_NORM, eval_mode, get_attack, validate_attack_args
+from rarn.models.common import device_of, eval_mode
+from rarn.robust.attacks import ATTACK_IMPL, ATTACK_NORM, get_attack, validate_attack_args
 
 __all__ = [
     "MASKING_FLAGS",
@@ -254,7 +256,7 @@ def run_masking_checks(
 
     Steps: PGD with 1 vs ``steps`` steps. Eps: PGD at ``eps`` vs an unbounded-looking radius
     (0.5 L-inf; the same per pixel in L2), step size scaled with eps. Black box: the Square-style
-    :func:`rarn.attacks.square` with ``black_box_queries`` queries against ``white_box_acc``
+    :func:`rarn.robust.attacks.square` with ``black_box_queries`` queries against ``white_box_acc``
     (default: PGD's accuracy at ``eps``); L-inf only (``None`` for L2).
 
     Args:
@@ -352,12 +354,6 @@ def _batches(data: Data, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         yield batch[0], batch[1]
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _survives(
     model: nn.Module,
     name: str,
@@ -415,7 +411,7 @@ def evaluate_robustness(
     Args:
         model: classifier returning logits; its train/eval mode is restored afterwards.
         data: a loader of ``(x, y, ...)`` batches or one ``(x, y)`` pair; x in [0, 1], NCHW.
-        attacks: names from :data:`rarn.attacks.ATTACKS`, run in this order.
+        attacks: names from :data:`rarn.robust.attacks.ATTACKS`, run in this order.
         eps: threat-model radius shared by the suite.
         step_size: step size shared by the suite.
         steps: steps shared by the suite.
@@ -462,7 +458,7 @@ def evaluate_robustness(
         logger.warning("suite %s mixes L-inf and L2: the worst case is over their union", attacks)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else device_of(model)
 
     correct_all, alone_all, robust_all = [], {a: [] for a in attacks}, []
     curve_hits = {e: 0 for e in curve_eps}
@@ -546,7 +542,7 @@ def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Fi
 
 
 _COMMON = [
-    _f("attack", pa.string(), "attack name (rarn.attacks.ATTACKS), 'clean' or 'worst_case'"),
+    _f("attack", pa.string(), "attack name (rarn.robust.attacks.ATTACKS), 'clean' or 'worst_case'"),
     _f("norm", pa.string(), "threat model of eps: 'linf', 'l2', 'none' (clean) or 'mixed'"),
     _f("eps", pa.float64(), "radius of the threat model (0 for clean)"),
     _f("step_size", pa.float64(), "attack step size (0 for clean and worst_case)"),
@@ -690,10 +686,10 @@ def transfer_matrix(
     for xb, yb in _batches(data, batch_size):
         n += xb.shape[0]
         for s, src in models.items():
-            dev = _device_of(src)
+            dev = device_of(src)
             x_adv = fn(src, xb.to(dev), yb.to(dev), generator=generator, **p)
             for t, tgt in models.items():
-                dt = _device_of(tgt)
+                dt = device_of(tgt)
                 hits[s, t] += int((_predict(tgt, x_adv.to(dt)) == yb.to(dt)).sum())
     if n == 0:
         raise ValueError("no data: the loader yielded no points")

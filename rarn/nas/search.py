@@ -1,5 +1,5 @@
 """RACL bilevel search (spec §2.7, Algorithm 1): weight step on D_T, constrained architecture step
-on D_V, decoding to a :class:`~rarn.genotype.Genotype`.
+on D_V, decoding to a :class:`~rarn.nas.genotype.Genotype`.
 
 * Weight step (SGD, cosine lr, grad clipping): ``CE + gamma * E_x ||grad_x CE||_2`` on a fresh
   sample of the architecture; the gradient-norm term is exact (double backprop) or a finite
@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rarn.config import ConstraintConfig, SearchConfig
-from rarn.constraint import (
+from rarn.lipschitz.estimator import LipschitzEstimator
+from rarn.nas.constraint import (
     BOUNDS,
     ESTIMATORS,
     MIXTURES,
@@ -42,18 +43,16 @@ from rarn.constraint import (
     monte_carlo_moments,
     satisfaction_probability,
 )
-from rarn.genotype import Genotype, derive_genotype, parametric_share
-from rarn.lipschitz import LipschitzEstimator
-from rarn.supernet import ArchSample, Supernet, node_softmax
+from rarn.nas.decode import DECODERS, decode
+from rarn.nas.genotype import Genotype, parametric_share
+from rarn.nas.supernet import ArchSample, Supernet
 
 __all__ = [
-    "DECODERS",
     "RACLSearch",
     "SearchCallback",
     "SearchData",
     "SearchDiverged",
     "SearchResult",
-    "decode",
     "run_search",
 ]
 
@@ -106,72 +105,6 @@ class SearchResult:
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
-
-
-# ----------------------------------------------------------------------------------------------
-# Decoding (spec §2.8)
-
-
-def _quantile_scores(mu: ArchSample, sigma: ArchSample, z: float, nodes: int) -> tuple[Tensor, ...]:
-    q = ArchSample(*(m - z * s for m, s in zip(mu.as_tuple(), sigma.as_tuple())))
-    return (
-        torch.log_softmax(q.normal, -1),
-        node_softmax(q.normal_edges, nodes),
-        torch.log_softmax(q.reduce, -1),
-        node_softmax(q.reduce_edges, nodes),
-    )
-
-
-def decode(
-    model: Supernet,
-    mode: str = "quantile",
-    eta: float = 0.9,
-    samples: int = 100,
-    generator: torch.Generator | None = None,
-) -> Genotype:
-    """Decode the architecture distributions into a genotype.
-
-    Args:
-        model: the supernet.
-        mode: ``quantile`` (op score = eta-lower quantile ``mu - Phi^{-1}(eta) sigma``),
-            ``median`` (``mu``), or ``sample`` (majority vote per node over ``samples`` draws).
-        eta: confidence level of the quantile.
-        samples: draws for ``sample``.
-        generator: RNG for ``sample``.
-    """
-    from scipy.stats import norm
-
-    arch = model.arch
-    with torch.no_grad():
-        mu, sigma = arch.mu(), arch.sigma()
-        if mode in ("quantile", "median"):
-            z = float(norm.ppf(eta)) if mode == "quantile" else 0.0
-            n_s, n_e, r_s, r_e = _quantile_scores(mu, sigma, z, arch.nodes)
-            return derive_genotype(n_s, n_e, r_s, r_e, arch.nodes)
-        if mode != "sample":
-            raise KeyError(f"unknown decode mode {mode!r}; known: {', '.join(DECODERS)}")
-        draws = arch.sample(generator, n=samples)
-        votes: list[Counter] = [Counter() for _ in range(2 * arch.nodes)]
-        for s in range(samples):
-            one = ArchSample(*(t[s] for t in draws.as_tuple()))
-            g = derive_genotype(
-                torch.log_softmax(one.normal, -1),
-                node_softmax(one.normal_edges, arch.nodes),
-                torch.log_softmax(one.reduce, -1),
-                node_softmax(one.reduce_edges, arch.nodes),
-                arch.nodes,
-            )
-            for j in range(arch.nodes):
-                votes[j][g.normal[2 * j : 2 * j + 2]] += 1
-                votes[arch.nodes + j][g.reduce[2 * j : 2 * j + 2]] += 1
-        pick = [v.most_common(1)[0][0] for v in votes]
-        concat = tuple(range(2, arch.nodes + 2))
-        normal = tuple(p for node in pick[: arch.nodes] for p in node)
-        reduce = tuple(p for node in pick[arch.nodes :] for p in node)
-        return Genotype(normal, concat, reduce, concat)
-
-
-DECODERS = ("quantile", "median", "sample")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +331,7 @@ class RACLSearch:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": "rarn.search/1",
+            "format": "rarn.nas.search/1",
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "w_opt": self.w_opt.state_dict(),
@@ -411,7 +344,7 @@ class RACLSearch:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != "rarn.search/1":
+        if state.get("format") != "rarn.nas.search/1":
             raise ValueError(f"not a rarn search checkpoint (format={state.get('format')!r})")
         self.model.load_state_dict(state["model"])
         self.w_opt.load_state_dict(state["w_opt"])

@@ -31,8 +31,8 @@ import torch
 from scipy.stats import norm
 from torch import Tensor
 
-from rarn.search_space import PARAMETRIC, PRIMITIVES
-from rarn.supernet import ArchSample, node_log_softmax
+from rarn.nas.ops import PARAMETRIC, PRIMITIVES
+from rarn.nas.supernet import ArchSample, node_log_softmax
 
 __all__ = [
     "BOUNDS",

@@ -4,7 +4,7 @@
 order, which is also the column order of the architecture parameters (spec §2.2). The op modules
 follow DARTS (Liu et al. 2019, arXiv:1806.09055): every parametric op is ReLU -> conv(s) -> BN.
 Op modules are plain ``nn.Sequential`` compositions where possible so that
-:mod:`rarn.lipschitz` can bound them child by child.
+:mod:`rarn.lipschitz.estimator` can bound them child by child.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class FactorizedReduce(nn.Module):
     """ReLU -> two 1 x 1 stride-2 convs on pixel grids offset by one -> concat -> BN.
 
     The two convs read disjoint pixel sets, so the op's Lipschitz constant is
-    max(sigma(W1), sigma(W2)) times the BN scale (used by :mod:`rarn.lipschitz`).
+    max(sigma(W1), sigma(W2)) times the BN scale (used by :mod:`rarn.lipschitz.estimator`).
     """
 
     def __init__(self, C_in: int, C_out: int, affine: bool = True) -> None:

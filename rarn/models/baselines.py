@@ -8,7 +8,7 @@ no max pool; MobileNetV2 (Sandler et al. 2018) with a stride-1 first conv. Wide 
 in torchvision and are defined here. torchvision is imported only when a baseline is built.
 
 :data:`BASELINES` maps a name to a factory ``(num_classes, in_channels) -> nn.Module``;
-:func:`rarn.network.build_network` looks names up here.
+:func:`rarn.models.darts.build_network` looks names up here.
 """
 
 from __future__ import annotations

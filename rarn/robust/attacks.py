@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rarn.models.common import eval_mode, logit_margin
+
 __all__ = [
     "ATTACKS",
     "ATTACK_IMPL",
@@ -71,35 +73,6 @@ def _dist_version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not-installed"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and freeze its parameters for the duration of an attack.
-
-    Afterwards every submodule gets back its own ``training`` flag (not just the root's, so a
-    model with a deliberately frozen BatchNorm stays as it was) and every parameter its own
-    ``requires_grad``. Freezing parameters means the backward pass computes input gradients
-    only, which is what makes an attack step cheaper than a training step.
-
-    Args:
-        model: the module to switch.
-
-    Yields:
-        The same module, in eval mode.
-    """
-    modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in grads:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, requires_grad in grads:
-            p.requires_grad_(requires_grad)
 
 
 def _finite_positive(name: str, value: object) -> None:
@@ -208,10 +181,7 @@ def cw_margin_loss(logits: Tensor, y: Tensor, kappa: float = math.inf) -> Tensor
     Returns:
         Scalar loss; positive per-sample terms mean misclassified.
     """
-    onehot = F.one_hot(y, logits.shape[1]).bool()
-    z_y = logits.masked_select(onehot)  # (N,)
-    z_other = logits.masked_fill(onehot, -math.inf).amax(dim=1)  # (N,)
-    return (z_other - z_y).clamp(max=kappa).sum()
+    return logit_margin(logits, y).clamp(max=kappa).sum()
 
 
 def _input_grad(
@@ -526,11 +496,6 @@ def _square_p(p_init: float, it: int, n_iters: int) -> float:
     return p_init / 512
 
 
-def _margin(logits: Tensor, y: Tensor) -> Tensor:
-    onehot = F.one_hot(y, logits.shape[1]).bool()
-    return logits.masked_fill(onehot, -math.inf).amax(dim=1) - logits.masked_select(onehot)
-
-
 @_uniform_attack
 def square(
     model: nn.Module,
@@ -577,9 +542,9 @@ def square(
         return eps * (2 * (_rand(shape, x, generator) < 0.5).to(x.dtype) - 1)
 
     with torch.no_grad():
-        best, best_margin = x.clone(), _margin(model(x), y)
+        best, best_margin = x.clone(), logit_margin(model(x), y)
         cand = (x + signs((N, C, 1, W))).clamp(0, 1)  # vertical stripes
-        m = _margin(model(cand), y)
+        m = logit_margin(model(cand), y)
         better = m > best_margin
         best[better], best_margin[better] = cand[better], m[better]
         rows = torch.arange(H, device=x.device)
@@ -599,7 +564,7 @@ def square(
             xa = x[active]
             delta = torch.where(window, signs((n, C, 1, 1)), best[active] - xa)
             cand = (xa + delta).clamp(0, 1)
-            m = _margin(model(cand), y[active])
+            m = logit_margin(model(cand), y[active])
             better = m > best_margin[active]
             idx = active[better]
             best[idx], best_margin[idx] = cand[better], m[better]

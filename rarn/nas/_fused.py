@@ -1,6 +1,6 @@
 """Fused forward of a PC-DARTS search cell: the ops that share an input run as one batched op.
 
-Computes exactly the function of :meth:`rarn.supernet.SearchCell.forward` (Eq. (5) of RACL,
+Computes exactly the function of :meth:`rarn.nas.supernet.SearchCell.forward` (Eq. (5) of RACL,
 Dong et al., TPAMI 2025, with PC-DARTS partial channels, Xu et al. 2020, arXiv:1907.05737), but
 instead of ~50 tiny ops per edge it processes all edges that leave the same input node at once:
 
@@ -24,7 +24,8 @@ and strided sub-sampling with a kernel-1 pool, never by slicing, so that gradien
 channels-last too (a mixed-layout gradient sends BN backward to a ~5x slower kernel).
 
 The parameters and buffers are read from the per-edge modules on every call (no second copy), so
-``state_dict``, checkpoints and :mod:`rarn.lipschitz` see the same network. The plan (which
+``state_dict``, checkpoints and :mod:`rarn.lipschitz.estimator` see the same network. The plan
+(which
 modules to batch) is cached per cell and rebuilt when the cell's edge modules change.
 """
 
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.genotype import edge_endpoints
-from rarn.search_space import PRIMITIVES, FactorizedReduce
+from rarn.nas.genotype import edge_endpoints
+from rarn.nas.ops import PRIMITIVES, FactorizedReduce
 
 __all__ = ["fused_cell_forward"]
 
@@ -101,7 +102,7 @@ def _build_plan(cell: nn.Module) -> _Plan:
 
 
 def _check_ops(ops: dict[str, nn.Module], stride: int) -> None:
-    """The module structure the fused forward reads (rarn.search_space, MixedOp)."""
+    """The module structure the fused forward reads (rarn.nas.ops, MixedOp)."""
     ok = all(isinstance(ops[n], nn.Sequential) and len(ops[n]) == 8 for n in _SEP)
     ok &= all(isinstance(ops[n], nn.Sequential) and len(ops[n]) == 4 for n in _DIL)
     ok &= all(
@@ -408,7 +409,7 @@ def _shuffle_node(a: Tensor, b: Tensor | None, k: int) -> Tensor:
 def fused_cell_forward(
     cell: nn.Module, s0: Tensor, s1: Tensor, op_weights: Tensor, edge_weights: Tensor
 ) -> Tensor:
-    """The output of ``cell`` (a :class:`rarn.supernet.SearchCell`), computed with batched ops.
+    """The output of ``cell`` (a :class:`rarn.nas.supernet.SearchCell`), computed with batched ops.
 
     Same value, gradients and BN running-statistics updates as ``cell(s0, s1, op_weights,
     edge_weights)``, up to float rounding (the sums run in another order). Works in

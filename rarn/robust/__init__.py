@@ -1,0 +1,1 @@
+"""Adversarial robustness: attacks, adversarial training and retraining, and evaluation."""
