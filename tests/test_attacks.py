@@ -11,7 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from rarn.robust.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, eval_mode, get_attack
+from rarn.models.common import eval_mode
+from rarn.robust.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, AttackSpec, get_attack
+from rarn.robust.attacks.registry import attack_spec, register_attack
 
 EPS = {"linf": 0.1, "l2": 1.0}  # digits are 8x8 in [0, 1]; 8/255 would be too small to matter
 NEEDS_TORCHATTACKS = {"autoattack", "pgd_torchattacks"}
@@ -41,6 +43,20 @@ def test_registry_metadata_covers_every_attack():
     assert set(ATTACK_NORM) == set(ATTACKS) == set(ATTACK_IMPL)
     assert ATTACK_IMPL["pgd"][0] == "rarn"
     assert ATTACK_IMPL["autoattack"][0] == "torchattacks"
+
+
+def test_registry_is_one_record_per_attack():
+    spec = attack_spec("pgd_l2")
+    assert (spec.fn, spec.norm) == (ATTACKS["pgd_l2"], ATTACK_NORM["pgd_l2"])
+    assert (spec.implementation, spec.version) == ATTACK_IMPL["pgd_l2"]
+    assert not attack_spec("square").white_box and attack_spec("pgd").white_box
+    assert attack_spec("fgsm").effective_steps({"steps": 7}) == 1
+    assert attack_spec("autoattack").effective_steps({"steps": 7}) == 100
+    assert attack_spec("autoattack").effective_steps({"steps": 7, "n_iter": 5}) == 5
+    with pytest.raises(ValueError, match="already registered"):
+        register_attack(AttackSpec("pgd", spec.fn, "linf", implementation="x", version="0"))
+    with pytest.raises(TypeError):
+        ATTACKS["mine"] = spec.fn  # the views are read-only
 
 
 def test_unknown_attack_lists_known_names():

@@ -14,11 +14,13 @@ import torch
 from torch import nn
 
 import rarn.robust.attacks as attacks
+import rarn.robust.attacks.registry as attack_registry
 from rarn.robust.evaluation import (
     MASKING_FLAGS,
     RESULTS_SCHEMA,
     TRANSFER_SCHEMA,
     GradientMaskingWarning,
+    SuiteSettings,
     check_black_box,
     check_larger_eps,
     check_more_steps,
@@ -45,17 +47,20 @@ def digits(digits_net_trainer):
 @pytest.fixture(scope="module")
 def result(digits):
     model, x, y = digits
-    return evaluate_robustness(
-        model,
-        (x, y),
+    settings = SuiteSettings(
         attacks=SUITE,
         **SMALL,
-        generator=torch.Generator().manual_seed(0),
-        model_name="digits-cnn",
         eps_curve=(0.05, 0.1, 0.2),
         batch_size=64,
         check_n=128,
         black_box_queries=200,
+    )
+    return evaluate_robustness(
+        model,
+        (x, y),
+        settings,
+        generator=torch.Generator().manual_seed(0),
+        model_name="digits-cnn",
     )
 
 
@@ -89,18 +94,6 @@ class Masked(nn.Module):
         if self.kind == "reverse":
             return self.net(_ReverseGrad.apply(x))
         raise ValueError(self.kind)
-
-
-def _checks(model, x, y, match):
-    """Run the checks; assert a GradientMaskingWarning matching ``match`` (others are expected)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        flags = run_masking_checks(
-            model, x, y, **SMALL, generator=torch.Generator().manual_seed(0), black_box_queries=200
-        )
-    msgs = [str(w.message) for w in caught if issubclass(w.category, GradientMaskingWarning)]
-    assert any(re.search(match, m) for m in msgs), msgs
-    return flags
 
 
 # --- accuracy and worst case --------------------------------------------------------------------
@@ -142,10 +135,9 @@ def _spy_attack(calls):
 def test_later_attacks_run_only_on_survivors(digits, monkeypatch, per_attack):
     model, x, y = digits
     calls = {"first": [], "second": []}
-    for name in calls:
-        monkeypatch.setitem(attacks.ATTACKS, name, _spy_attack(calls[name]))
-        monkeypatch.setitem(attacks.ATTACK_NORM, name, "linf")
-        monkeypatch.setitem(attacks.ATTACK_IMPL, name, ("test", "0"))
+    for name in calls:  # the registry refuses duplicates; monkeypatch takes the spies out again
+        spy = attacks.AttackSpec(name, _spy_attack(calls[name]), "linf", "test", "0")
+        monkeypatch.setitem(attack_registry._REGISTRY, name, spy)
     r = evaluate_robustness(
         model,
         (x, y),
@@ -191,40 +183,34 @@ def test_loader_and_tensors_agree(digits):
 # --- masking flags: one model per flag -----------------------------------------------------------
 
 
-def test_flag_probability_outputs(digits):
+@pytest.mark.parametrize(
+    ("kind", "match", "flag"),
+    [
+        ("softmax", "probabilities", "probability_outputs"),
+        ("quantize", "exactly zero", "zero_gradients"),
+        ("noise", "randomised", "randomized_outputs"),
+        ("reverse", "more PGD steps", "steps_not_decreasing"),
+        ("reverse", "larger eps", "eps_not_decreasing"),
+        ("reverse", "black-box", "black_box_stronger"),
+    ],
+)
+def test_flag(digits, kind, match, flag):
+    """One masked model per flag: a GradientMaskingWarning matching ``match`` (others are
+    expected) and the flag itself."""
     model, x, y = digits
-    flags = _checks(Masked(model, "softmax"), x, y, match="probabilities")
-    assert flags["probability_outputs"]
-
-
-def test_flag_zero_gradients(digits):
-    model, x, y = digits
-    flags = _checks(Masked(model, "quantize"), x, y, match="exactly zero")
-    assert flags["zero_gradients"]
-
-
-def test_flag_randomized_outputs(digits):
-    model, x, y = digits
-    flags = _checks(Masked(model, "noise"), x, y, match="randomised")
-    assert flags["randomized_outputs"]
-
-
-def test_flag_steps_not_decreasing(digits):
-    model, x, y = digits
-    flags = _checks(Masked(model, "reverse"), x, y, match="more PGD steps")
-    assert flags["steps_not_decreasing"]
-
-
-def test_flag_eps_not_decreasing(digits):
-    model, x, y = digits
-    flags = _checks(Masked(model, "reverse"), x, y, match="larger eps")
-    assert flags["eps_not_decreasing"]
-
-
-def test_flag_black_box_stronger(digits):
-    model, x, y = digits
-    flags = _checks(Masked(model, "reverse"), x, y, match="black-box")
-    assert flags["black_box_stronger"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flags = run_masking_checks(
+            Masked(model, kind),
+            x,
+            y,
+            **SMALL,
+            generator=torch.Generator().manual_seed(0),
+            black_box_queries=200,
+        )
+    msgs = [str(w.message) for w in caught if issubclass(w.category, GradientMaskingWarning)]
+    assert any(re.search(match, m) for m in msgs), msgs
+    assert flags[flag]
 
 
 def test_flags_reach_the_results_table(digits):
@@ -331,6 +317,14 @@ def test_bad_parameters_raise_before_any_work(digits, kwargs, monkeypatch):
     with pytest.raises(ValueError):
         evaluate_robustness(model, (x, y), **{**SMALL, **kwargs})
     assert not called
+
+
+def test_settings_and_keyword_overrides(digits):
+    model, x, y = digits
+    s = SuiteSettings(attacks=["fgsm"], eps_curve=[0.2, 0.1], attack_kwargs=None)
+    assert s.attacks == ("fgsm",) and s.eps_curve == (0.2, 0.1) and s.attack_kwargs == {}
+    with pytest.raises(TypeError):
+        evaluate_robustness(model, (x, y), s, no_such_setting=1)
 
 
 def test_empty_data_raises(digits):

@@ -1,0 +1,60 @@
+"""The primitives every evaluation is built from: batches of data, and attacking survivors.
+
+Only points still classified correctly are attacked (a misclassified point is never robust), so
+each attack costs only what the earlier evidence has not settled (AutoAttack's ``robust_flags``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rarn.models.common import eval_mode
+from rarn.robust.attacks import get_attack, validate_attack_args
+
+Data = Iterable[Sequence[Tensor]] | tuple[Tensor, Tensor]
+"""A loader yielding ``(x, y, ...)`` batches, or one ``(x, y)`` pair of tensors."""
+
+
+def _batches(data: Data, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        x, y = data
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"x and y disagree on the number of points: {len(x)} vs {len(y)}")
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i : i + batch_size], y[i : i + batch_size]
+        return
+    for batch in data:
+        yield batch[0], batch[1]
+
+
+def _check_budget(eps: float, step_size: float, steps: int) -> None:
+    """The attack's own check of its budget, before any data is touched (ValueError)."""
+    dummy = torch.zeros(1, 1, 1, 1), torch.zeros(1, dtype=torch.long)
+    validate_attack_args(*dummy, eps=eps, step_size=step_size, steps=steps)
+
+
+def _predict(model: nn.Module, x: Tensor) -> Tensor:
+    with eval_mode(model), torch.no_grad():
+        return model(x).argmax(dim=1)
+
+
+def _survives(
+    model: nn.Module,
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    generator: torch.Generator,
+    params: Mapping[str, Any],
+) -> Tensor:
+    """Attack the points where ``mask`` holds; return where they are still classified right."""
+    out = mask.clone()
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel():
+        x_adv = get_attack(name)(model, x[idx], y[idx], generator=generator, **params)
+        out[idx] = _predict(model, x_adv) == y[idx]
+    return out

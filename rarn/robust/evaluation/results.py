@@ -1,0 +1,208 @@
+"""Results tables: the record of one evaluated model, its fixed-schema table, Parquet.
+
+Results are pyarrow tables with a fixed, documented schema (:data:`RESULTS_SCHEMA`: one row per
+model x attack x eps; :data:`TRANSFER_SCHEMA`: one row per source x target model pair), so that
+runs, MLflow artefacts and plots agree on what a column means. :func:`write_results` validates a
+table before it writes anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch import Tensor
+
+from rarn.checkpoint import atomic_path
+from rarn.robust.attacks import ATTACK_NORM, attack_spec
+from rarn.robust.evaluation.masking import MASKING_FLAGS
+
+__all__ = [
+    "RESULTS_SCHEMA",
+    "TRANSFER_SCHEMA",
+    "RobustnessResult",
+    "results_table",
+    "write_results",
+]
+
+
+def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": doc})
+
+
+_COMMON = [
+    _f("attack", pa.string(), "attack name (rarn.robust.attacks.ATTACKS), 'clean' or 'worst_case'"),
+    _f("norm", pa.string(), "threat model of eps: 'linf', 'l2', 'none' (clean) or 'mixed'"),
+    _f("eps", pa.float64(), "radius of the threat model (0 for clean)"),
+    _f("step_size", pa.float64(), "attack step size (0 for clean and worst_case)"),
+    _f("steps", pa.int64(), "attack iterations actually run (FGSM 1, AutoAttack n_iter)"),
+    _f("accuracy", pa.float64(), "fraction of the n points classified correctly"),
+    _f("n", pa.int64(), "number of evaluated points"),
+    _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
+    _f("impl_version", pa.string(), "version of that implementation"),
+    _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
+]
+RESULTS_SCHEMA = pa.schema(
+    [
+        _f("model", pa.string(), "model label"),
+        *_COMMON,
+        _f("suite", pa.string(), "attacks of the worst case, '+'-joined, in order"),
+        *(
+            _f(f"flag_{k}", pa.bool_(), f"masking check {k}; null: not run", True)
+            for k in MASKING_FLAGS
+        ),
+        _f("masking_suspected", pa.bool_(), "any flag raised; null: no check run", True),
+    ],
+    metadata={"rarn.schema": "robustness-results/1"},
+)
+"""One row per model x attack x eps (clean, each attack alone, worst case, curve points)."""
+
+TRANSFER_SCHEMA = pa.schema(
+    [
+        _f("source", pa.string(), "model the adversarial examples were crafted on"),
+        _f("target", pa.string(), "model evaluated on them (source == target: white-box)"),
+        *_COMMON,
+    ],
+    metadata={"rarn.schema": "transfer-matrix/1"},
+)
+"""One row per source x target model pair."""
+
+
+@dataclass(frozen=True, eq=False)
+class RobustnessResult:
+    """Outcome of :func:`rarn.robust.evaluation.evaluate_robustness` for one model.
+
+    Attributes:
+        model_name: label used in tables.
+        n: number of evaluated points.
+        clean_accuracy: accuracy on clean inputs.
+        robust_accuracy: attack -> robust accuracy of that attack alone (empty if not computed).
+        worst_case_accuracy: ``robust.float().mean()``.
+        robust: (n,) bool on CPU, True where every attack of the suite failed.
+        attacks: the suite, in order.
+        params: attack -> effective ``eps``, ``step_size``, ``steps`` (and extra kwargs).
+        main_attack: attack of the accuracy-vs-eps curve.
+        curve: eps -> robust accuracy of ``main_attack``.
+        flags: :data:`MASKING_FLAGS` -> bool, None where a check was not run.
+        seed: initial seed of the generator.
+    """
+
+    model_name: str
+    n: int
+    clean_accuracy: float
+    robust_accuracy: dict[str, float]
+    worst_case_accuracy: float
+    robust: Tensor
+    attacks: tuple[str, ...]
+    params: dict[str, dict[str, Any]]
+    main_attack: str
+    curve: dict[float, float] = field(default_factory=dict)
+    flags: dict[str, bool | None] = field(default_factory=dict)
+    seed: int | None = None
+
+    def to_table(self) -> pa.Table:
+        """Rows: clean, each attack alone, worst case, and the curve (schema RESULTS_SCHEMA)."""
+        return results_table([self])
+
+
+def _attack_row(name: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    spec = attack_spec(name)
+    return {
+        "attack": name,
+        "norm": spec.norm,
+        "eps": float(p["eps"]),
+        "step_size": float(p["step_size"]),
+        "steps": spec.effective_steps(p),
+        "implementation": spec.implementation,
+        "impl_version": spec.version,
+    }
+
+
+def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
+    """Stack results into one table with schema :data:`RESULTS_SCHEMA`.
+
+    Args:
+        results: evaluated models.
+
+    Returns:
+        The table (clean row, one row per attack alone, the worst case, the curve points).
+    """
+    rows = []
+    rarn = attack_spec("pgd")  # clean and worst-case rows are credited to rarn
+    for r in results:
+        suite = "+".join(r.attacks)
+        norms = {ATTACK_NORM[a] for a in r.attacks}
+        same = {r.params[a]["eps"] for a in r.attacks}
+        base = {
+            "model": r.model_name,
+            "n": r.n,
+            "seed": r.seed,
+            "suite": suite,
+            **{f"flag_{k}": r.flags.get(k) for k in MASKING_FLAGS},
+            "masking_suspected": any(bool(r.flags.get(k)) for k in MASKING_FLAGS)
+            if any(r.flags.get(k) is not None for k in MASKING_FLAGS)
+            else None,
+        }
+        clean = {"attack": "clean", "norm": "none", "eps": 0.0, "step_size": 0.0, "steps": 0}
+        rows.append({**base, **clean, "accuracy": r.clean_accuracy})
+        for a, acc in r.robust_accuracy.items():
+            rows.append({**base, **_attack_row(a, r.params[a]), "accuracy": acc})
+        worst = {
+            "attack": "worst_case",
+            "norm": norms.pop() if len(norms) == 1 else "mixed",
+            "eps": same.pop() if len(same) == 1 else math.nan,
+            "step_size": 0.0,
+            "steps": 0,
+        }
+        rows.append({**base, **worst, "accuracy": r.worst_case_accuracy})
+        main = r.params[r.main_attack]
+        for e, acc in r.curve.items():
+            if r.main_attack in r.robust_accuracy and math.isclose(e, main["eps"]):
+                continue  # already a row
+            p = {**main, "eps": e, "step_size": main["step_size"] * e / main["eps"]}
+            rows.append({**base, **_attack_row(r.main_attack, p), "accuracy": acc})
+    for row in rows:
+        row.setdefault("implementation", rarn.implementation)
+        row.setdefault("impl_version", rarn.version)
+    return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+def _checked(table: pa.Table) -> pa.Table:
+    for schema in (RESULTS_SCHEMA, TRANSFER_SCHEMA):
+        if table.schema.equals(schema, check_metadata=False):
+            break
+    else:
+        raise ValueError(
+            "table schema is neither RESULTS_SCHEMA nor TRANSFER_SCHEMA:\n" + str(table.schema)
+        )
+    if table.num_rows == 0:
+        raise ValueError("refusing to write an empty results table")
+    acc = table.column("accuracy").to_pylist()
+    if any(not (0.0 <= a <= 1.0) for a in acc):
+        raise ValueError(f"accuracies must lie in [0, 1], got {acc}")
+    return table.cast(schema)
+
+
+def write_results(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Validate ``table`` against its schema and write it as Parquet, atomically.
+
+    Args:
+        table: a table with :data:`RESULTS_SCHEMA` or :data:`TRANSFER_SCHEMA`.
+        path: destination ``.parquet`` file (parent folders are created).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: wrong schema, no rows or accuracies outside [0, 1]; nothing is written.
+    """
+    table, path = _checked(table), Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
