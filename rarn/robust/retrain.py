@@ -139,16 +139,8 @@ def _loaders(
     return train_loader, val_loader
 
 
-def _build(
-    cfg: RetrainConfig,
-    bundle: Any,
-    device: torch.device,
-    wrap_model: Callable[[nn.Module], nn.Module] | None,
-    shard: tuple[int, int],
-) -> tuple[_Setup, RetrainState]:
-    """Data, network, optimiser, schedule, step and the three seeded generators."""
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader, val_loader = _loaders(cfg, bundle, shard, loader_gen)
+def _network(cfg: RetrainConfig, bundle: Any, device: torch.device) -> nn.Module:
+    """The DARTS network of ``cfg.genotype``, initialised from ``cfg.seed``, on ``device``."""
     with _seeded_cpu_rng(cfg.seed):
         model = build_network(
             cfg.genotype,
@@ -161,9 +153,22 @@ def _build(
             image_size=bundle.image_size,
         )
     model.to(device)
-    channels_last = cfg.channels_last and device.type == "cuda"
-    if channels_last:
+    if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build(
+    cfg: RetrainConfig,
+    bundle: Any,
+    device: torch.device,
+    wrap_model: Callable[[nn.Module], nn.Module] | None,
+    shard: tuple[int, int],
+) -> tuple[_Setup, RetrainState]:
+    """Data, network, optimiser, schedule, step and the three seeded generators."""
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader, val_loader = _loaders(cfg, bundle, shard, loader_gen)
+    model = _network(cfg, bundle, device)
     train_model = wrap_model(model) if wrap_model is not None else model
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
@@ -177,14 +182,15 @@ def _build(
     if hasattr(model, "drop_path_generator"):
         model.drop_path_generator = generators["drop_path"]
     step_fn = make_step(cfg.method, **_step_kwargs(cfg, generators["attack"]))
+    channels_last = cfg.channels_last and device.type == "cuda"
     setup = _Setup(cfg, device, train_loader, val_loader, train_model, step_fn, channels_last)
     state = RetrainState(
-        model,
-        optimizer,
-        scheduler,
-        generators,
-        config_to_dict(cfg),
-        device,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generators=generators,
+        config=config_to_dict(cfg),
+        device=device,
         best_state=cpu_state(model),
     )
     return setup, state
