@@ -21,15 +21,6 @@ from rarn.robust.steps import STEPS, StepOutput, make_step
 SHARED_NPZ = Path(__file__).resolve().parents[2] / "shared/data/cifar10_subset.npz"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add contention on the shared 2-core machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digits() -> DatasetBundle:
     return load_dataset(DataConfig(name="digits", limit=160, test_limit=64))

@@ -1,5 +1,17 @@
-"""The epoch loop shared by search and retraining: one training epoch over any step function,
-clean and robust evaluation, the learning-rate schedules, divergence and observer hooks.
+"""The epoch loop shared by the search and retraining (STYLE.md principle 10: write it once).
+
+Both stages train a network one mini-batch at a time and differ only in the step (a training
+method from :mod:`rarn.robust.steps`, or the search's bilevel step), so what does not vary lives
+here, once:
+
+* :func:`train_epoch`: one pass of step, backward, clipping, optimizer and schedule.
+* :func:`evaluate`: clean and worst-case robust loss and accuracy, in eval mode.
+* :func:`make_scheduler`: the per-iteration learning-rate schedules (:data:`SCHEDULES`).
+* :class:`Diverged` and :func:`check_finite`: one divergence rule, so a NaN loss stops a run with
+  the epoch, step and quantity named, whichever stage it happens in (:class:`TrainingDiverged`
+  here; the search's own error can subclass :class:`Diverged` too).
+* :class:`EpochCallback` and :func:`notify`: observers after each epoch, which never modify it.
+* :func:`to_device` and :func:`check_nonempty`: batch placement and the empty-loader error.
 """
 
 from __future__ import annotations
@@ -8,7 +20,8 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from functools import partial
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,24 +33,66 @@ from rarn.robust.steps import StepFn
 
 __all__ = [
     "SCHEDULES",
+    "Diverged",
     "EpochCallback",
     "TrainingDiverged",
+    "check_finite",
+    "check_nonempty",
     "evaluate",
     "make_scheduler",
     "notify",
+    "to_device",
     "train_epoch",
 ]
 
 
-class TrainingDiverged(RuntimeError):
-    """The training loss became non-finite; names the epoch and step."""
+# ----------------------------------------------------------------------------------------------
+# Divergence and observers
 
-    def __init__(self, epoch: int, step: int, value: float) -> None:
-        super().__init__(f"training diverged at epoch {epoch}, step {step}: loss = {value}")
-        self.epoch, self.step, self.value = epoch, step, value
 
-    def __reduce__(self) -> tuple:  # picklable across processes (Ray workers, multiprocessing)
-        return type(self), (self.epoch, self.step, self.value)
+class Diverged(RuntimeError):
+    """A monitored quantity became non-finite; names the epoch, step and which quantity.
+
+    Subclasses set :attr:`stage` (the first word of the message). Instances survive pickling
+    (Ray workers and trials re-raise them in the driver): they are rebuilt from their fields by
+    keyword, so a subclass may reorder its positional arguments.
+    """
+
+    stage: ClassVar[str] = "run"
+
+    def __init__(self, epoch: int, step: int, what: str, value: float) -> None:
+        super().__init__(f"{self.stage} diverged at epoch {epoch}, step {step}: {what} = {value}")
+        self.epoch, self.step, self.what, self.value = epoch, step, what, value
+
+    def __reduce__(self) -> tuple:
+        fields = {"epoch": self.epoch, "step": self.step, "what": self.what, "value": self.value}
+        return partial(type(self), **fields), ()
+
+
+class TrainingDiverged(Diverged):
+    """The training loss became non-finite (``TrainingDiverged(epoch, step, value)``)."""
+
+    stage = "training"
+
+    def __init__(self, epoch: int, step: int, value: float, what: str = "loss") -> None:
+        super().__init__(epoch, step, what, value)
+
+
+def check_finite(
+    value: float,
+    *,
+    epoch: int,
+    step: int,
+    what: str = "loss",
+    error: type[Diverged] = TrainingDiverged,
+) -> None:
+    """Raise ``error`` (a :class:`Diverged`) when ``value`` is NaN or infinite.
+
+    The one divergence rule of every loop: a non-finite loss would otherwise poison the weights
+    silently and surface epochs later as a meaningless accuracy.
+    """
+    if not math.isfinite(value):
+        raise error(epoch=epoch, step=step, what=what, value=value)
 
 
 class EpochCallback(Protocol):
@@ -48,9 +103,14 @@ class EpochCallback(Protocol):
 
 
 def notify(callbacks: Sequence[Any], epoch: int, metrics: Mapping[str, float]) -> None:
+    """Call every observer: its ``on_epoch_end`` when it has one, else the observer itself."""
     for cb in callbacks:
         hook = getattr(cb, "on_epoch_end", None)
         (hook or cb)(epoch, metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -62,15 +122,26 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def to_device(
     x: Tensor, y: Tensor, device: torch.device, channels_last: bool
 ) -> tuple[Tensor, Tensor]:
+    """Move a batch to ``device``; channels-last inputs on CUDA only (a CPU no-op by design)."""
     x = x.to(device, non_blocking=True)
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True)
 
 
+def _no_batches(what: str) -> ValueError:
+    return ValueError(f"{what}: the loader yields no batches")
+
+
 def check_nonempty(loader: Iterable, what: str) -> None:
+    """Fail early, naming ``what``, on a sized loader without batches (an unsized one is
+    checked after its pass)."""
     if hasattr(loader, "__len__") and len(loader) == 0:  # type: ignore[arg-type]
-        raise ValueError(f"{what}: the loader yields no batches")
+        raise _no_batches(what)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
 
 
 def train_epoch(
@@ -91,7 +162,7 @@ def train_epoch(
     Args:
         model: the network; put in training mode here.
         loader: batches ``(x, y)``, x in [0, 1].
-        step_fn: ``(model, x, y) -> StepOutput`` (see :func:`make_step`).
+        step_fn: ``(model, x, y) -> StepOutput`` (see :func:`rarn.robust.steps.make_step`).
         optimizer: the weight optimizer.
         scheduler: stepped after every optimizer step (schedules count iterations).
         grad_clip: max global gradient norm (0: no clipping).
@@ -124,8 +195,7 @@ def train_epoch(
             out = step_fn(model, x, y)
         loss = out.loss.float()
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise TrainingDiverged(epoch, steps, value)
+        check_finite(value, epoch=epoch, step=steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
@@ -139,7 +209,7 @@ def train_epoch(
         n += B
         steps += 1
     if steps == 0:
-        raise ValueError("train_epoch: the loader yields no batches")
+        raise _no_batches("train_epoch")
     dt = time.perf_counter() - t0
     return {
         "loss": loss_sum / n,
@@ -151,6 +221,11 @@ def train_epoch(
         "time_s": dt,
         "images_per_s": n / dt if dt > 0 else float("inf"),
     }
+
+
+def _logits(model: nn.Module, x: Tensor, device: torch.device, bf16: bool) -> Tensor:
+    with torch.no_grad(), _autocast(device, bf16):
+        return model(x).float()
 
 
 def evaluate(
@@ -190,6 +265,7 @@ def evaluate(
     fn = get_attack(attack) if isinstance(attack, str) else attack
     if fn is not None and generator is None:
         generator = torch.Generator(device=device).manual_seed(0)
+    knobs = {"eps": eps, "step_size": step_size, "steps": steps, "generator": generator}
     loss_sum = correct = r_loss_sum = r_correct = 0.0
     n = batches = 0
     with eval_mode(model):
@@ -197,29 +273,28 @@ def evaluate(
             if max_batches and batches >= max_batches:
                 break
             x, y = to_device(x, y, device, False)
-            with torch.no_grad(), _autocast(device, bf16):
-                logits = model(x).float()
+            logits = _logits(model, x, device, bf16)
             ok = logits.argmax(dim=1) == y
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += float(ok.sum())
             if fn is not None:
                 with _autocast(device, bf16):
-                    x_adv = fn(
-                        model, x, y, eps=eps, step_size=step_size, steps=steps, generator=generator
-                    )
-                with torch.no_grad(), _autocast(device, bf16):
-                    adv = model(x_adv).float()
+                    x_adv = fn(model, x, y, **knobs)
+                adv = _logits(model, x_adv, device, bf16)
                 r_loss_sum += float(F.cross_entropy(adv, y, reduction="sum"))
                 r_correct += float((ok & (adv.argmax(dim=1) == y)).sum())
             n += y.shape[0]
             batches += 1
     if n == 0:
-        raise ValueError("evaluate: the loader yields no batches")
+        raise _no_batches("evaluate")
     out = {"loss": loss_sum / n, "acc": correct / n, "samples": float(n)}
     if fn is not None:
         out |= {"robust_loss": r_loss_sum / n, "robust_acc": r_correct / n}
     return out
 
+
+# ----------------------------------------------------------------------------------------------
+# Learning-rate schedules
 
 SCHEDULES: tuple[str, ...] = ("cosine", "step")
 

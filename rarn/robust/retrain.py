@@ -4,7 +4,14 @@
 clipping, optional bf16 autocast and channels-last on GPU, complete checkpoints with exact resume,
 and robust-overfitting-aware selection (Rice et al. 2020, arXiv:2002.11569): the returned weights
 are those with the best robust accuracy on a held-out validation split, and ``selected_by``
-records that rule and epoch. Steps: :mod:`rarn.robust.steps`; the loop: :mod:`rarn.robust.loop`.
+records that rule and epoch.
+
+It reads as its stages: :func:`_build` (split, shard, network, optimiser, schedule, generators),
+:meth:`RetrainState.load` (resume), :func:`_run_epoch` (train, validate, select),
+:meth:`RetrainState.save` (checkpoints) and :func:`_report` (the selected model and its Lipschitz
+report). What is fixed for the run is a :class:`_Setup`; what changes is the
+:class:`~rarn.robust.retrain_state.RetrainState`. Steps: :mod:`rarn.robust.steps`; the loop:
+:mod:`rarn.robust.loop`.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from rarn.checkpoint import CheckpointError, load_checkpoint, load_state_checked, save_checkpoint
+from rarn.checkpoint import load_state_checked
 from rarn.config import RetrainConfig, config_to_dict
 from rarn.models.darts import (
     build_network,
@@ -39,14 +46,12 @@ from rarn.robust.loop import (
     to_device,
     train_epoch,
 )
-from rarn.robust.steps import STEPS, make_step
+from rarn.robust.retrain_state import LAST, RetrainState, cpu_state
+from rarn.robust.steps import STEPS, StepFn, make_step
 
 __all__ = ["RetrainResult", "run_retrain"]
 
 log = logging.getLogger(__name__)
-
-LAST, BEST = "last.pt", "best.pt"
-_LAST_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng", "best", "history", "config")
 
 
 @dataclass
@@ -90,8 +95,21 @@ def _validate(cfg: RetrainConfig) -> None:
         raise ValueError(f"retrain.val_steps must be >= 1, got {cfg.val_steps}")
 
 
-def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+# ----------------------------------------------------------------------------------------------
+# Build
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What stays fixed for a run: config, device, loaders, the training model and step."""
+
+    cfg: RetrainConfig
+    device: torch.device
+    train_loader: Iterable[tuple[Tensor, Tensor]]
+    val_loader: Iterable[tuple[Tensor, Tensor]] | None  # None: no selection split
+    train_model: nn.Module  # the network, or its wrapper (DDP) for the training steps only
+    step_fn: StepFn
+    channels_last: bool
 
 
 @contextlib.contextmanager
@@ -100,6 +118,175 @@ def _seeded_cpu_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _loaders(
+    cfg: RetrainConfig, bundle: Any, shard: tuple[int, int], generator: torch.Generator
+) -> tuple[Iterable, Iterable | None]:
+    """Training loader (this rank's share) and the seeded held-out validation loader."""
+    from rarn.data import make_loader, search_split
+
+    if cfg.val_fraction > 0:  # the selection split (Rice et al. 2020)
+        train_set, val_set = search_split(bundle.train, 1.0 - cfg.val_fraction, cfg.seed)
+    else:
+        train_set, val_set = bundle.train, None
+    rank, world = shard
+    if world > 1:  # data parallel: disjoint, equal-size shares keep the ranks in lockstep
+        train_set = Subset(train_set, range(rank, len(train_set) // world * world, world))
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, generator=generator)
+    val_loader = None if val_set is None else make_loader(val_set, cfg.batch_size, shuffle=False)
+    check_nonempty(train_loader, "run_retrain")
+    return train_loader, val_loader
+
+
+def _network(cfg: RetrainConfig, bundle: Any, device: torch.device) -> nn.Module:
+    """The DARTS network of ``cfg.genotype``, initialised from ``cfg.seed``, on ``device``."""
+    with _seeded_cpu_rng(cfg.seed):
+        model = build_network(
+            cfg.genotype,
+            num_classes=bundle.num_classes,
+            in_channels=bundle.in_channels,
+            C=cfg.init_channels,
+            layers=cfg.layers,
+            auxiliary=cfg.auxiliary_weight > 0,
+            drop_path=cfg.drop_path,
+            image_size=bundle.image_size,
+        )
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build(
+    cfg: RetrainConfig,
+    bundle: Any,
+    device: torch.device,
+    wrap_model: Callable[[nn.Module], nn.Module] | None,
+    shard: tuple[int, int],
+) -> tuple[_Setup, RetrainState]:
+    """Data, network, optimiser, schedule, step and the three seeded generators."""
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader, val_loader = _loaders(cfg, bundle, shard, loader_gen)
+    model = _network(cfg, bundle, device)
+    train_model = wrap_model(model) if wrap_model is not None else model
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * len(train_loader), cfg.lr_min)
+    generators = {
+        "loader": loader_gen,
+        "attack": torch.Generator(device=device).manual_seed(cfg.seed + 1),
+        "drop_path": torch.Generator(device=device).manual_seed(cfg.seed + 2),
+    }
+    if hasattr(model, "drop_path_generator"):
+        model.drop_path_generator = generators["drop_path"]
+    step_fn = make_step(cfg.method, **_step_kwargs(cfg, generators["attack"]))
+    channels_last = cfg.channels_last and device.type == "cuda"
+    setup = _Setup(cfg, device, train_loader, val_loader, train_model, step_fn, channels_last)
+    state = RetrainState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        generators=generators,
+        config=config_to_dict(cfg),
+        device=device,
+        best_state=cpu_state(model),
+    )
+    return setup, state
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch
+
+
+def _val_metrics(setup: _Setup, model: nn.Module) -> dict[str, float]:
+    """Clean and robust loss and accuracy on the selection split."""
+    cfg = setup.cfg
+    # Same random starts every epoch, so epochs are compared on equal terms.
+    gen = torch.Generator(device=setup.device).manual_seed(cfg.seed + 3)
+    # Few-step selection attack: Madry's step rule 2.5 eps / steps still reaches the boundary.
+    step_size = 2.5 * cfg.eps / max(cfg.val_steps, 1)
+    va = evaluate(
+        model,
+        setup.val_loader,
+        attack="pgd",
+        eps=cfg.eps,
+        step_size=step_size,
+        steps=cfg.val_steps,
+        generator=gen,
+        bf16=cfg.bf16,
+    )
+    return {
+        "val_loss": va["loss"],
+        "val_acc": va["acc"],
+        "val_robust_acc": va["robust_acc"],
+        "val_robust_loss": va["robust_loss"],
+    }
+
+
+def _run_epoch(setup: _Setup, state: RetrainState, epoch: int) -> tuple[dict[str, float], bool]:
+    """Train one epoch, validate, offer it to the selection; returns (metrics, selected)."""
+    cfg, model = setup.cfg, state.model
+    if hasattr(model, "drop_path_prob"):  # DARTS: linear ramp from 0 to drop_path
+        model.drop_path_prob = cfg.drop_path * (epoch - 1) / cfg.epochs
+    t0 = time.perf_counter()
+    tr = train_epoch(
+        setup.train_model,
+        setup.train_loader,
+        setup.step_fn,
+        state.optimizer,
+        scheduler=state.scheduler,
+        grad_clip=cfg.grad_clip,
+        epoch=epoch,
+        bf16=cfg.bf16,
+        channels_last=setup.channels_last,
+    )
+    metrics = {f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc", "grad_norm")}
+    metrics |= {"lr": tr["lr"], "epoch": float(epoch)}
+    if setup.val_loader is not None:
+        metrics |= _val_metrics(setup, model)
+        score, rule = metrics["val_robust_acc"], "best_val_robust_acc"
+    else:
+        score, rule = float(epoch), "last"  # no validation split: keep the last epoch
+    metrics["epoch_time_s"] = time.perf_counter() - t0
+    return metrics, state.end_epoch(epoch, metrics, score, rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _report(setup: _Setup, state: RetrainState) -> RetrainResult:
+    """Load the selected weights; report parameters, the certified and a local Lipschitz bound."""
+    model, best = state.model, state.best
+    load_state_checked(model, {k: v.to(setup.device) for k, v in state.best_state.items()})
+    model.eval()
+    probe = next(iter(setup.val_loader if setup.val_loader is not None else setup.train_loader))
+    x, y = to_device(*probe, setup.device, False)
+    final = {
+        "params": float(count_parameters(model)),
+        "best_epoch": float(best.epoch),
+        "log_lipschitz_upper": lipschitz_upper_bound(model),
+        "local_lipschitz": local_lipschitz(model, x, y),
+    }
+    row = next((h for h in state.history if int(h["epoch"]) == best.epoch), {})
+    final |= {k: v for k, v in row.items() if k.startswith("val_")}
+    return RetrainResult(
+        model=model,
+        best_state=state.best_state,
+        best_epoch=best.epoch,
+        best_metric=best.metric,
+        selected_by=best.selected_by,
+        history=state.history,
+        final=final,
+    )
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def run_retrain(
@@ -139,167 +326,16 @@ def run_retrain(
     Raises:
         TrainingDiverged: a non-finite loss. CheckpointError: an unusable checkpoint.
     """
-    from rarn.data import make_loader, search_split
-
     _validate(cfg)
-    dev = (
-        torch.device(device)
-        if device is not None
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
-    on_gpu = dev.type == "cuda"
-    # -- data: a seeded held-out validation split for the selection rule (Rice et al. 2020)
-    if cfg.val_fraction > 0:
-        train_set, val_set = search_split(data_bundle.train, 1.0 - cfg.val_fraction, cfg.seed)
-    else:
-        train_set, val_set = data_bundle.train, None
-    rank, world = shard
-    if world > 1:  # data parallel: disjoint, equal-size shares keep the ranks in lockstep
-        train_set = Subset(train_set, range(rank, len(train_set) // world * world, world))
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, generator=loader_gen)
-    val_loader = None if val_set is None else make_loader(val_set, cfg.batch_size, shuffle=False)
-    check_nonempty(train_loader, "run_retrain")
-    # -- model, optimiser, schedule
-    with _seeded_cpu_rng(cfg.seed):
-        model = build_network(
-            cfg.genotype,
-            num_classes=data_bundle.num_classes,
-            in_channels=data_bundle.in_channels,
-            C=cfg.init_channels,
-            layers=cfg.layers,
-            auxiliary=cfg.auxiliary_weight > 0,
-            drop_path=cfg.drop_path,
-            image_size=data_bundle.image_size,
-        )
-    model.to(dev)
-    channels_last = cfg.channels_last and on_gpu
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    train_model = wrap_model(model) if wrap_model is not None else model
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
-    scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * len(train_loader), cfg.lr_min)
-    attack_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
-    drop_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
-    generators = {"loader": loader_gen, "attack": attack_gen, "drop_path": drop_gen}
-    if hasattr(model, "drop_path_generator"):
-        model.drop_path_generator = drop_gen
-    step_fn = make_step(cfg.method, **_step_kwargs(cfg, attack_gen))
-    # Few-step selection attack: Madry's step rule 2.5 eps / steps still reaches the boundary.
-    val_step_size = 2.5 * cfg.eps / max(cfg.val_steps, 1)
-    cfg_dict = config_to_dict(cfg)
-    # -- state, possibly resumed
-    start, history = 0, []
-    best = {"metric": float("-inf"), "epoch": 0, "selected_by": ""}
-    best_state = _cpu_state(model)
+    setup, state = _build(cfg, data_bundle, _pick_device(device), wrap_model, shard)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None and (ckpt_dir / LAST).exists():
-        ck = load_checkpoint(ckpt_dir / LAST, kind="retrain", required=_LAST_KEYS)
-        if ck["config"] != cfg_dict:
-            diff = sorted(k for k in cfg_dict if ck["config"].get(k) != cfg_dict[k])
-            raise CheckpointError(f"{ckpt_dir / LAST}: written with a different config ({diff})")
-        load_state_checked(model, ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        if on_gpu and "cuda" in ck["rng"]:
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
-        for name, g in generators.items():
-            g.set_state(ck["rng"]["generators"][name])
-        start, history, best = int(ck["epoch"]), list(ck["history"]), dict(ck["best"])
-        if best["epoch"] > 0:
-            bk = load_checkpoint(ckpt_dir / BEST, kind="best_model", required=("model", "best"))
-            best_state = dict(bk["model"])
-        log.info("resumed retraining from %s after epoch %d", ckpt_dir, start)
-    # -- epochs
-    for epoch in range(start + 1, cfg.epochs + 1):
-        if hasattr(model, "drop_path_prob"):  # DARTS: linear ramp from 0 to drop_path
-            model.drop_path_prob = cfg.drop_path * (epoch - 1) / cfg.epochs
-        t0 = time.perf_counter()
-        tr = train_epoch(
-            train_model,
-            train_loader,
-            step_fn,
-            optimizer,
-            scheduler=scheduler,
-            grad_clip=cfg.grad_clip,
-            epoch=epoch,
-            bf16=cfg.bf16,
-            channels_last=channels_last,
-        )
-        metrics = {f"train_{k}": v for k, v in tr.items() if k in ("loss", "acc", "grad_norm")}
-        metrics |= {"lr": tr["lr"], "epoch": float(epoch)}
-        if val_loader is not None:
-            # Same random starts every epoch, so epochs are compared on equal terms.
-            val_gen = torch.Generator(device=dev).manual_seed(cfg.seed + 3)
-            va = evaluate(
-                model,
-                val_loader,
-                attack="pgd",
-                eps=cfg.eps,
-                step_size=val_step_size,
-                steps=cfg.val_steps,
-                generator=val_gen,
-                bf16=cfg.bf16,
-            )
-            metrics |= {"val_loss": va["loss"], "val_acc": va["acc"]}
-            metrics |= {"val_robust_acc": va["robust_acc"], "val_robust_loss": va["robust_loss"]}
-            score, rule = va["robust_acc"], "best_val_robust_acc"
-        else:
-            score, rule = float(epoch), "last"  # no validation split: keep the last epoch
-        metrics["epoch_time_s"] = time.perf_counter() - t0
-        history.append(metrics)
-        improved = score > best["metric"]
-        if improved:
-            best = {"metric": float(score), "epoch": epoch, "selected_by": f"{rule}@epoch {epoch}"}
-            best_state = _cpu_state(model)
+        state.load(ckpt_dir)
+        log.info("resumed retraining from %s after epoch %d", ckpt_dir, state.epoch)
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        metrics, selected = _run_epoch(setup, state, epoch)
         if ckpt_dir is not None:
-            if improved:
-                save_checkpoint(
-                    ckpt_dir / BEST,
-                    {"epoch": epoch, "model": best_state, "best": best},
-                    kind="best_model",
-                )
-            rng = {
-                "torch": torch.get_rng_state(),
-                "generators": {k: g.get_state() for k, g in generators.items()},
-            }
-            if on_gpu:
-                rng["cuda"] = torch.cuda.get_rng_state(dev)
-            state = {
-                "epoch": epoch,
-                "model": _cpu_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": rng,
-                "best": best,
-                "history": history,
-                "config": cfg_dict,
-            }
-            save_checkpoint(ckpt_dir / LAST, state, kind="retrain")
+            state.save(ckpt_dir, best_changed=selected)
         log.info("retrain epoch %d/%d %s", epoch, cfg.epochs, metrics)
         notify(callbacks, epoch, metrics)
-    # -- the selected model and its Lipschitz report
-    load_state_checked(model, {k: v.to(dev) for k, v in best_state.items()})
-    model.eval()
-    probe = next(iter(val_loader if val_loader is not None else train_loader))
-    x, y = to_device(*probe, dev, False)
-    final = {
-        "params": float(count_parameters(model)),
-        "best_epoch": float(best["epoch"]),
-        "log_lipschitz_upper": lipschitz_upper_bound(model),
-        "local_lipschitz": local_lipschitz(model, x, y),
-    }
-    row = next((h for h in history if int(h["epoch"]) == best["epoch"]), {})
-    final |= {k: v for k, v in row.items() if k.startswith("val_")}
-    return RetrainResult(
-        model=model,
-        best_state=best_state,
-        best_epoch=int(best["epoch"]),
-        best_metric=float(best["metric"]),
-        selected_by=str(best["selected_by"]),
-        history=history,
-        final=final,
-    )
+    return _report(setup, state)

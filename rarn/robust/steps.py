@@ -76,17 +76,11 @@ def standard_step(
 
 
 def pgd_step(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float = 8 / 255,
-    step_size: float = 2 / 255,
-    steps: int = 7,
-    generator: torch.Generator | None = None,
-    attack: str | AttackFn = "pgd",
+    model: nn.Module, x: Tensor, y: Tensor, *,
+    eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 7,
+    generator: torch.Generator | None = None, attack: str | AttackFn = "pgd",
     auxiliary_weight: float = 0.0,
-) -> StepOutput:
+) -> StepOutput:  # fmt: skip
     """Madry PGD-AT: cross-entropy on PGD-``steps`` examples from the attack registry.
 
     Args:
@@ -109,31 +103,18 @@ def pgd_step(
 
 
 def fast_step(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float = 8 / 255,
-    step_size: float | None = None,
-    generator: torch.Generator | None = None,
-    auxiliary_weight: float = 0.0,
-) -> StepOutput:
+    model: nn.Module, x: Tensor, y: Tensor, *,
+    eps: float = 8 / 255, step_size: float | None = None,
+    generator: torch.Generator | None = None, auxiliary_weight: float = 0.0,
+) -> StepOutput:  # fmt: skip
     """Fast-AT (Wong et al. 2020): one FGSM step of ``1.25 eps`` from a uniform random start.
 
     This is exactly one PGD step with a random start, so it reuses the registry's ``pgd``.
     ``step_size`` overrides the ``1.25 eps`` step.
     """
     alpha = 1.25 * eps if step_size is None else step_size
-    return pgd_step(
-        model,
-        x,
-        y,
-        eps=eps,
-        step_size=alpha,
-        steps=1,
-        generator=generator,
-        auxiliary_weight=auxiliary_weight,
-    )
+    knobs = {"eps": eps, "step_size": alpha, "steps": 1, "generator": generator}
+    return pgd_step(model, x, y, auxiliary_weight=auxiliary_weight, **knobs)
 
 
 def _trades_adversary(
@@ -163,17 +144,10 @@ def _trades_adversary(
 
 
 def trades_step(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    eps: float = 8 / 255,
-    step_size: float = 2 / 255,
-    steps: int = 7,
-    beta: float = 6.0,
-    generator: torch.Generator | None = None,
-    auxiliary_weight: float = 0.0,
-) -> StepOutput:
+    model: nn.Module, x: Tensor, y: Tensor, *,
+    eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 7, beta: float = 6.0,
+    generator: torch.Generator | None = None, auxiliary_weight: float = 0.0,
+) -> StepOutput:  # fmt: skip
     """TRADES: ``CE(F(x), y) + beta * KL(F(x) || F(x_adv))`` (batch mean), KL inner max.
 
     Returns:
