@@ -5,11 +5,15 @@ import torch
 from torch import nn
 from torch.func import jvp, vjp
 
-from rarn.lipschitz.estimator import (
-    LipschitzEstimator,
+from rarn.lipschitz.certify import module_log_lipschitz
+from rarn.lipschitz.estimator import LipschitzEstimator, log_lipschitz, power_iteration
+from rarn.lipschitz.rules import (
+    RULES,
+    Rule,
+    Term,
     avg_pool_lipschitz,
-    log_lipschitz,
-    power_iteration,
+    certified_log_bound,
+    rule_for,
 )
 from rarn.nas.ops import PRIMITIVES, build_op
 
@@ -95,3 +99,39 @@ def test_none_is_minus_infinity_and_bn_matters():
     op = build_op("sep_conv_3x3", 4, 1, affine=False)
     _warm_bn(op, 4, 8)
     assert log_lipschitz(op, include_bn=True) != log_lipschitz(op, include_bn=False)
+
+
+class _Double(nn.Module):
+    """A layer the table does not know: ``x -> 2x``."""
+
+    def forward(self, x):
+        return 2 * x
+
+
+def test_estimator_and_certifier_read_one_rule_table(monkeypatch):
+    chain = nn.Sequential(nn.ReLU(), _Double(), nn.Identity())
+    with pytest.raises(NotImplementedError, match="_Double"):
+        log_lipschitz(chain)
+    with pytest.raises(NotImplementedError, match="_Double"):
+        module_log_lipschitz(chain)
+    # One new row teaches both the search-time estimate and the certified bound.
+    log2 = math.log(2.0)
+    rule = Rule(lambda m, _: [Term("const", value=log2)], lambda m, _: log2)
+    monkeypatch.setitem(RULES, _Double, rule)
+    assert log_lipschitz(chain) == pytest.approx(log2)
+    assert module_log_lipschitz(chain) == log2
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_certified_op_bound_is_the_rule_tables(name, stride):
+    torch.manual_seed(0)
+    op = build_op(name, 4, stride, affine=True)
+    _warm_bn(op, 4, 8)
+    bound = module_log_lipschitz(op)
+    assert bound == certified_log_bound(op)
+    assert bound == rule_for(op).certified(op, certified_log_bound)
+    if name in ("none", "max_pool_3x3") or (name, stride) == ("skip_connect", 1):
+        # No weights and no map-size dependence: both faces give the same number (the estimator
+        # returns float32).
+        assert log_lipschitz(op) == pytest.approx(bound, rel=1e-7)

@@ -10,29 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz, module_log_lipschitz
 from rarn.models.baselines import BASELINES
-from rarn.models.darts import (
-    Network,
-    build_network,
-    count_parameters,
-    drop_path,
-    lipschitz_upper_bound,
-    local_lipschitz,
-    module_log_lipschitz,
-)
+from rarn.models.darts import Network, build_network, count_parameters, drop_path
 from rarn.nas.genotype import GENOTYPES, Genotype
 from rarn.nas.ops import build_op
 
 SHAPES = [(1, 8), (3, 32)]  # (channels, side): digits and CIFAR
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny shapes: intra-op threads only add contention on the shared 2-core machines.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> None:

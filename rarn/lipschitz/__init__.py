@@ -1,2 +1,3 @@
-"""Lipschitz bounds: the per-op rules, the search-time estimator over the supernet's ops, and the
-certified bound of a discrete network."""
+"""Lipschitz bounds. ``rules``: the one table of per-layer rules, each with a search-time estimate
+and a certified face; ``estimator``: the batched search-time estimate over the supernet's ops;
+``certify``: the certified bound of a discrete network (and an empirical lower bound)."""

@@ -1,49 +1,27 @@
-"""Lipschitz upper bounds of ops as built (RACL spec §2.3), in log space.
+"""The search-time Lipschitz estimator: log-bounds of all supernet ops in one batched pass.
 
-Composition rules (l2): ``Lip(f o g) <= Lip(f) Lip(g)``, so a chain (``nn.Sequential``) adds the
-log-constants of its children. Per layer:
+The per-layer rules are those of :mod:`rarn.lipschitz.rules` (their ``terms`` face); this module
+only evaluates them fast. :class:`LipschitzEstimator` decomposes each op into terms once, stacks
+same-shaped weights and runs batched power iteration, so one update costs a few dozen kernels
+however many ops there are.
 
-* 1 x 1 conv / linear: ``sigma_max(W)``, by power iteration with a persistent left vector
-  (Miyato et al. 2018); a k x k full conv: ``sqrt(kh kw) * sigma_max(W reshaped)``, because the
-  conv is ``W`` applied to ``kh kw`` shifted copies of the input.
-* depthwise conv: channels are independent, and by Young's inequality each channel's operator
-  norm is at most the l1 norm of its kernel, for any padding, stride or dilation.
-* BatchNorm: the eval-mode scale ``max_c |gamma_c| / sqrt(var_c + eps)`` from the running
-  statistics (without it BN could undo any spectral constraint).
-* max pool: ``ceil(k / s)`` (each input lies in at most ``ceil(k/s)^2`` windows); average pool:
-  ``sqrt(max column sum)`` of its matrix (Schur test; ``7/6`` for 3 x 3, stride 1, excluding pads).
-* identity and ReLU: 1; ``none``: 0 (log: ``-inf``); FactorizedReduce: its two convs read
-  disjoint pixels, so ``max(sigma_1, sigma_2)`` times its BN scale.
-
-Power iteration converges to ``sigma_max`` from below, so a bound is only as good as its
+Power iteration converges to ``sigma_max`` from below, so an estimate is only as good as its
 iterations; the vectors persist across calls (one step per architecture step is enough once
-warm) and live in buffers, so they are saved in checkpoints.
-
-:class:`LipschitzEstimator` evaluates all ops of a network at once: it decomposes each op into
-terms once, stacks same-shaped weights and runs batched power iteration, so one update costs a
-few dozen kernels however many ops there are.
+warm, as in spectral normalisation, Miyato et al. 2018) and live in buffers, so they are saved in
+checkpoints. A certified bound of a discrete network is :mod:`rarn.lipschitz.certify`'s job.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.nas.ops import FactorizedReduce, Zero
+from rarn.lipschitz.rules import bn_log_scale, depthwise_log_bound, terms_of
 
-__all__ = [
-    "LipschitzEstimator",
-    "avg_pool_lipschitz",
-    "bn_log_scale",
-    "depthwise_log_bound",
-    "log_lipschitz",
-    "power_iteration",
-]
+__all__ = ["LipschitzEstimator", "log_lipschitz", "power_iteration"]
 
 
 def power_iteration(w: Tensor, u: Tensor, n_iters: int = 1) -> tuple[Tensor, Tensor]:
@@ -66,79 +44,6 @@ def power_iteration(w: Tensor, u: Tensor, n_iters: int = 1) -> tuple[Tensor, Ten
             u = F.normalize(torch.einsum("...mn,...n->...m", w, v), dim=-1, eps=1e-12)
         sigma = torch.einsum("...m,...mn,...n->...", u, w, v)
     return sigma, u
-
-
-def depthwise_log_bound(weight: Tensor) -> Tensor:
-    """log of ``max_c ||w_c||_1`` for a depthwise kernel ``[C, 1, kh, kw]`` (batched over dims)."""
-    return weight.abs().sum(dim=(-1, -2, -3)).amax(dim=-1).clamp_min(1e-30).log()
-
-
-def bn_log_scale(running_var: Tensor, eps: float, weight: Tensor | None = None) -> Tensor:
-    """log of the eval-mode BN gain ``max_c |gamma_c| / sqrt(var_c + eps)`` (batched)."""
-    s = -0.5 * (running_var + eps).log()
-    if weight is not None:
-        s = s + weight.abs().clamp_min(1e-30).log()
-    return s.amax(dim=-1)
-
-
-def avg_pool_lipschitz(
-    kernel_size: int, stride: int, padding: int, count_include_pad: bool
-) -> float:
-    """Schur-test bound ``sqrt(max row sum * max column sum)`` of an average pool's matrix."""
-    n = 4 * kernel_size + 4
-    x = torch.ones(1, 1, n, n, requires_grad=True)
-    y = F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=count_include_pad)
-    (col,) = torch.autograd.grad(y.sum(), x)  # A^T 1: column sums
-    return math.sqrt(float(col.max()) * 1.0)  # every row of an average sums to 1
-
-
-def _pool_log_const(m: nn.Module) -> float:
-    k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
-    s = m.stride if isinstance(m.stride, int) else m.stride[0]
-    p = m.padding if isinstance(m.padding, int) else m.padding[0]
-    if isinstance(m, nn.MaxPool2d):
-        return math.log(math.ceil(k / s))
-    return math.log(avg_pool_lipschitz(k, s, p, m.count_include_pad))
-
-
-# ----------------------------------------------------------------------------------------------
-# Decomposition of a module into log-additive terms.
-
-
-@dataclass(frozen=True)
-class _Term:
-    kind: str  # "matrix" | "depthwise" | "bn" | "const" | "max_matrix" | "zero"
-    modules: tuple[nn.Module, ...] = ()
-    value: float = 0.0  # const, or the log-scale added to a matrix term
-
-
-def _conv_term(m: nn.Conv2d) -> _Term:
-    if m.groups == 1:
-        kh, kw = m.kernel_size
-        return _Term("matrix", (m,), 0.5 * math.log(kh * kw))
-    if m.groups == m.in_channels and m.weight.shape[1] == 1:
-        return _Term("depthwise", (m,))
-    raise NotImplementedError(f"no Lipschitz rule for a grouped conv with groups={m.groups}")
-
-
-def _decompose(m: nn.Module) -> list[_Term]:
-    if isinstance(m, Zero):
-        return [_Term("zero")]
-    if isinstance(m, FactorizedReduce):
-        return [_Term("max_matrix", (m.conv_1, m.conv_2)), _Term("bn", (m.bn,))]
-    if isinstance(m, nn.Sequential):
-        return [t for child in m for t in _decompose(child)]
-    if isinstance(m, nn.Conv2d):
-        return [_conv_term(m)]
-    if isinstance(m, nn.Linear):
-        return [_Term("matrix", (m,))]
-    if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-        return [_Term("bn", (m,))]
-    if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
-        return [_Term("const", value=_pool_log_const(m))]
-    if isinstance(m, nn.ReLU | nn.Identity | nn.Dropout | nn.Flatten):
-        return []
-    raise NotImplementedError(f"no Lipschitz rule for {type(m).__name__}")
 
 
 def _matrix(m: nn.Module) -> Tensor:
@@ -166,7 +71,7 @@ class LipschitzEstimator(nn.Module):
         super().__init__()
         self._ops = list(ops)
         self.include_bn = include_bn
-        terms = [_decompose(op) for op in self._ops]
+        terms = [terms_of(op) for op in self._ops]
         self._zero = torch.tensor([any(t.kind == "zero" for t in ts) for ts in terms])
         # Distinct matrices (grouped by shape), depthwise kernels and BNs, each computed once.
         self._mats: dict[tuple[int, ...], list[nn.Module]] = {}

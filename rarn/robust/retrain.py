@@ -30,12 +30,8 @@ from torch.utils.data import Subset
 
 from rarn.checkpoint import load_state_checked
 from rarn.config import RetrainConfig, config_to_dict
-from rarn.models.darts import (
-    build_network,
-    count_parameters,
-    lipschitz_upper_bound,
-    local_lipschitz,
-)
+from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz
+from rarn.models.darts import build_network, count_parameters
 from rarn.robust.loop import (
     SCHEDULES,
     EpochCallback,
