@@ -35,7 +35,7 @@ _EXPORTS: dict[str, str] = {
     "SearchResult": "rarn.nas.search",
     "run_search": "rarn.nas.search",
     "build_network": "rarn.models.darts",
-    "lipschitz_upper_bound": "rarn.models.darts",
+    "lipschitz_upper_bound": "rarn.lipschitz.certify",
     "ATTACKS": "rarn.robust.attacks",
     "get_attack": "rarn.robust.attacks",
     "run_retrain": "rarn.robust.retrain",
@@ -81,7 +81,8 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from rarn.config import Config, ConfigError, load_config
     from rarn.data import load_dataset
-    from rarn.models.darts import build_network, lipschitz_upper_bound
+    from rarn.lipschitz.certify import lipschitz_upper_bound
+    from rarn.models.darts import build_network
     from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype
     from rarn.nas.ops import OPS, PRIMITIVES
     from rarn.nas.search import SearchData, SearchResult, run_search
