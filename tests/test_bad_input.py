@@ -65,6 +65,8 @@ def _raises(overrides: list[str], *needles: str, path: str | Path = SMOKE) -> st
         ("search.lr=-0.1", ["search.lr", "> 0"]),
         ("search.lr=.nan", ["search.lr", "finite"]),
         ("search.lr=.inf", ["search.lr", "finite"]),
+        ("search.lr=" + "9" * 400, ["search.lr", "finite"]),
+        ("search.epochs=" + "9" * 5000, ["search.epochs", "expected int", "..."]),
         ("search.arch_lr=0", ["search.arch_lr", "> 0"]),
         ("search.momentum=1", ["search.momentum", "[0, 1)"]),
         ("search.arch_beta2=1.0", ["search.arch_beta2", "[0, 1)"]),
@@ -240,6 +242,7 @@ BOMB = "\n".join(
         ("search:\n  epochs: [" + "[" * 40 + "]" * 41 + "\n", "deeper than"),
         ("search: {epochs: !!python/object:os.system x}\n", "not valid YAML"),
         ("search: {epochs: 2\n", "not valid YAML"),
+        ("search: {epochs: " + "9" * 5000 + "}\n", "not valid YAML"),
     ],
 )
 def test_bad_yaml_files_name_the_file(tmp_path: Path, text: str, needle: str) -> None:

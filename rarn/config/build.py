@@ -19,7 +19,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Union
 
-from rarn.config.rules import check_rules, choice_error
+from rarn.config.rules import check_rules, choice_error, short_repr
 from rarn.config.schema import SEED, Config, ConfigError, Range
 
 __all__ = [
@@ -53,7 +53,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         value = _coerce(value, base, key)
         for bound in meta:
             if isinstance(bound, Range) and value not in bound:
-                raise ConfigError(f"{key}: {value!r} not allowed; must be {bound}")
+                raise ConfigError(f"{key}: {short_repr(value)} not allowed; must be {bound}")
         return value
     if origin is Literal:
         allowed = typing.get_args(tp)
@@ -70,12 +70,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             value = _fields(value)
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping (section {tp.__name__}), got {short_repr(value)}"
+            )
         return _build(tp, value, key + ".")
     return _coerce_plain(value, tp, key)
 
@@ -85,32 +87,36 @@ def _coerce_plain(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected bool, got {value!r}")
+            raise ConfigError(f"{key}: expected bool, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected int, got {value!r}")
+            raise ConfigError(f"{key}: expected int, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected float, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite float, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{key}: expected float, got {short_repr(value)}")
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite float, got {short_repr(value)}")
+        return number
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected str, got {value!r}")
+            raise ConfigError(f"{key}: expected str, got {short_repr(value)}")
         return value
     if origin in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {short_repr(value)}")
         if origin is list:
             return list(value)
         item = typing.get_args(tp)[0]
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short_repr(value)}")
         return dict(value)
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover
 
@@ -194,7 +200,9 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"unknown config key {key}.{path[depth + 1]}: {key} is not a section")
         child = node.get(part, {})
         if not isinstance(child, Mapping):
-            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {child!r}")
+            raise ConfigError(
+                f"{key}: expected a mapping (section {tp.__name__}), got {short_repr(child)}"
+            )
         node[part] = dict(child)
         node, cls = node[part], tp
 

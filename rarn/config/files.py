@@ -78,6 +78,10 @@ def _load_yaml(text: str) -> Any:
     loader = _StrictLoader(text)
     try:
         return loader.get_single_data()
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, OverflowError) as e:  # a constructor, e.g. a 5000-digit int
+        raise yaml.YAMLError(f"cannot read a value: {e}") from None
     finally:
         loader.dispose()
 

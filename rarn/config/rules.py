@@ -25,7 +25,7 @@ from rarn.config.schema import (
     TuneConfig,
 )
 
-__all__ = ["check_rules", "choice_error"]
+__all__ = ["check_rules", "choice_error", "short_repr"]
 
 # Searches differ only in these sections; the data and the later stages are shared by all trials.
 TRIAL_SECTIONS = ("search", "constraint")
@@ -33,7 +33,15 @@ TRIAL_SECTIONS = ("search", "constraint")
 
 def choice_error(key: str, value: Any, allowed: Iterable[str]) -> ChoiceError:
     """The one message for a value outside a closed or registry-backed choice."""
-    return ChoiceError(f"{key}: {value!r} not allowed; must be one of: {', '.join(allowed)}")
+    return ChoiceError(
+        f"{key}: {short_repr(value)} not allowed; must be one of: {', '.join(allowed)}"
+    )
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to 80 characters: messages stay readable whatever was pasted."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _data(d: DataConfig) -> None:
@@ -100,6 +108,8 @@ def _tune(t: TuneConfig) -> None:
     if not t.select_metric:
         raise ConfigError("tune.select_metric: '' not allowed; name a reported metric")
     for key, values in t.param_space.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"tune.param_space: {key!r} not allowed; keys are dotted config keys")
         if not isinstance(values, list) or not values:
             raise ConfigError(
                 f"tune.param_space.{key}: expected a non-empty list of values, got {values!r}"
