@@ -125,11 +125,14 @@ def test_expand_param_space_and_with_overrides():
          "tune.num_samples=2", "search.seed=5"],
     )  # fmt: skip
     points = expand_param_space(cfg)
+    assert [list(p) for p in points[2:]] == [
+        ["constraint.kappa", "search.arch_lr", "search.seed"]
+    ] * 2
     assert points == [
         {"constraint.kappa": 0.1, "search.arch_lr": 0.1},
         {"constraint.kappa": 0.1, "search.arch_lr": 0.2},
-        {"search.seed": 6, "constraint.kappa": 0.1, "search.arch_lr": 0.1},
-        {"search.seed": 6, "constraint.kappa": 0.1, "search.arch_lr": 0.2},
+        {"constraint.kappa": 0.1, "search.arch_lr": 0.1, "search.seed": 6},
+        {"constraint.kappa": 0.1, "search.arch_lr": 0.2, "search.seed": 6},
     ]
     trial = with_overrides(cfg, points[3])
     assert (trial.search.seed, trial.search.arch_lr, trial.constraint.kappa) == (6, 0.2, 0.1)
@@ -138,6 +141,8 @@ def test_expand_param_space_and_with_overrides():
         with_overrides(cfg, {"search.epochs": "x"})
     with pytest.raises(ConfigError, match="unknown config key search.nope"):
         with_overrides(cfg, {"search.nope": 1})
+    with pytest.raises(ConfigError, match=r"tune\.param_space: search\.epochs: 0 not allowed"):
+        with_overrides(cfg, {"tune.param_space": {"search.epochs": [0, 1]}})
 
 
 def test_overrides_parse_once_and_dump_round_trips_float_like_strings(tmp_path):

@@ -14,10 +14,9 @@ import dataclasses
 import functools
 import itertools
 import math
-import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from rarn.config.rules import check_rules, choice_error, short_repr
 from rarn.config.schema import SEED, Config, ConfigError, Range
@@ -41,10 +40,6 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=True)
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in canonical form."""
     origin = typing.get_origin(tp)
@@ -60,17 +55,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, str) or value not in allowed:
             raise choice_error(key, value, allowed)
         return value
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if arg is type(None) and value is None:
-                return None
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             value = _fields(value)
@@ -109,7 +93,7 @@ def _coerce_plain(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {short_repr(value)}")
+            raise ConfigError(f"{key}: expected a list, got {short_repr(value)}")
         if origin is list:
             return list(value)
         item = typing.get_args(tp)[0]
@@ -125,7 +109,7 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
+def _build(cls: type, values: Mapping[str, Any], prefix: str = "", trials: bool = True) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in values:
         if not isinstance(k, str) or k not in names:
@@ -135,7 +119,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str = "") -> Any:
     hints = _hints(cls)
     obj = cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in values.items()})
     check_rules(obj)
-    if cls is Config:
+    if cls is Config and trials:
         _check_trials(obj)
     return obj
 
@@ -159,7 +143,7 @@ def _section_of(cls: type) -> str:
 def config_from_dict(values: Mapping[str, Any] | None) -> Config:
     """Build a :class:`Config` from nested mappings (e.g. parsed YAML), strictly."""
     if values is not None and not isinstance(values, Mapping):
-        raise ConfigError(f"the top level must be a mapping of sections, got {values!r}")
+        raise ConfigError(f"the top level must be a mapping of sections, got {short_repr(values)}")
     return _build(Config, values or {})
 
 
@@ -208,11 +192,16 @@ def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def with_overrides(cfg: Config, point: Mapping[str, Any]) -> Config:
-    """``cfg`` with dotted keys (``{"search.seed": 3}``) replaced, checked like the YAML."""
+    """``cfg`` with dotted keys (``{"search.seed": 3}``) replaced, checked like the YAML.
+
+    The ``tune.param_space`` grid is re-checked only when the point changes a ``tune`` key: a
+    trial's point is one of the grid's, and every trial re-expanding the grid would cost
+    ``MAX_TRIALS`` builds each.
+    """
     values = config_to_dict(cfg)
     for dotted, value in point.items():
         set_dotted(values, dotted, value)
-    return config_from_dict(values)
+    return _build(Config, values, trials=any(k.split(".")[0] == "tune" for k in point))
 
 
 def expand_param_space(cfg: Config) -> list[dict[str, Any]]:
@@ -240,8 +229,10 @@ def expand_param_space(cfg: Config) -> list[dict[str, Any]]:
     points = []
     for rep in range(t.num_samples):
         for combo in combos:
-            shift = {"search.seed": cfg.search.seed + rep} if rep else {}
-            points.append(shift | combo)
+            point = dict(combo)
+            if rep and "search.seed" not in point:
+                point["search.seed"] = cfg.search.seed + rep
+            points.append(point)
     return points
 
 
