@@ -9,7 +9,7 @@ A field's allowed values sit next to it, so the schema is also the reference:
 * plain ``str`` for names backed by a registry (``data.name``, ``evaluation.attacks``,
   ``retrain.genotype``), checked by :mod:`rarn.config.rules` against the registry itself.
 
-Nothing here validates: :mod:`rarn.config.validate` does, when a config is built.
+Nothing here validates: :mod:`rarn.config.build` does, when a config is built.
 """
 
 from __future__ import annotations
