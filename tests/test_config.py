@@ -85,3 +85,96 @@ def test_rarn_does_not_import_ray_or_mlflow():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_choice_literals_are_what_the_library_supports():
+    """The Literal aliases are the one list; the library's tuples must agree with them."""
+    from typing import get_args
+
+    from rarn.config import (
+        Bound,
+        DecodeRule,
+        Estimator,
+        GradNormMode,
+        Mixture,
+        Schedule,
+        Threshold,
+        TrainMethod,
+    )
+    from rarn.nas.constraint import BOUNDS, ESTIMATORS, MIXTURES, ChanceConstraint
+    from rarn.nas.decode import DECODERS
+    from rarn.robust.loop import SCHEDULES
+    from rarn.robust.steps import STEPS
+
+    assert get_args(Estimator) == tuple(ESTIMATORS)
+    assert get_args(Bound) == tuple(BOUNDS)
+    assert get_args(Mixture) == tuple(MIXTURES)
+    assert get_args(Threshold) == tuple(ChanceConstraint.THRESHOLDS)
+    assert get_args(DecodeRule) == tuple(DECODERS)
+    assert get_args(Schedule) == tuple(SCHEDULES)
+    assert get_args(TrainMethod) == tuple(STEPS)
+    assert get_args(GradNormMode) == ("exact", "finite_difference")
+
+
+def test_expand_param_space_and_with_overrides():
+    from rarn.config import expand_param_space, with_overrides
+
+    cfg = load_config(
+        "configs/smoke.yaml",
+        ["tune.param_space={search.arch_lr: [0.1, 0.2], constraint.kappa: [0.1]}",
+         "tune.num_samples=2", "search.seed=5"],
+    )  # fmt: skip
+    points = expand_param_space(cfg)
+    assert [list(p) for p in points[2:]] == [
+        ["constraint.kappa", "search.arch_lr", "search.seed"]
+    ] * 2
+    assert points == [
+        {"constraint.kappa": 0.1, "search.arch_lr": 0.1},
+        {"constraint.kappa": 0.1, "search.arch_lr": 0.2},
+        {"constraint.kappa": 0.1, "search.arch_lr": 0.1, "search.seed": 6},
+        {"constraint.kappa": 0.1, "search.arch_lr": 0.2, "search.seed": 6},
+    ]
+    trial = with_overrides(cfg, points[3])
+    assert (trial.search.seed, trial.search.arch_lr, trial.constraint.kappa) == (6, 0.2, 0.1)
+    assert trial.tune == cfg.tune and cfg.search.seed == 5
+    with pytest.raises(ConfigError, match="search.epochs: expected int"):
+        with_overrides(cfg, {"search.epochs": "x"})
+    with pytest.raises(ConfigError, match="unknown config key search.nope"):
+        with_overrides(cfg, {"search.nope": 1})
+    with pytest.raises(ConfigError, match=r"tune\.param_space: search\.epochs: 0 not allowed"):
+        with_overrides(cfg, {"tune.param_space": {"search.epochs": [0, 1]}})
+
+
+def test_overrides_parse_once_and_dump_round_trips_float_like_strings(tmp_path):
+    from rarn.config import apply_overrides, parse_override
+
+    assert parse_override("search.lr=1e-3") == ("search.lr", 0.001)
+    assert parse_override("run_dir = runs/x=y") == ("run_dir", "runs/x=y")
+    values = {"search": {"epochs": 3}}
+    out = apply_overrides(values, ["search.lr=0.5", "tracking.experiment=1e5"])
+    assert values == {"search": {"epochs": 3}}  # the input is not modified
+    assert out["search"] == {"epochs": 3, "lr": 0.5}
+    cfg = load_config(None, ["tracking.experiment='1e5'"])
+    dump_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_check_validates_directly_built_sections():
+    from rarn.config import ConstraintConfig, SearchConfig, check
+
+    check(Config())
+    check(SearchConfig(epochs=2, warmup_epochs=5))  # warm-up longer than the run is allowed
+    with pytest.raises(ConfigError, match=r"constraint\.eta: 1\.5 not allowed; must be in"):
+        check(ConstraintConfig(eta=1.5))
+    with pytest.raises(ConfigError, match="constraint.estimator: 'fw' not allowed"):
+        check(ConstraintConfig(estimator="fw"))  # type: ignore[arg-type]
+
+
+def test_choice_errors_are_config_errors_and_key_errors():
+    from rarn.config import ChoiceError, RetrainConfig, check
+
+    with pytest.raises(ChoiceError) as info:
+        check(RetrainConfig(method="free"))  # type: ignore[arg-type]
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, KeyError)
+    assert str(info.value).startswith("retrain.method: 'free' not allowed; must be one of: ")
+    assert "standard, pgd, trades, fast" in str(info.value)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ class Genotype:
 
     def __post_init__(self) -> None:
         for name in ("normal", "reduce"):
-            pairs = tuple((str(op), int(i)) for op, i in getattr(self, name))
+            pairs = tuple(
+                _pair(p, f"Genotype.{name}[{k}]") for k, p in enumerate(_items(self, name))
+            )
             object.__setattr__(self, name, pairs)
             if not pairs or len(pairs) % 2:
                 raise ValueError(f"Genotype.{name}: need 2 (op, input) pairs per node, got {pairs}")
@@ -53,11 +56,15 @@ class Genotype:
                         f"(valid 0..{node - 1})"
                     )
         for name in ("normal_concat", "reduce_concat"):
-            concat = tuple(int(i) for i in getattr(self, name))
+            concat = tuple(
+                _index(v, f"Genotype.{name}[{k}]") for k, v in enumerate(_items(self, name))
+            )
             object.__setattr__(self, name, concat)
             n = len(getattr(self, name.split("_")[0])) // 2 + 2
             if not concat or any(not 0 <= i < n for i in concat):
                 raise ValueError(f"Genotype.{name}: indices must lie in 0..{n - 1}, got {concat}")
+            if len(set(concat)) < len(concat):
+                raise ValueError(f"Genotype.{name}: each node at most once, got {concat}")
 
     @property
     def nodes(self) -> int:
@@ -73,6 +80,12 @@ class Genotype:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Genotype:
+        """The inverse of :meth:`to_dict`; ValueError naming the field for anything malformed."""
+        if not isinstance(d, Mapping):
+            raise ValueError(
+                "genotype: expected a mapping with normal, normal_concat, reduce and "
+                f"reduce_concat, got {d!r:.80}"
+            )
         missing = {"normal", "normal_concat", "reduce", "reduce_concat"} - set(d)
         if missing:
             raise ValueError(f"genotype dict lacks {sorted(missing)}")
@@ -88,6 +101,35 @@ class Genotype:
     def sha256(self) -> str:
         """Content hash of the canonical JSON (stable across processes; used for lineage)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _items(genotype: Genotype, name: str) -> tuple[Any, ...]:
+    """A field as a tuple; a string, a mapping or a scalar is not a list of entries."""
+    value = getattr(genotype, name)
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        what = "(op, input) pairs" if name in ("normal", "reduce") else "node indices"
+        raise ValueError(f"Genotype.{name}: expected a list of {what}, got {value!r:.80}")
+    return tuple(value)
+
+
+def _index(value: Any, where: str) -> int:
+    """An integer index: ``1.7`` or ``"1"`` is an error, never silently truncated or parsed."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{where}: expected an integer index, got {value!r:.80}") from None
+
+
+def _pair(value: Any, where: str) -> tuple[str, int]:
+    """An ``(op, input)`` pair: a 2-item list or tuple of an op name and an integer index."""
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{where}: expected an (op, input) pair, got {value!r:.80}")
+    items = tuple(value)
+    if len(items) != 2 or not isinstance(items[0], str):
+        raise ValueError(f"{where}: expected an (op name, input index) pair, got {value!r:.80}")
+    return items[0], _index(items[1], f"{where} input")
 
 
 def parametric_share(genotype: Genotype) -> float:
@@ -200,6 +242,11 @@ GENOTYPES: dict[str, Genotype] = {
 
 def get_genotype(name_or_path: str) -> Genotype:
     """A bundled genotype by name, or one read from a JSON file path."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise ValueError(
+            f"genotype: expected a bundled name ({', '.join(GENOTYPES)}) or a path to a .json "
+            f"file, got {name_or_path!r:.80}"
+        )
     if name_or_path in GENOTYPES:
         return GENOTYPES[name_or_path]
     p = Path(name_or_path)
@@ -208,7 +255,7 @@ def get_genotype(name_or_path: str) -> Genotype:
             raise FileNotFoundError(f"genotype file not found: {p}")
         try:
             return Genotype.from_json(p.read_text())
-        except (json.JSONDecodeError, TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
             raise ValueError(f"{p}: not a valid genotype JSON: {e}") from None
     raise KeyError(
         f"unknown genotype {name_or_path!r}; known: {', '.join(GENOTYPES)} (or a path to a .json)"

@@ -1,0 +1,158 @@
+"""The checks no single field can declare: relations between fields, and registry names.
+
+Intervals and closed choices sit on the fields (:mod:`rarn.config.schema`); what needs two fields,
+or a library registry (datasets, attacks, genotypes), lives here, one function per section.
+Registries are imported when a config is checked, not when ``rarn.config`` is imported: the
+library imports the config, and ``import rarn.config`` stays cheap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from rarn.config.schema import (
+    ChoiceError,
+    Config,
+    ConfigError,
+    ConstraintConfig,
+    DataConfig,
+    EvaluationConfig,
+    RetrainConfig,
+    SearchConfig,
+    TrackingConfig,
+    TuneConfig,
+)
+
+__all__ = ["check_rules", "choice_error", "short_repr"]
+
+# Searches differ only in these sections; the data and the later stages are shared by all trials.
+TRIAL_SECTIONS = ("search", "constraint")
+
+
+def choice_error(key: str, value: Any, allowed: Iterable[str]) -> ChoiceError:
+    """The one message for a value outside a closed or registry-backed choice."""
+    return ChoiceError(
+        f"{key}: {short_repr(value)} not allowed; must be one of: {', '.join(allowed)}"
+    )
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to 80 characters: messages stay readable whatever was pasted."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _data(d: DataConfig) -> None:
+    from rarn.data import DATASETS
+
+    if d.name not in DATASETS:
+        raise choice_error("data.name", d.name, DATASETS)
+
+
+def _search(s: SearchConfig) -> None:
+    if s.init_channels % (2 * s.partial_channels):
+        raise ConfigError(
+            f"search.init_channels: {s.init_channels} not allowed; must be a multiple of "
+            f"2 * search.partial_channels = {2 * s.partial_channels}"
+        )
+    if s.sigma_min > s.sigma_max:
+        raise ConfigError(
+            f"search.sigma_min: {s.sigma_min!r} not allowed; must be <= search.sigma_max "
+            f"= {s.sigma_max!r}"
+        )
+
+
+def _constraint(c: ConstraintConfig) -> None:
+    if c.estimator == "monte_carlo" and c.mc_samples < 2:
+        raise ConfigError(
+            f"constraint.mc_samples: {c.mc_samples} not allowed; must be >= 2 with "
+            "constraint.estimator=monte_carlo (a standard deviation needs two samples)"
+        )
+
+
+def _retrain(r: RetrainConfig) -> None:
+    from rarn.nas.genotype import GENOTYPES
+
+    g = r.genotype
+    is_file = g.endswith(".json") or (bool(g) and Path(g).is_file())
+    if g not in GENOTYPES and g != "searched" and not is_file:
+        names = [*GENOTYPES, "searched", "a path to a genotype .json file"]
+        raise choice_error("retrain.genotype", g, names)
+    if r.val_fraction > 0 and r.val_steps < 1:
+        raise ConfigError(
+            f"retrain.val_steps: {r.val_steps} not allowed; must be >= 1 when "
+            f"retrain.val_fraction > 0 (the selection attack)"
+        )
+
+
+def _evaluation(e: EvaluationConfig) -> None:
+    from rarn.robust.attacks import ATTACKS
+
+    if not e.attacks:
+        raise ConfigError("evaluation.attacks: [] not allowed; name at least one attack")
+    for i, name in enumerate(e.attacks):
+        if name not in ATTACKS:
+            raise choice_error(f"evaluation.attacks[{i}]", name, ATTACKS)
+        if name in e.attacks[:i]:
+            raise ConfigError(f"evaluation.attacks: {name!r} is listed twice")
+    if e.autoattack and "autoattack" in e.attacks:
+        raise ConfigError(
+            "evaluation.attacks: 'autoattack' is listed and evaluation.autoattack=true adds it "
+            "again; use one of the two"
+        )
+
+
+def _tune(t: TuneConfig) -> None:
+    if not t.select_metric:
+        raise ConfigError("tune.select_metric: '' not allowed; name a reported metric")
+    for key, values in t.param_space.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"tune.param_space: {key!r} not allowed; keys are dotted config keys")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"tune.param_space.{key}: expected a non-empty list of values, got {values!r}"
+            )
+        if key.split(".")[0] not in TRIAL_SECTIONS:
+            raise ConfigError(
+                f"tune.param_space: {key} not allowed; only {' and '.join(TRIAL_SECTIONS)} keys "
+                "vary between search trials"
+            )
+        if len({repr(v) for v in values}) < len(values):
+            raise ConfigError(f"tune.param_space.{key}: {values!r} repeats a value")
+
+
+def _tracking(t: TrackingConfig) -> None:
+    for key in ("experiment", "registered_model"):
+        if not getattr(t, key):
+            raise ConfigError(f"tracking.{key}: '' not allowed; give it a name")
+    if not t.alias.isidentifier():
+        raise ConfigError(f"tracking.alias: {t.alias!r} not allowed; must be a Python identifier")
+
+
+def _config(c: Config) -> None:
+    if not c.run_dir:
+        raise ConfigError("run_dir: '' not allowed; give the run a folder")
+    if c.tune.scheduler == "asha" and c.tune.grace_period > c.search.epochs:
+        raise ConfigError(
+            f"tune.grace_period: {c.tune.grace_period} not allowed; ASHA needs it <= "
+            f"search.epochs = {c.search.epochs}"
+        )
+
+
+_RULES: dict[type, Callable[[Any], None]] = {
+    DataConfig: _data,
+    SearchConfig: _search,
+    ConstraintConfig: _constraint,
+    RetrainConfig: _retrain,
+    EvaluationConfig: _evaluation,
+    TuneConfig: _tune,
+    TrackingConfig: _tracking,
+    Config: _config,
+}
+
+
+def check_rules(obj: Any) -> None:
+    """Run the cross-field and registry rules of one built section (or of the root config)."""
+    _RULES[type(obj)](obj)

@@ -1,0 +1,260 @@
+"""The config schema: one frozen dataclass per stage, each field typed, bounded or a choice.
+
+A field's allowed values sit next to it, so the schema is also the reference:
+
+* ``Annotated[int, Range(1, 10_000)]``: an interval (upper limits keep absurd sizes, such as
+  ``search.epochs=1e29`` or a batch of a billion, from reaching a trial);
+* ``Literal[...]`` aliases (:data:`Estimator`, :data:`Bound`, ...): closed choices. They are the one
+  list of allowed values; the library's tuples derive from them (``typing.get_args``);
+* plain ``str`` for names backed by a registry (``data.name``, ``evaluation.attacks``,
+  ``retrain.genotype``), checked by :mod:`rarn.config.rules` against the registry itself.
+
+Nothing here validates: :mod:`rarn.config.build` does, when a config is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+__all__ = [
+    "Bound",
+    "ChoiceError",
+    "Config",
+    "ConfigError",
+    "ConstraintConfig",
+    "DataConfig",
+    "DecodeRule",
+    "Estimator",
+    "EvaluationConfig",
+    "GradNormMode",
+    "Mixture",
+    "Range",
+    "RetrainConfig",
+    "Schedule",
+    "SearchConfig",
+    "SelectMode",
+    "Threshold",
+    "TrackingConfig",
+    "TrainMethod",
+    "TuneConfig",
+    "TuneScheduler",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad value).
+
+    The message names the dotted key, the value and what is allowed; command-line front ends turn
+    it into exit code 2.
+    """
+
+
+class ChoiceError(ConfigError, KeyError):
+    """A value outside a closed choice or a registry: a :class:`ConfigError`, and also a
+    ``KeyError`` like the registry lookup it stands for (``pytest.raises(KeyError)`` and
+    ``except KeyError`` around a registry keep working)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric field must lie in; ``bounds`` says which ends are closed."""
+
+    lo: float | None = None
+    hi: float | None = None
+    bounds: str = "[]"  # "[]", "[)", "(]" or "()"
+
+    def __contains__(self, v: float) -> bool:
+        above = self.lo is None or (v > self.lo if self.bounds[0] == "(" else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.bounds[1] == ")" else v <= self.hi)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.bounds[0] == '(' else '>='} {self.lo}"
+        return f"in {self.bounds[0]}{self.lo}, {self.hi}{self.bounds[1]}"
+
+
+# Intervals shared by several fields.
+POSITIVE = Range(0, None, "(]")  # learning rates, steps sizes, penalties
+NON_NEGATIVE = Range(0)  # weight decays, clips (0: off), penalty weights
+SHARE = Range(0, 1, "()")  # a split share: both parts non-empty
+FRACTION = Range(0, 1, "[)")  # a held-out share or a rate: 0 is "none", 1 would leave nothing
+PIXELS = Range(0, 1, "(]")  # L-inf radius / step in pixel units (images lie in [0, 1])
+SEED = Range(0, 2**32 - 1)  # what every RNG (torch, numpy) accepts
+EPOCHS = Range(1, 10_000)
+BATCH = Range(1, 65_536)
+CHANNELS = Range(1, 1_024)
+ITERATIONS = Range(1, 10_000)  # attack steps, samples, power iterations
+
+# Closed choices: the single list of allowed values (the library derives its tuples from them).
+GradNormMode = Literal["exact", "finite_difference"]
+DecodeRule = Literal["quantile", "median", "sample"]
+Estimator = Literal["delta", "monte_carlo"]
+Bound = Literal["product", "node_mean"]
+Mixture = Literal["all", "no_none", "parametric"]
+Threshold = Literal["absolute", "relative", "tracking"]
+TrainMethod = Literal["standard", "pgd", "trades", "fast"]
+Schedule = Literal["cosine", "step"]
+TuneScheduler = Literal["none", "asha"]
+SelectMode = Literal["max", "min"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and how it is split."""
+
+    name: str = "digits"  # a key of rarn.data.DATASETS (digits, cifar10, cifar10-npz, ...)
+    root: str = "data"  # download/cache dir (cifar10) or ImageFolder root (train/, val/ inside)
+    path: str = ""  # the .npz file for cifar10-npz
+    limit: Annotated[int, NON_NEGATIVE] = 0  # first N training images (0: all), class-balanced
+    test_limit: Annotated[int, NON_NEGATIVE] = 0  # first N test images (0: all)
+    test_fraction: Annotated[float, SHARE] = 0.2  # held-out test share (sets without a test split)
+    train_portion: Annotated[float, SHARE] = 0.5  # D_T share of the search data (rest is D_V)
+    image_size: Annotated[int, Range(0, 4_096)] = 0  # resize to this side length (0: native)
+    seed: Annotated[int, SEED] = 0  # split seed
+    download: bool = False  # allow torchvision to download cifar10
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The PC-DARTS-style supernet and the bilevel RACL search (spec §2.2, §2.6, §3)."""
+
+    epochs: Annotated[int, EPOCHS] = 50
+    warmup_epochs: Annotated[int, Range(0, 10_000)] = 15  # architecture frozen (PC-DARTS)
+    batch_size: Annotated[int, BATCH] = 128
+    max_steps_per_epoch: Annotated[int, Range(0, 10**9)] = 0  # 0: a full pass over D_T
+    init_channels: Annotated[int, CHANNELS] = 16  # a multiple of 2 * partial_channels
+    layers: Annotated[int, Range(3, 100)] = 8  # cells; two of them are reductions
+    nodes: Annotated[int, Range(1, 16)] = 4  # intermediate nodes per cell
+    partial_channels: Annotated[int, Range(1, 64)] = 4  # PC-DARTS K: 1/K enter the mixed op
+    lr: Annotated[float, POSITIVE] = 0.1
+    lr_min: Annotated[float, NON_NEGATIVE] = 0.001
+    momentum: Annotated[float, FRACTION] = 0.9
+    weight_decay: Annotated[float, NON_NEGATIVE] = 3e-4
+    grad_clip: Annotated[float, NON_NEGATIVE] = 5.0  # 0: no clipping
+    arch_lr: Annotated[float, POSITIVE] = 6e-4
+    arch_weight_decay: Annotated[float, NON_NEGATIVE] = 1e-3
+    arch_beta1: Annotated[float, FRACTION] = 0.5
+    arch_beta2: Annotated[float, FRACTION] = 0.999
+    sampling: bool = True  # log-normal architecture parameters; False: deterministic (PC-DARTS)
+    sigma_init: Annotated[float, POSITIVE] = 0.3
+    sigma_min: Annotated[float, POSITIVE] = 1e-3  # <= sigma_max
+    sigma_max: Annotated[float, POSITIVE] = 2.0
+    grad_norm_weight: Annotated[float, NON_NEGATIVE] = 0.1  # gamma of the input-gradient penalty
+    grad_norm_mode: GradNormMode = "finite_difference"
+    fd_step: Annotated[float, POSITIVE] = 0.01  # finite-difference step along the input gradient
+    decode: DecodeRule = "quantile"
+    decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
+    fused: bool = True  # fused supernet forward (same maths as the per-edge reference)
+    seed: Annotated[int, SEED] = 0
+
+
+@dataclass(frozen=True)
+class ConstraintConfig:
+    """The chance constraint P(lambda_F <= lambda_bar) >= eta on the log-normal bound (§2.4-2.6)."""
+
+    enabled: bool = True
+    eta: Annotated[float, Range(0.5, 1, "[)")] = 0.9  # confidence; >= 0.5 keeps it convex
+    estimator: Estimator = "delta"
+    mc_samples: Annotated[int, Range(1, 100_000)] = 16  # >= 2 for estimator=monte_carlo
+    bound: Bound = "node_mean"  # see docs/constraint.md
+    mixture: Mixture = "parametric"  # ops in the bound's mixture
+    include_bn: bool = True  # BN scale from running statistics in every lambda_o
+    threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
+    kappa: Annotated[float, Range(0, 1)] = 0.05  # relative: ln lambda_bar = mu_F0 - kappa|mu_F0|
+    log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
+    rho: Annotated[float, POSITIVE] = 1.0  # augmented-Lagrangian penalty
+    dual_init: Annotated[float, NON_NEGATIVE] = 0.0
+    power_iterations: Annotated[int, Range(1, 1_000)] = 1  # per architecture step
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """Adversarial retraining of a discrete genotype (spec §4)."""
+
+    genotype: str = "RACL"  # a bundled genotype, "searched", or a path to a genotype JSON file
+    epochs: Annotated[int, EPOCHS] = 100
+    batch_size: Annotated[int, BATCH] = 128
+    init_channels: Annotated[int, CHANNELS] = 36
+    layers: Annotated[int, Range(1, 100)] = 20
+    auxiliary_weight: Annotated[float, NON_NEGATIVE] = 0.0  # 0: no auxiliary head
+    drop_path: Annotated[float, FRACTION] = 0.0
+    lr: Annotated[float, POSITIVE] = 0.1
+    lr_min: Annotated[float, NON_NEGATIVE] = 0.0
+    momentum: Annotated[float, FRACTION] = 0.9
+    weight_decay: Annotated[float, NON_NEGATIVE] = 2e-4
+    grad_clip: Annotated[float, NON_NEGATIVE] = 5.0  # 0: no clipping
+    schedule: Schedule = "cosine"
+    method: TrainMethod = "pgd"
+    eps: Annotated[float, PIXELS] = 8 / 255
+    step_size: Annotated[float, PIXELS] = 2 / 255
+    steps: Annotated[int, Range(1, 1_000)] = 7
+    trades_beta: Annotated[float, NON_NEGATIVE] = 6.0
+    val_fraction: Annotated[float, FRACTION] = 0.1  # held-out split for best-robust selection
+    val_steps: Annotated[int, Range(0, 1_000)] = 3  # PGD steps of the selection (>= 1 if used)
+    bf16: bool = False  # autocast on GPU
+    channels_last: bool = False
+    seed: Annotated[int, SEED] = 0
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """The attack suite (spec §6.1)."""
+
+    attacks: tuple[str, ...] = ("fgsm", "pgd", "mim", "cw")  # keys of rarn.robust.attacks.ATTACKS
+    eps: Annotated[float, PIXELS] = 8 / 255
+    step_size: Annotated[float, PIXELS] = 2 / 255
+    steps: Annotated[int, ITERATIONS] = 20
+    eps_curve: tuple[Annotated[float, PIXELS], ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255)
+    batch_size: Annotated[int, BATCH] = 256
+    autoattack: bool = False
+    checks: bool = True  # gradient-masking checks (rarn.robust.evaluation.run_masking_checks)
+    black_box_queries: Annotated[int, Range(1, 1_000_000)] = 500  # the black-box (Square) check
+    seed: Annotated[int, SEED] = 0
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune: how many searches, over what, with which resources."""
+
+    num_samples: Annotated[int, Range(1, 256)] = 1
+    param_space: dict[str, list] = field(default_factory=dict)  # search./constraint. key -> grid
+    cpus_per_trial: Annotated[float, Range(0, 1_024, "(]")] = 1.0
+    gpus_per_trial: Annotated[float, Range(0, 64)] = 0.0
+    max_concurrent: Annotated[int, Range(0, 1_024)] = 0  # 0: as many as resources allow
+    scheduler: TuneScheduler = "none"
+    grace_period: Annotated[int, EPOCHS] = 1  # ASHA: epochs before a trial may stop
+    max_failures: Annotated[int, Range(0, 100)] = 2
+    top_k: Annotated[int, Range(1, 256)] = 1
+    select_metric: str = "val_acc"
+    select_mode: SelectMode = "max"
+    retrain_workers: Annotated[int, Range(1, 1_024)] = 1
+    retrain_use_gpu: bool = False
+    retrain_cpus_per_worker: Annotated[float, Range(0, 1_024, "(]")] = 1.0  # per Ray Train worker
+    storage_path: str = ""  # "" -> <run_dir>/ray
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow lineage and registry."""
+
+    tracking_uri: str = ""  # "" -> $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment: str = "rarn"
+    registered_model: str = "rarn-digits"
+    alias: str = "champion"  # a Python identifier (MLflow's rule for aliases)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run_dir: str = "runs/default"
