@@ -21,12 +21,13 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rarn.config import Schedule
 from rarn.models.common import device_of, eval_mode
 from rarn.robust.attacks import AttackFn, get_attack
 from rarn.robust.steps import StepFn
@@ -296,7 +297,7 @@ def evaluate(
 # ----------------------------------------------------------------------------------------------
 # Learning-rate schedules
 
-SCHEDULES: tuple[str, ...] = ("cosine", "step")
+SCHEDULES: tuple[str, ...] = get_args(Schedule)  # the config's Literal is the one list
 
 
 def make_scheduler(

@@ -29,11 +29,10 @@ from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from rarn.checkpoint import load_state_checked
-from rarn.config import RetrainConfig, config_to_dict
+from rarn.config import RetrainConfig, check, config_to_dict
 from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz
 from rarn.models.darts import build_network, count_parameters
 from rarn.robust.loop import (
-    SCHEDULES,
     EpochCallback,
     check_nonempty,
     evaluate,
@@ -43,7 +42,7 @@ from rarn.robust.loop import (
     train_epoch,
 )
 from rarn.robust.retrain_state import LAST, RetrainState, cpu_state
-from rarn.robust.steps import STEPS, StepFn, make_step
+from rarn.robust.steps import StepFn, make_step
 
 __all__ = ["RetrainResult", "run_retrain"]
 
@@ -74,21 +73,6 @@ def _step_kwargs(cfg: RetrainConfig, generator: torch.Generator) -> dict[str, An
         | {"step_size": cfg.step_size, "steps": cfg.steps, "beta": cfg.trades_beta},
         "fast": aux | attack,
     }[cfg.method]
-
-
-def _validate(cfg: RetrainConfig) -> None:
-    if cfg.method not in STEPS:
-        raise KeyError(f"unknown retrain.method {cfg.method!r}; known: {', '.join(STEPS)}")
-    if cfg.schedule not in SCHEDULES:
-        raise KeyError(f"unknown retrain.schedule {cfg.schedule!r}; known: {', '.join(SCHEDULES)}")
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(
-            f"retrain.epochs and batch_size must be >= 1, got {cfg.epochs}, {cfg.batch_size}"
-        )
-    if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"retrain.val_fraction must lie in [0, 1), got {cfg.val_fraction}")
-    if cfg.val_fraction > 0 and cfg.val_steps < 1:
-        raise ValueError(f"retrain.val_steps must be >= 1, got {cfg.val_steps}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,7 +306,7 @@ def run_retrain(
     Raises:
         TrainingDiverged: a non-finite loss. CheckpointError: an unusable checkpoint.
     """
-    _validate(cfg)
+    check(cfg)  # every value rule lives in rarn.config (raises ConfigError naming the key)
     setup, state = _build(cfg, data_bundle, _pick_device(device), wrap_model, shard)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None and (ckpt_dir / LAST).exists():
