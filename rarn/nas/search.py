@@ -49,7 +49,8 @@ from rarn.nas.constraint import (
 from rarn.nas.decode import DECODERS, decode
 from rarn.nas.genotype import Genotype
 from rarn.nas.supernet import ArchSample, Supernet
-from rarn.robust.loop import evaluate, make_scheduler
+from rarn.robust.loop import evaluate as evaluate_model
+from rarn.robust.loop import make_scheduler
 
 __all__ = ["CHECKPOINT", "GENOTYPE", "RACLSearch"]
 
@@ -208,7 +209,7 @@ class RACLSearch:
 
     def evaluate(self, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
         """``val_loss`` and ``val_acc`` of the median architecture in eval mode."""
-        out = evaluate(self.model, loader)
+        out = evaluate_model(self.model, loader)
         return {"val_loss": out["loss"], "val_acc": out["acc"]}
 
     def decode(self, mode: str | None = None) -> Genotype:
