@@ -43,7 +43,7 @@ from pipeline.search import SearchJob, build_tuner  # noqa: E402
 from pipeline.tracking import prepare_tracking  # noqa: E402
 from rarn.config import load_config  # noqa: E402
 from rarn.data import load_dataset  # noqa: E402
-from rarn.nas.search import SearchData, run_search  # noqa: E402
+from rarn.nas.loop import SearchData, run_search  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from rarn.config import ConstraintConfig, DataConfig, SearchConfig
 from rarn.data import as_tensors, load_dataset
 from rarn.nas.constraint import log_bound
-from rarn.nas.search import RACLSearch, SearchData, run_search
+from rarn.nas.loop import SearchData, run_search
+from rarn.nas.search import RACLSearch
 
 VARIANTS = {
     # name: (bound, mixture, threshold)

@@ -208,7 +208,7 @@ class Pipeline:
             load_genotypes,
             select_top_k,
         )
-        from rarn.nas.search import SearchData
+        from rarn.nas.loop import SearchData
 
         if self.state.search.get("done"):
             self.echo(f"[search] finished earlier: selected {self.state.search['selected']}")

@@ -33,7 +33,7 @@ from pipeline.checkpoints import TrialStore
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
 from rarn.config import Config, ConfigError, TuneConfig, config_from_dict, config_to_dict
 from rarn.nas.genotype import Genotype
-from rarn.nas.search import SearchData, SearchResult, run_search
+from rarn.nas.loop import SearchData, SearchResult, run_search
 
 __all__ = [
     "SearchJob",

@@ -15,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rarn.nas import _fused
 from rarn.nas._fused import fused_cell_forward
+from rarn.nas.ops import PRIMITIVES, OpDef
 from rarn.nas.supernet import Supernet
 
 RTOL, ATOL = 1e-9, 1e-11  # float64: the two paths only sum in another order
@@ -176,3 +178,25 @@ def test_fused_cell_forward_direct_call_reduction_cell():
     assert out.shape == (2, 4 * 16, 5, 5)
     assert out.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out, cell(s0, s1, w_r, b_r), rtol=RTOL, atol=ATOL)
+
+
+def test_fused_ops_follow_the_registry_kinds():
+    """Ops are batched by their registry kind; what the fused path cannot batch fails by name."""
+    assert set(_fused._SEP + _fused._DIL + _fused._POOL + _fused._SKIP) | {"none"} == set(
+        PRIMITIVES
+    )
+    with pytest.raises(ValueError, match="op kind 'conv'"):
+        OpDef("conv", lambda C, stride, affine: torch.nn.Identity())
+    _, fused = _pair(8, 3, 4, 1)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    sep = PRIMITIVES.index("sep_conv_3x3")
+    fused.cells[0].edges[0].ops[sep] = torch.nn.Identity()
+    with pytest.raises(NotImplementedError, match=r"'sep_conv_3x3' \(kind 'sep'\).*fused=False"):
+        fused(x)
+
+
+def test_fused_rejects_an_op_kind_it_cannot_batch(monkeypatch):
+    _, fused = _pair(8, 3, 4, 1)
+    monkeypatch.setattr(_fused, "_BATCHED", ("none", "pool", "skip", "sep"))
+    with pytest.raises(NotImplementedError, match=r"'dil_conv_3x3' \(kind 'dil'\)"):
+        fused(torch.randn(2, 1, 8, 8, dtype=torch.float64))

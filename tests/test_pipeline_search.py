@@ -22,7 +22,7 @@ from pipeline.search import SearchJob, build_tuner, collect_outcomes, select_top
 from pipeline.tracking import prepare_tracking
 from rarn.config import load_config
 from rarn.data import load_dataset
-from rarn.nas.search import SearchData, run_search
+from rarn.nas.loop import SearchData, run_search
 
 ROOT = Path(__file__).resolve().parents[1]
 

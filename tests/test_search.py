@@ -6,10 +6,12 @@ import math
 import pytest
 import torch
 
+from rarn.checkpoint import CheckpointError
 from rarn.config import ConstraintConfig, DataConfig, SearchConfig, load_config
 from rarn.data import load_dataset
 from rarn.nas.genotype import Genotype, parametric_share
-from rarn.nas.search import RACLSearch, SearchData, SearchDiverged, run_search
+from rarn.nas.loop import SearchData, SearchDiverged, run_search
+from rarn.nas.search import RACLSearch
 
 # Tiny but complete: 3 cells (normal, reduction, reduction), 2 nodes per cell, a few steps.
 TINY = SearchConfig(
@@ -144,6 +146,37 @@ def test_bad_search_config_is_rejected():
 def test_corrupted_checkpoint_is_a_clear_error(data, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read search checkpoint"):
+        run_search(TINY, ConstraintConfig(), data, checkpoint_dir=tmp_path)
+
+
+def test_lr_follows_the_closed_form_cosine(data, tmp_path):
+    """Per epoch, lr = lr_min + (lr - lr_min) (1 + cos(pi e / E)) / 2, also after a resume."""
+    cfg = dataclasses.replace(TINY, epochs=4, warmup_epochs=4, max_steps_per_epoch=1, lr_min=0.003)
+
+    def interrupt(epoch, metrics):
+        if epoch == 2:
+            raise InterruptedError
+
+    with pytest.raises(InterruptedError):
+        run_search(cfg, ConstraintConfig(), data, callbacks=[interrupt], checkpoint_dir=tmp_path)
+    history = run_search(cfg, ConstraintConfig(), data, checkpoint_dir=tmp_path).history
+    closed = [
+        cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * e / cfg.epochs))
+        for e in range(cfg.epochs)
+    ]
+    assert [m["lr"] for m in history] == pytest.approx(closed, rel=1e-12, abs=0)
+
+
+def test_tampered_checkpoint_names_the_file(data, tmp_path):
+    """The search checkpoint is a rarn.checkpoint file: its sha256 record catches a flipped byte."""
+    run_search(
+        dataclasses.replace(TINY, epochs=1), ConstraintConfig(), data, checkpoint_dir=tmp_path
+    )
+    assert (tmp_path / "checkpoint.pt.sha256").exists()
+    raw = bytearray((tmp_path / "checkpoint.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (tmp_path / "checkpoint.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"cannot read search checkpoint: .*checkpoint\.pt"):
         run_search(TINY, ConstraintConfig(), data, checkpoint_dir=tmp_path)
 
 

@@ -19,14 +19,16 @@ instead of ~50 tiny ops per edge it processes all edges that leave the same inpu
   channel shuffle per node.
 
 Everything runs in channels-last memory layout: oneDNN's depthwise convs and BN are several times
-faster there on CPU than in NCHW (on these 2-core machines). Sub-tensors are taken with ``split``
-and strided sub-sampling with a kernel-1 pool, never by slicing, so that gradients stay
-channels-last too (a mixed-layout gradient sends BN backward to a ~5x slower kernel).
+faster there on CPU than in NCHW (on these 2-core machines); the batched kernels are in
+:mod:`rarn.nas._fused_kernels`.
+
+Which ops are batched how follows their *kind* in the op registry (:data:`rarn.nas.ops.OPS`), so
+a new op of a known kind is handled, and an op of a kind this path cannot batch, or whose modules
+do not have its kind's structure, fails with a message naming it (use ``fused=False``).
 
 The parameters and buffers are read from the per-edge modules on every call (no second copy), so
 ``state_dict``, checkpoints and :mod:`rarn.lipschitz.estimator` see the same network. The plan
-(which
-modules to batch) is cached per cell and rebuilt when the cell's edge modules change.
+(which modules to batch) is cached per cell and rebuilt when the cell's edge modules change.
 """
 
 from __future__ import annotations
@@ -38,24 +40,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rarn.nas._fused_kernels import (
+    batch_norm,
+    depthwise,
+    factorized_reduce,
+    nhwc,
+    pointwise,
+    repeat_blocks,
+    shared_batch_norm,
+    shuffle_node,
+    subsample,
+)
 from rarn.nas.genotype import edge_endpoints
-from rarn.nas.ops import PRIMITIVES, FactorizedReduce
+from rarn.nas.ops import OPS, PRIMITIVES, FactorizedReduce, ops_of_kind
 
 __all__ = ["fused_cell_forward"]
 
-_EXPECTED_OPS = {
-    "none",
-    "max_pool_3x3",
-    "avg_pool_3x3",
-    "skip_connect",
-    "sep_conv_3x3",
-    "sep_conv_5x5",
-    "dil_conv_3x3",
-    "dil_conv_5x5",
-}
-_SEP = ("sep_conv_3x3", "sep_conv_5x5")
-_DIL = ("dil_conv_3x3", "dil_conv_5x5")
-_POOL = ("max_pool_3x3", "avg_pool_3x3")
+_BATCHED = ("none", "pool", "skip", "sep", "dil")  # the op kinds this path knows how to batch
+_SEP, _DIL, _POOL, _SKIP = (ops_of_kind(kind) for kind in ("sep", "dil", "pool", "skip"))
 
 
 @dataclass
@@ -81,9 +83,11 @@ _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary(
 
 
 def _build_plan(cell: nn.Module) -> _Plan:
-    if set(PRIMITIVES) != _EXPECTED_OPS:
+    other = [f"{n!r} (kind {OPS[n].kind!r})" for n in PRIMITIVES if OPS[n].kind not in _BATCHED]
+    if other:
         raise NotImplementedError(
-            f"fused forward supports the DARTS 8-op space, got {PRIMITIVES}; use fused=False"
+            f"fused forward cannot batch op {', '.join(other)}: it batches the op kinds "
+            f"{', '.join(_BATCHED)}; use fused=False"
         )
     endpoints = edge_endpoints(cell.nodes)
     index = {pair: e for e, pair in enumerate(endpoints)}
@@ -101,20 +105,34 @@ def _build_plan(cell: nn.Module) -> _Plan:
     return _Plan(_plan_key(cell), groups, {})
 
 
+def _has_structure(kind: str, op: nn.Module, stride: int) -> bool:
+    """Whether ``op`` has the module structure the batched kernels read for its kind."""
+    if kind == "sep":  # (ReLU, depthwise, pointwise, BN) x 2
+        return isinstance(op, nn.Sequential) and len(op) == 8
+    if kind == "dil":  # ReLU, depthwise, pointwise, BN
+        return isinstance(op, nn.Sequential) and len(op) == 4
+    if kind == "pool":  # pool, BN (rarn.nas.supernet.MixedOp)
+        return (
+            isinstance(op, nn.Sequential)
+            and isinstance(op[0], (nn.MaxPool2d, nn.AvgPool2d))
+            and isinstance(op[1], nn.BatchNorm2d)
+        )
+    if kind == "skip":
+        return isinstance(op, nn.Identity if stride == 1 else FactorizedReduce)
+    return True  # none: never evaluated
+
+
 def _check_ops(ops: dict[str, nn.Module], stride: int) -> None:
-    """The module structure the fused forward reads (rarn.nas.ops, MixedOp)."""
-    ok = all(isinstance(ops[n], nn.Sequential) and len(ops[n]) == 8 for n in _SEP)
-    ok &= all(isinstance(ops[n], nn.Sequential) and len(ops[n]) == 4 for n in _DIL)
-    ok &= all(
-        isinstance(ops[n], nn.Sequential)
-        and isinstance(ops[n][0], (nn.MaxPool2d, nn.AvgPool2d))
-        and isinstance(ops[n][1], nn.BatchNorm2d)
-        for n in _POOL
-    )
-    skip = ops["skip_connect"]
-    ok &= isinstance(skip, nn.Identity) if stride == 1 else isinstance(skip, FactorizedReduce)
-    if not ok:
-        raise NotImplementedError("fused forward: unexpected op modules; use fused=False")
+    bad = [
+        f"{n!r} (kind {OPS[n].kind!r})"
+        for n, op in ops.items()
+        if not _has_structure(OPS[n].kind, op, stride)
+    ]
+    if bad:
+        raise NotImplementedError(
+            f"fused forward: op {', '.join(bad)} does not have the module structure of its kind "
+            "(see rarn.nas._fused._has_structure); use fused=False"
+        )
 
 
 def _plan_key(cell: nn.Module) -> tuple[int, ...]:
@@ -138,153 +156,104 @@ def _index(plan: _Plan, g: int, group: _Group, device: torch.device) -> Tensor:
     return idx
 
 
-def _nhwc(x: Tensor) -> Tensor:
-    """``[B, C, H, W]`` -> its ``[B, H, W, C]`` view (contiguous for channels-last memory)."""
-    return x.permute(0, 2, 3, 1)
+@dataclass
+class _Rows:
+    """Inputs of the mixing GEMM: per-edge parts (channel blocks ``(kind, s, t)``) and
+    per-source parts (blocks ``(kind, s)``, shared by all targets), with the op column of
+    ``coef = beta_e * w_eo`` that weights each kind."""
+
+    edge_parts: list[Tensor]
+    edge_cols: list[int]
+    src_parts: list[Tensor]
+    src_cols: list[int]
 
 
-def _nchw(x: Tensor) -> Tensor:
-    """Inverse of :func:`_nhwc`."""
-    return x.permute(0, 3, 1, 2)
+def _conv_rows(group: _Group, r: Tensor, r_sub: Tensor | None, training: bool) -> _Rows:
+    """Every sep / dil conv kind: one grouped dw conv, one grouped pw conv, one BN for all
+    edges; the outputs are per-edge rows."""
+    m = len(group.targets)
+    rows = _Rows([], [], [], [])
+    for name in _SEP + _DIL:
+        mods = [o[name] for o in group.ops]
+        y = depthwise(r, [mod[1] for mod in mods], m, r_sub)  # (s, ch, t)
+        y = pointwise(y, [mod[2] for mod in mods], m)  # (s, t, ch): one block per edge
+        y = batch_norm(y, [mod[3] for mod in mods], training)
+        if name in _SEP:
+            y = depthwise(F.relu(y), [mod[5] for mod in mods])
+            y = pointwise(y, [mod[6] for mod in mods])
+            y = batch_norm(y, [mod[7] for mod in mods], training)
+        rows.edge_parts.append(y)
+        rows.edge_cols.append(PRIMITIVES.index(name))
+    return rows
 
 
-def _repeat(x: Tensor, groups: int, m: int) -> Tensor:
-    """``[B, G*c, H, W]`` -> ``[B, G*m*c, H, W]`` channels-last: each block of ``c`` channels
-    repeated ``m`` times in place (channel order (g, repeat, ch)), in one copy."""
-    y = _nhwc(x).unflatten(3, (groups, 1, -1)).expand(-1, -1, -1, -1, m, -1)
-    return _nchw(y.flatten(3))
+def _pool_rows(rows: _Rows, group: _Group, xa: Tensor, training: bool) -> None:
+    """Pools (+ BN). In training mode with batch statistics (affine=False) the output is the same
+    on every edge of a source, so it is computed once per source (per-source rows)."""
+    if not _POOL:
+        return
+    S, m, ops = len(group.sources), len(group.targets), group.ops
+    pooled = torch.cat([ops[0][name][0](xa) for name in _POOL], dim=1)  # (kind, s, ch)
+    pool_bns = [o[name][1] for name in _POOL for o in ops]
+    cols = [PRIMITIVES.index(n) for n in _POOL]
+    if training and not pool_bns[0].affine:
+        rows.src_parts.append(shared_batch_norm(pooled, pool_bns, m))
+        rows.src_cols += cols
+    else:
+        rows.edge_parts.append(
+            batch_norm(repeat_blocks(pooled, len(_POOL) * S, m), pool_bns, training)
+        )
+        rows.edge_cols += cols
 
 
-def _batch_norm(x: Tensor, bns: list[nn.Module], training: bool) -> Tensor:
-    """One ``F.batch_norm`` for the BNs ``bns`` whose channels are concatenated in ``x``.
-
-    In training mode the running statistics of every BN are updated exactly as
-    ``nn.BatchNorm2d.forward`` would (same kernel on a concatenated copy, copied back).
-    """
-    bn0 = bns[0]
-    weight = bias = None
-    if bn0.affine:
-        weight = torch.cat([bn.weight for bn in bns])
-        bias = torch.cat([bn.bias for bn in bns])
-    if not bn0.track_running_stats:
-        return F.batch_norm(x, None, None, weight, bias, True, 0.0, bn0.eps)
-    mean = torch.cat([bn.running_mean for bn in bns])
-    var = torch.cat([bn.running_var for bn in bns])
-    if not training:
-        return F.batch_norm(x, mean, var, weight, bias, False, 0.0, bn0.eps)
-    if bn0.momentum is None:
-        raise NotImplementedError("fused forward needs BatchNorm with a float momentum")
-    y = F.batch_norm(x, mean, var, weight, bias, True, bn0.momentum, bn0.eps)
-    with torch.no_grad():
-        n = bn0.num_features
-        torch._foreach_copy_([bn.running_mean for bn in bns], mean.split(n))
-        torch._foreach_copy_([bn.running_var for bn in bns], var.split(n))
-        torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-    return y
+def _skip_rows(
+    rows: _Rows, group: _Group, xa: Tensor, r: Tensor, r_sub: Tensor | None, training: bool
+) -> None:
+    """Identity on a source (per-source rows), or a batched FactorizedReduce per edge."""
+    for name in _SKIP:
+        col = PRIMITIVES.index(name)
+        if group.stride == 1:
+            rows.src_parts.append(xa)
+            rows.src_cols.append(col)
+        else:
+            frs = [o[name] for o in group.ops]
+            rows.edge_parts.append(factorized_reduce(r, r_sub, len(group.sources), frs, training))
+            rows.edge_cols.append(col)
 
 
-def _shared_batch_norm(x: Tensor, bns: list[nn.Module], repeats: int) -> Tensor:
-    """Training-mode BN(affine=False) of ``x`` (blocks of ``c`` channels) whose output is shared
-    by ``repeats`` BNs per block, ``bns`` in (block, repeat) order; updates all their running
-    statistics with the batch statistics of their block, as ``nn.BatchNorm2d`` does."""
-    bn0 = bns[0]
-    y, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, bn0.eps)
-    if bn0.track_running_stats:
-        if bn0.momentum is None:
-            raise NotImplementedError("fused forward needs BatchNorm with a float momentum")
-        with torch.no_grad():
-            n = x.numel() // x.shape[1]
-            # The kernel's biased variance, back from 1 / sqrt(var + eps); nn.BatchNorm2d's
-            # running_var takes the unbiased one.
-            var = (invstd.pow(-2) - bn0.eps).clamp_min_(0.0) * (n / max(n - 1, 1))
-            c = bn0.num_features
-            blocks = x.shape[1] // c
-            mean = mean.view(blocks, 1, c).expand(-1, repeats, -1).reshape(-1)
-            var = var.view(blocks, 1, c).expand(-1, repeats, -1).reshape(-1)
-            mom = bn0.momentum
-            rm = torch.cat([bn.running_mean for bn in bns]).mul_(1.0 - mom).add_(mean, alpha=mom)
-            rv = torch.cat([bn.running_var for bn in bns]).mul_(1.0 - mom).add_(var, alpha=mom)
-            torch._foreach_copy_([bn.running_mean for bn in bns], rm.split(c))
-            torch._foreach_copy_([bn.running_var for bn in bns], rv.split(c))
-            torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
-    return y
+def _mix(rows: _Rows, coef: Tensor, c: int) -> Tensor:
+    """``sum_kind coef * rows`` for every target: ``[B, m*c, H', W']`` (target-major channels).
+
+    ``coef`` is ``[S, m, n_ops]``; the sum runs as 1 x 1 convs over the rows with weight
+    ``mix (x) I_c`` (GEMMs in channels-last layout, one per part, no concatenated copy)."""
+    S, m = coef.shape[:2]
+    eye = torch.eye(m, dtype=coef.dtype, device=coef.device)
+    # mix[t, (kind, s, t')] = coef[s, t', kind] * [t == t']: an edge row feeds its own target.
+    mats = [torch.einsum("tu,suk->tksu", eye, coef[:, :, rows.edge_cols]).reshape(m, -1)]
+    if rows.src_parts:
+        mats.append(coef[:, :, rows.src_cols].permute(1, 2, 0).reshape(m, -1))  # [t, (kind, s)]
+    mix = torch.cat(mats, dim=1)  # [m, N]
+    eye_c = torch.eye(c, dtype=coef.dtype, device=coef.device)
+    weight = torch.einsum("tn,ab->tanb", mix, eye_c).reshape(m * c, -1, 1, 1)
+    parts = rows.edge_parts + rows.src_parts
+    a = None
+    for part, wp in zip(parts, weight.split([p.shape[1] for p in parts], dim=1)):
+        y = F.conv2d(part, wp)
+        a = y if a is None else a + y
+    return a
 
 
-def _depthwise(
-    x: Tensor, convs: list[nn.Conv2d], m: int = 1, x_sub: Tensor | None = None
-) -> Tensor:
-    """The depthwise convs ``convs`` (same hyper-parameters, ``c`` channels each) of ``m`` edges
-    per block of ``c`` input channels, as one conv with channel multiplier ``m``.
-
-    Args:
-        x: ``[B, G*c, H, W]``, ``G`` blocks (sources) of ``c`` channels.
-        convs: ``G*m`` convs in (block, edge) order.
-        m: edges per block.
-        x_sub: ``x[:, :, ::2, ::2]``; a stride-2 dilation-2 conv with even padding reads only that
-            sub-grid, so it runs there as a dense stride-1 conv (same sums; oneDNN's strided
-            dilated depthwise kernels are several times slower on CPU).
-
-    Returns:
-        ``[B, G*c*m, H', W']``, channel order (block, ch, edge).
-    """
-    c0 = convs[0]
-    weight = torch.cat([c.weight for c in convs])  # (block, edge, ch)
-    if m > 1:
-        G, c = len(convs) // m, c0.weight.shape[0]
-        weight = weight.view(G, m, c, *weight.shape[1:]).transpose(1, 2).flatten(0, 2)
-    stride, padding, dilation = c0.stride, c0.padding, c0.dilation
-    if x_sub is not None and stride == (2, 2) and dilation == (2, 2):
-        if padding[0] % 2 == 0 and padding[1] % 2 == 0:
-            x, stride, dilation = x_sub, 1, 1
-            padding = (padding[0] // 2, padding[1] // 2)
-    return F.conv2d(x, weight, None, stride, padding, dilation, x.shape[1])
-
-
-def _pointwise(x: Tensor, convs: list[nn.Conv2d], m: int = 1) -> Tensor:
-    """The 1 x 1 convs ``convs`` (``c`` -> ``c'``, in (block, edge) order) of the output of
-    :func:`_depthwise` with multiplier ``m``; returns channel order (block, edge, ch')."""
-    weight = torch.cat([c.weight for c in convs])  # [G*m*c', c, 1, 1]
-    groups = len(convs) // m
-    if m > 1:
-        # Input channel (ch, t) of block s feeds edge t only: weight (x) [t == t'].
-        c_out, c = convs[0].weight.shape[:2]
-        eye = torch.eye(m, dtype=weight.dtype, device=weight.device)
-        weight = torch.einsum("suab,ut->suabt", weight.view(groups, m, c_out, c), eye)
-        weight = weight.reshape(groups * m * c_out, c * m, 1, 1)
-    return F.conv2d(x, weight, None, 1, 0, 1, groups)
-
-
-def _subsample(x: Tensor) -> Tensor:
-    """``x[:, :, ::2, ::2]`` as a kernel-1 stride-2 average pool: the same values, but its backward
-    keeps the channels-last layout (slicing's backward allocates a default-layout zero tensor, and
-    mixed layouts send BN and ReLU backward to slow kernels)."""
-    return F.avg_pool2d(x, 1, 2)
-
-
-def _factorized_reduce(
-    r: Tensor, r_sub: Tensor, S: int, frs: list[FactorizedReduce], training: bool
-) -> Tensor:
-    """Batched :class:`FactorizedReduce` of the ReLU'd partial channels ``r`` of ``S`` sources.
-
-    Args:
-        r: ``[B, S*c, H, W]``.
-        r_sub: ``_subsample(r)``, what every edge's ``conv_1`` reads.
-        S: number of sources.
-        frs: the edges' modules, in (source, target) order.
-        training: BN mode.
-
-    Returns:
-        ``[B, S*m*c, H', W']`` in edge order.
-    """
-    H, W = r.shape[2], r.shape[3]
-    E = len(frs)
-    # conv_2 reads x[:, :, 1:, 1:], zero-padded to even size, at stride 2.
-    shifted = _subsample(F.pad(r, (-1, W % 2, -1, H % 2)))
-    y1 = F.conv2d(r_sub, torch.cat([fr.conv_1.weight for fr in frs]), None, 1, 0, 1, S)
-    y2 = F.conv2d(shifted, torch.cat([fr.conv_2.weight for fr in frs]), None, 1, 0, 1, S)
-    # Per edge cat([conv_1, conv_2]): channel order (e, half, ch).
-    y = torch.cat([_nhwc(y1).unflatten(3, (E, 1, -1)), _nhwc(y2).unflatten(3, (E, 1, -1))], dim=4)
-    return _batch_norm(_nchw(y.flatten(3)), [fr.bn for fr in frs], training)
+def _bypass(group: _Group, xbs: list[Tensor], beta: Tensor) -> Tensor:
+    """Bypass x_b (max-pooled on strided edges): ``sum_s beta[s, t] x_b[s]`` for every target
+    ``t``, as ``[B, H', W', m, C - c]``."""
+    beta = beta.view(len(group.sources), len(group.targets), 1)
+    b = None
+    for s, xb in enumerate(xbs):
+        if group.stride != 1:
+            xb = F.max_pool2d(xb, 2, 2, ceil_mode=True)
+        xb = nhwc(xb).unsqueeze(3)  # [B, H', W', 1, C - c]
+        b = xb * beta[s] if b is None else torch.addcmul(b, xb, beta[s])
+    return b
 
 
 def _group_forward(
@@ -310,100 +279,14 @@ def _group_forward(
         ``[B, H', W', m, C - c]`` (``None`` when K = 1) for each of the ``m`` targets.
     """
     S, m = len(group.sources), len(group.targets)
-    c = xas[0].shape[1]
-    ops = group.ops
     xa = xas[0] if S == 1 else torch.cat(xas, dim=1)  # (s, ch)
     r = F.relu(xa)
-    r_sub = _subsample(r) if group.stride == 2 else None
-
-    # Every sep / dil conv kind: one grouped dw conv, one grouped pw conv, one BN for all edges.
-    outs = []
-    for name in _SEP + _DIL:
-        mods = [o[name] for o in ops]
-        y = _depthwise(r, [mod[1] for mod in mods], m, r_sub)  # (s, ch, t)
-        y = _pointwise(y, [mod[2] for mod in mods], m)  # (s, t, ch): one block per edge
-        y = _batch_norm(y, [mod[3] for mod in mods], training)
-        if name in _SEP:
-            y = _depthwise(F.relu(y), [mod[5] for mod in mods])
-            y = _pointwise(y, [mod[6] for mod in mods])
-            y = _batch_norm(y, [mod[7] for mod in mods], training)
-        outs.append(y)
-
-    # Pools (+ BN): in training mode with batch statistics the output is the same on every edge
-    # of a source, so it is computed once per source.
-    pooled = torch.cat([ops[0][name][0](xa) for name in _POOL], dim=1)  # (kind, s, ch)
-    pool_bns = [o[name][1] for name in _POOL for o in ops]
-    shared_pools = training and not pool_bns[0].affine
-    if shared_pools:
-        pooled = _shared_batch_norm(pooled, pool_bns, m)
-    else:
-        pooled = _batch_norm(_repeat(pooled, 2 * S, m), pool_bns, training)
-
-    # Rows of c channels: per-edge rows (kind, s, t) and per-source rows (kind, s), each weighted
-    # by a column of coef = beta_e * w_eo.
-    edge_parts, edge_cols = outs, [PRIMITIVES.index(n) for n in _SEP + _DIL]
-    src_parts: list[Tensor] = []
-    src_cols: list[int] = []
-    pool_cols = [PRIMITIVES.index(n) for n in _POOL]
-    if shared_pools:
-        src_parts.append(pooled)
-        src_cols += pool_cols
-    else:
-        edge_parts.append(pooled)
-        edge_cols += pool_cols
-    skip_col = PRIMITIVES.index("skip_connect")
-    if group.stride == 1:
-        src_parts.append(xa)
-        src_cols.append(skip_col)
-    else:
-        frs = [o["skip_connect"] for o in ops]
-        edge_parts.append(_factorized_reduce(r, r_sub, S, frs, training))
-        edge_cols.append(skip_col)
-
-    coef = (w * beta[:, None]).view(S, m, -1)
-    eye = torch.eye(m, dtype=coef.dtype, device=coef.device)
-    # mix[t, (kind, s, t')] = coef[s, t', kind] * [t == t']: an edge row feeds its own target.
-    mats = [torch.einsum("tu,suk->tksu", eye, coef[:, :, edge_cols]).reshape(m, -1)]
-    if src_parts:
-        mats.append(coef[:, :, src_cols].permute(1, 2, 0).reshape(m, -1))  # [t, (kind, s)]
-    mix = torch.cat(mats, dim=1)  # [m, N]
-    # 1 x 1 convs over the rows with weight mix (x) I_c: GEMMs in channels-last layout, one per
-    # part (no concatenated copy of the rows).
-    eye_c = torch.eye(c, dtype=coef.dtype, device=coef.device)
-    weight = torch.einsum("tn,ab->tanb", mix, eye_c).reshape(m * c, -1, 1, 1)
-    parts = edge_parts + src_parts
-    a = None
-    for part, wp in zip(parts, weight.split([p.shape[1] for p in parts], dim=1)):
-        y = F.conv2d(part, wp)
-        a = y if a is None else a + y
-    if xbs is None:
-        return a, None
-
-    # Bypass x_b (max-pooled on strided edges): sum_s beta[s, t] x_b[s] for every target t.
-    beta = beta.view(S, m, 1)
-    b = None
-    for s, xb in enumerate(xbs):
-        if group.stride != 1:
-            xb = F.max_pool2d(xb, 2, 2, ceil_mode=True)
-        xb = _nhwc(xb).unsqueeze(3)  # [B, H', W', 1, C - c]
-        b = xb * beta[s] if b is None else torch.addcmul(b, xb, beta[s])
-    return a, b
-
-
-def _shuffle_node(a: Tensor, b: Tensor | None, k: int) -> Tensor:
-    """``channel_shuffle(cat([a, b]), k)`` in one copy, channels-last.
-
-    Args:
-        a: the mixed part ``[B, c, H, W]``.
-        b: the bypass part as ``[B, H, W, (k - 1) * c]``, or ``None`` when ``k == 1``.
-        k: PC-DARTS K.
-    """
-    if b is None:
-        return a
-    c = a.shape[1]
-    # Shuffled channel i*k + q holds channel q*c + i of cat([a, b]).
-    y = torch.cat([_nhwc(a).unsqueeze(4), b.unflatten(3, (k - 1, c)).transpose(3, 4)], dim=4)
-    return _nchw(y.flatten(3))
+    r_sub = subsample(r) if group.stride == 2 else None
+    rows = _conv_rows(group, r, r_sub, training)
+    _pool_rows(rows, group, xa, training)
+    _skip_rows(rows, group, xa, r, r_sub, training)
+    a = _mix(rows, (w * beta[:, None]).view(S, m, -1), xas[0].shape[1])
+    return a, None if xbs is None else _bypass(group, xbs, beta)
 
 
 def fused_cell_forward(
@@ -440,7 +323,7 @@ def fused_cell_forward(
         idx = _index(plan, g, group, op_weights.device)
         C = states[group.sources[0]].shape[1]
         c = C // k
-        # split, not slicing, so that the gradients stay channels-last (see _subsample)
+        # split, not slicing, so that the gradients stay channels-last (see subsample)
         parts = [
             states[s].split([c, C - c], dim=1) if k > 1 else (states[s],) for s in group.sources
         ]
@@ -463,5 +346,5 @@ def fused_cell_forward(
             else:
                 node_b, acc_b = b, None
             node_b = node_b.squeeze(3)
-        states.append(_shuffle_node(node_a, node_b, k))
+        states.append(shuffle_node(node_a, node_b, k))
     return torch.cat(states[-cell.multiplier :], dim=1)

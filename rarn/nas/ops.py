@@ -1,15 +1,20 @@
 """The DARTS 8-op search space: one op registry shared by the supernet, genotypes and networks.
 
-``OPS`` maps an op name to a factory ``(C, stride, affine) -> nn.Module``; ``PRIMITIVES`` is its key
+``OPS`` maps an op name to an :class:`OpDef`: a factory ``(C, stride, affine) -> nn.Module`` and
+the op's *kind* (``OP_KINDS``), which is all the rest of the code may know about it: the supernet
+follows ``pool`` ops with a BN, ``sep``/``dil`` ops count as parametric, and the fused supernet
+forward batches ops by kind (and rejects a kind it cannot batch). ``PRIMITIVES`` is the key
 order, which is also the column order of the architecture parameters (spec §2.2). The op modules
 follow DARTS (Liu et al. 2019, arXiv:1806.09055): every parametric op is ReLU -> conv(s) -> BN.
 Op modules are plain ``nn.Sequential`` compositions where possible so that
-:mod:`rarn.lipschitz.estimator` can bound them child by child.
+:mod:`rarn.lipschitz.estimator` can bound them child by child. A new op goes into ``OPS`` with
+the kind whose module structure it has.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +22,19 @@ from torch import Tensor, nn
 
 __all__ = [
     "OPS",
+    "OP_KINDS",
     "PARAMETRIC",
     "PRIMITIVES",
     "DilConv",
     "FactorizedReduce",
+    "OpDef",
     "OpFactory",
     "ReLUConvBN",
     "SepConv",
     "Zero",
     "build_op",
     "channel_shuffle",
+    "ops_of_kind",
 ]
 
 OpFactory = Callable[[int, int, bool], nn.Module]
@@ -122,20 +130,51 @@ def _skip(C: int, stride: int, affine: bool) -> nn.Module:
     return nn.Identity() if stride == 1 else FactorizedReduce(C, C, affine)
 
 
-OPS: dict[str, OpFactory] = {
-    "none": lambda C, stride, affine: Zero(stride),
-    "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
-    "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(
-        3, stride=stride, padding=1, count_include_pad=False
+OP_KINDS: tuple[str, ...] = ("none", "pool", "skip", "sep", "dil")
+"""``none``: zeros; ``pool``: parameter-free pooling (BN-normalised in the supernet); ``skip``:
+identity, :class:`FactorizedReduce` when strided; ``sep``: :class:`SepConv`; ``dil``:
+:class:`DilConv`."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One registry entry: the op's kind (one of ``OP_KINDS``) and its factory."""
+
+    kind: str
+    build: OpFactory
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"op kind {self.kind!r}: use one of {', '.join(OP_KINDS)}")
+
+    def __call__(self, C: int, stride: int, affine: bool) -> nn.Module:
+        return self.build(C, stride, affine)
+
+
+OPS: dict[str, OpDef] = {
+    "none": OpDef("none", lambda C, stride, affine: Zero(stride)),
+    "max_pool_3x3": OpDef(
+        "pool", lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1)
     ),
-    "skip_connect": _skip,
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+    "avg_pool_3x3": OpDef(
+        "pool",
+        lambda C, stride, affine: nn.AvgPool2d(
+            3, stride=stride, padding=1, count_include_pad=False
+        ),
+    ),
+    "skip_connect": OpDef("skip", _skip),
+    "sep_conv_3x3": OpDef("sep", lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine)),
+    "sep_conv_5x5": OpDef("sep", lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine)),
+    "dil_conv_3x3": OpDef("dil", lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine)),
+    "dil_conv_5x5": OpDef("dil", lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine)),
 }
 PRIMITIVES: tuple[str, ...] = tuple(OPS)  # the architecture-parameter column order
-PARAMETRIC: frozenset[str] = frozenset(p for p in PRIMITIVES if "conv" in p and p != "skip_connect")
+PARAMETRIC: frozenset[str] = frozenset(p for p in PRIMITIVES if OPS[p].kind in ("sep", "dil"))
+
+
+def ops_of_kind(kind: str) -> tuple[str, ...]:
+    """The registry's ops of ``kind``, in ``PRIMITIVES`` order."""
+    return tuple(p for p in PRIMITIVES if OPS[p].kind == kind)
 
 
 def build_op(name: str, C: int, stride: int, affine: bool = True) -> nn.Module:

@@ -1,36 +1,39 @@
-"""RACL bilevel search (spec §2.7, Algorithm 1): weight step on D_T, constrained architecture step
-on D_V, decoding to a :class:`~rarn.nas.genotype.Genotype`.
+"""The RACL search object (spec §2.7, Algorithm 1): one weight step on D_T, one constrained
+architecture step on D_V, and the complete state a resumed search needs. The epoch loop around
+it is :func:`rarn.nas.loop.run_search`.
 
-* Weight step (SGD, cosine lr, grad clipping): ``CE + gamma * E_x ||grad_x CE||_2`` on a fresh
-  sample of the architecture; the gradient-norm term is exact (double backprop) or a finite
-  difference along the input-gradient direction (``(l(x + h d) - l(x)) / h``, ``d`` the unit
-  input gradient; two forward/backward passes instead of a double backward).
+* Weight step (SGD, cosine lr per epoch, grad clipping): ``CE + gamma * E_x ||grad_x CE||_2`` on
+  a fresh sample of the architecture; the gradient-norm term is exact (double backprop) or a
+  finite difference along the input-gradient direction (``(l(x + h d) - l(x)) / h``, ``d`` the
+  unit input gradient; two forward/backward passes instead of a double backward).
 * Architecture step (Adam on ``(mu, log sigma)``; weight decay on ``mu`` only, since decay on
   ``log sigma`` drags sigma towards 1, spec §12): validation CE on a reparameterised sample plus
   the augmented-Lagrangian term of the chance constraint on ``(mu_F, sigma_F)``, then dual ascent.
   The per-op Lipschitz constants are detached (the paper constrains architecture parameters).
-* :func:`run_search` is a plain function (no Ray) with per-epoch observer callbacks and a complete
-  checkpoint (weights, distributions, optimisers, dual state, power-iteration buffers, RNG state):
-  a resumed search continues exactly where it stopped.
+* The checkpoint (weights, distributions, optimisers, dual state, power-iteration buffers, RNG
+  state) is a :func:`rarn.checkpoint.save_checkpoint` file of kind ``search``, sha256-recorded.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import time
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rarn.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    load_state_checked,
+    save_checkpoint,
+)
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.lipschitz.estimator import LipschitzEstimator
 from rarn.nas.constraint import (
@@ -44,75 +47,17 @@ from rarn.nas.constraint import (
     satisfaction_probability,
 )
 from rarn.nas.decode import DECODERS, decode
-from rarn.nas.genotype import Genotype, parametric_share
+from rarn.nas.genotype import Genotype
 from rarn.nas.supernet import ArchSample, Supernet
+from rarn.robust.loop import evaluate as evaluate_model
+from rarn.robust.loop import make_scheduler
 
-__all__ = [
-    "RACLSearch",
-    "SearchCallback",
-    "SearchData",
-    "SearchDiverged",
-    "SearchResult",
-    "run_search",
-]
+__all__ = ["CHECKPOINT", "GENOTYPE", "RACLSearch"]
 
-log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.pt"  # written by RACLSearch.save, with its checkpoint.pt.sha256 record
 GENOTYPE = "genotype.json"
-
-
-class SearchDiverged(RuntimeError):
-    """A loss became non-finite; names the epoch, step and which loss."""
-
-    def __init__(self, epoch: int, step: int, what: str, value: float) -> None:
-        super().__init__(f"search diverged at epoch {epoch}, step {step}: {what} = {value}")
-        self.epoch, self.step, self.what, self.value = epoch, step, what, value
-
-    def __reduce__(self) -> tuple:  # picklable across processes (Ray trials, multiprocessing)
-        return type(self), (self.epoch, self.step, self.what, self.value)
-
-
-class SearchCallback(Protocol):
-    """Observer called after every epoch; it must not modify the search."""
-
-    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None: ...
-
-
-@dataclass(frozen=True)
-class SearchData:
-    """The search split: ``train`` (D_T, weights) and ``val`` (D_V, architecture)."""
-
-    train: Any
-    val: Any
-    num_classes: int
-    in_channels: int
-
-    @classmethod
-    def from_bundle(cls, bundle: Any, train_portion: float = 0.5, seed: int = 0) -> SearchData:
-        """Split a :class:`rarn.data.DatasetBundle`'s training data into D_T / D_V."""
-        from rarn.data import search_split
-
-        d_t, d_v = search_split(bundle.train, train_portion, seed)
-        return cls(d_t, d_v, bundle.num_classes, bundle.in_channels)
-
-
-@dataclass
-class SearchResult:
-    genotype: Genotype
-    genotypes: dict[str, Genotype]
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    @property
-    def final(self) -> dict[str, float]:
-        return self.history[-1] if self.history else {}
-
-
-# ----------------------------------------------------------------------------------------------
-# The search object: one weight step, one architecture step.
-
-
-def _cosine_lr(epoch: int, epochs: int, lr: float, lr_min: float) -> float:
-    return lr_min + 0.5 * (lr - lr_min) * (1 + math.cos(math.pi * epoch / max(1, epochs)))
+_KIND = "search"  # rarn.checkpoint kind
+_STATE_KEYS = ("epoch", "model", "w_opt", "a_opt", "constraint", "sample_gen", "history")
 
 
 class RACLSearch:
@@ -134,65 +79,19 @@ class RACLSearch:
         _validate(search, constraint)
         self.cfg, self.ccfg = search, constraint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; do not leak
-            torch.manual_seed(search.seed)
-            gen = torch.Generator().manual_seed(search.seed)
-            self.model = Supernet(
-                search.init_channels,
-                num_classes,
-                search.layers,
-                in_channels,
-                nodes=search.nodes,
-                k=search.partial_channels,
-                sigma_init=search.sigma_init,
-                fused=search.fused,
-                generator=gen,
-            )
-        cells = list(self.model.cells)
-        ops = [op for cell in cells for edge in cell.edges for op in edge.ops]
-        fixed = [self.model.stem, self.model.classifier]
-        fixed += [m for cell in cells for m in (cell.preprocess0, cell.preprocess1)]
-        self.model.lipschitz = LipschitzEstimator(
-            ops + fixed,
-            include_bn=constraint.include_bn,
-            generator=torch.Generator().manual_seed(search.seed),
-        )
-        self._n_ops = len(ops)
+        self.model = _supernet(search, num_classes, in_channels)
+        _attach_estimator(self.model, constraint.include_bn, search.seed)
+        cells = self.model.cells
         self._shape = (len(cells), len(cells[0].edges), len(cells[0].edges[0].ops))
+        self._n_ops = math.prod(self._shape)  # the estimator's op constants come first
         self._is_reduce = torch.tensor([c.reduction for c in cells])
         self.model.to(self.device)
-        self.w_opt = torch.optim.SGD(
-            self.model.weight_parameters(),
-            search.lr,
-            momentum=search.momentum,
-            weight_decay=search.weight_decay,
-        )
-        arch = self.model.arch
-        self.a_opt = torch.optim.Adam(
-            [
-                {
-                    "params": [getattr(arch, f"mu_{n}") for n in arch.NAMES],
-                    "weight_decay": search.arch_weight_decay,
-                },
-                {
-                    "params": [getattr(arch, f"log_sigma_{n}") for n in arch.NAMES],
-                    "weight_decay": 0.0,
-                },
-            ],
-            lr=search.arch_lr,
-            betas=(search.arch_beta1, search.arch_beta2),
-        )
-        self.constraint = ChanceConstraint(
-            constraint.eta,
-            constraint.rho,
-            constraint.threshold,
-            constraint.kappa,
-            constraint.log_lambda_bar,
-            constraint.dual_init,
-        )
+        self.w_opt, self.a_opt = _optimisers(self.model, search)
+        self.constraint = _chance_constraint(constraint)
         self.sample_gen = torch.Generator().manual_seed(search.seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self._start_schedule()
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -308,18 +207,10 @@ class RACLSearch:
         acc = float((logits.argmax(1) == y).float().mean())
         return {"train_loss": float(loss.detach()), "train_acc": acc, **stats}
 
-    @torch.no_grad()
     def evaluate(self, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-        """Loss and accuracy of the median architecture in eval mode."""
-        self.model.eval()
-        n, loss, correct = 0, 0.0, 0
-        for x, y in loader:
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self.model(x)
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-            n += y.numel()
-        return {"val_loss": loss / max(n, 1), "val_acc": correct / max(n, 1)}
+        """``val_loss`` and ``val_acc`` of the median architecture in eval mode."""
+        out = evaluate_model(self.model, loader)
+        return {"val_loss": out["loss"], "val_acc": out["acc"]}
 
     def decode(self, mode: str | None = None) -> Genotype:
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
@@ -327,11 +218,38 @@ class RACLSearch:
             self.model, mode or self.cfg.decode, self.ccfg.eta, self.cfg.decode_samples, gen
         )
 
+    # -- the learning-rate schedule -----------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        """The weight step's current learning rate."""
+        return self.w_opt.param_groups[0]["lr"]
+
+    def _start_schedule(self) -> None:
+        """The cosine schedule over this config's epochs, advanced to ``self.epoch``.
+
+        The lr is a function of ``(epoch, search.epochs)`` only, so it is rebuilt rather than
+        checkpointed: a resumed search, or a finished one extended to more epochs, gets the lr
+        of an uninterrupted run.
+        """
+        for group in self.w_opt.param_groups:
+            group["lr"] = group["initial_lr"] = self.cfg.lr
+        self.w_sched = make_scheduler(self.w_opt, "cosine", self.cfg.epochs, self.cfg.lr_min)
+        with warnings.catch_warnings():  # a replay: no optimizer step goes with these steps
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+            for _ in range(min(self.epoch, self.cfg.epochs)):
+                self.w_sched.step()
+
+    def end_epoch(self, metrics: dict[str, float]) -> None:
+        """Record a finished epoch's metrics and move the lr to the next epoch's."""
+        self.w_sched.step()
+        self.epoch += 1
+        self.history.append(metrics)
+
     # -- checkpointing ------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": "rarn.nas.search/1",
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "w_opt": self.w_opt.state_dict(),
@@ -344,9 +262,16 @@ class RACLSearch:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state.get("format") != "rarn.nas.search/1":
-            raise ValueError(f"not a rarn search checkpoint (format={state.get('format')!r})")
-        self.model.load_state_dict(state["model"])
+        """Restore a :meth:`state_dict`.
+
+        Raises:
+            CheckpointError: keys are missing, or the supernet does not match (named by
+                parameter).
+        """
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"not a search state: it lacks {missing}")
+        load_state_checked(self.model, state["model"], what="search supernet")
         self.w_opt.load_state_dict(state["w_opt"])
         self.a_opt.load_state_dict(state["a_opt"])
         self.constraint.load_state_dict(state["constraint"])
@@ -356,29 +281,88 @@ class RACLSearch:
         self.sample_gen.set_state(state["sample_gen"])
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
+        self._start_schedule()
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``checkpoint.pt`` and ``genotype.json`` atomically into ``directory``."""
+        """Write ``checkpoint.pt`` (sha256-recorded) and ``genotype.json`` atomically into
+        ``directory``."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / (CHECKPOINT + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, d / CHECKPOINT)
-        (d / (GENOTYPE + ".tmp")).write_text(self.decode().to_json())
-        os.replace(d / (GENOTYPE + ".tmp"), d / GENOTYPE)
+        save_checkpoint(d / CHECKPOINT, self.state_dict(), kind=_KIND)
+        atomic_write(d / GENOTYPE, self.decode().to_json())
         return d / CHECKPOINT
 
     def load(self, directory: str | Path) -> None:
+        """Resume from ``directory``'s checkpoint.
+
+        Raises:
+            CheckpointError: (a ValueError) naming the file: missing, corrupted, modified after
+                it was written (sha256 record), not a search checkpoint, or another supernet.
+        """
         path = Path(directory) / CHECKPOINT
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # corrupted or not a torch file
-            raise ValueError(f"cannot read search checkpoint {path}: {e}") from e
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{path}: not a checkpoint dict")
-        self.load_state_dict(state)
+            self.load_state_dict(load_checkpoint(path, kind=_KIND))
+        except CheckpointError as e:
+            where = "" if str(path) in str(e) else f"{path}: "
+            raise CheckpointError(f"cannot read search checkpoint: {where}{e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Builders
+
+
+def _supernet(search: SearchConfig, num_classes: int, in_channels: int) -> Supernet:
+    with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; do not leak
+        torch.manual_seed(search.seed)
+        return Supernet(
+            search.init_channels,
+            num_classes,
+            search.layers,
+            in_channels,
+            nodes=search.nodes,
+            k=search.partial_channels,
+            sigma_init=search.sigma_init,
+            fused=search.fused,
+            generator=torch.Generator().manual_seed(search.seed),
+        )
+
+
+def _attach_estimator(model: Supernet, include_bn: bool, seed: int) -> None:
+    """``model.lipschitz``: the estimator of every mixed op's op (cell, edge, op order), then of
+    the fixed layers (stem, classifier, each cell's two preprocessings), the order
+    :meth:`RACLSearch.bound_inputs` reads."""
+    cells = list(model.cells)
+    ops = [op for cell in cells for edge in cell.edges for op in edge.ops]
+    fixed = [model.stem, model.classifier]
+    fixed += [m for cell in cells for m in (cell.preprocess0, cell.preprocess1)]
+    model.lipschitz = LipschitzEstimator(
+        ops + fixed, include_bn=include_bn, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD, torch.optim.Adam]:
+    """SGD on the weights; Adam on the architecture, weight decay on ``mu`` only."""
+    w_opt = torch.optim.SGD(
+        model.weight_parameters(),
+        search.lr,
+        momentum=search.momentum,
+        weight_decay=search.weight_decay,
+    )
+    arch = model.arch
+    mus = [getattr(arch, f"mu_{n}") for n in arch.NAMES]
+    log_sigmas = [getattr(arch, f"log_sigma_{n}") for n in arch.NAMES]
+    a_opt = torch.optim.Adam(
+        [
+            {"params": mus, "weight_decay": search.arch_weight_decay},
+            {"params": log_sigmas, "weight_decay": 0.0},
+        ],
+        lr=search.arch_lr,
+        betas=(search.arch_beta1, search.arch_beta2),
+    )
+    return w_opt, a_opt
+
+
+def _chance_constraint(c: ConstraintConfig) -> ChanceConstraint:
+    return ChanceConstraint(c.eta, c.rho, c.threshold, c.kappa, c.log_lambda_bar, c.dual_init)
 
 
 def _validate(search: SearchConfig, c: ConstraintConfig) -> None:
@@ -403,134 +387,3 @@ def _validate(search: SearchConfig, c: ConstraintConfig) -> None:
         problems.append("constraint.mc_samples must be >= 2")
     if problems:
         raise ValueError("; ".join(problems))
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop
-
-
-def _check(value: float, epoch: int, step: int, what: str) -> None:
-    if not math.isfinite(value):
-        raise SearchDiverged(epoch, step, what, value)
-
-
-def run_search(
-    search: SearchConfig,
-    constraint: ConstraintConfig,
-    data: SearchData,
-    *,
-    callbacks: Sequence[SearchCallback | Callable[[int, Mapping[str, float]], None]] = (),
-    checkpoint_dir: str | Path | None = None,
-    device: torch.device | str | None = None,
-) -> SearchResult:
-    """Run (or resume) a RACL search.
-
-    Args:
-        search: supernet and optimisation settings.
-        constraint: the chance constraint.
-        data: D_T / D_V.
-        callbacks: observers ``(epoch, metrics)`` called after every epoch (epoch counts from 1).
-        checkpoint_dir: when given, a complete checkpoint and the current genotype are written
-            after every epoch, and an existing checkpoint there is resumed.
-        device: where to train (default CPU).
-
-    Returns:
-        The decoded genotype (``search.decode`` rule), all decodings, and per-epoch metrics.
-
-    Raises:
-        SearchDiverged: a loss or the bound became non-finite.
-    """
-    from rarn.data import make_loader
-
-    s = RACLSearch(
-        search,
-        constraint,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        device=device,
-    )
-    if checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT).exists():
-        s.load(checkpoint_dir)
-        log.info("resumed search from %s at epoch %d", checkpoint_dir, s.epoch)
-    dev = s.device
-    for epoch in range(s.epoch, search.epochs):
-        t0 = time.perf_counter()
-        lr = _cosine_lr(epoch, search.epochs, search.lr, search.lr_min)
-        for group in s.w_opt.param_groups:
-            group["lr"] = lr
-        # Data order depends only on (seed, epoch): nothing to checkpoint, exact on resume.
-        g_t = torch.Generator().manual_seed(search.seed * 1_000_003 + 2 * epoch)
-        g_v = torch.Generator().manual_seed(search.seed * 1_000_003 + 2 * epoch + 1)
-        train = make_loader(
-            data.train, search.batch_size, shuffle=True, generator=g_t, drop_last=True
-        )
-        val = make_loader(data.val, search.batch_size, shuffle=True, generator=g_v, drop_last=True)
-        arch_on = epoch >= search.warmup_epochs
-        sums: Counter = Counter()
-        n_w = n_a = n_sat = 0
-        for step, ((xt, yt), (xv, yv)) in enumerate(zip(train, _cycle(val))):
-            if search.max_steps_per_epoch and step >= search.max_steps_per_epoch:
-                break
-            if arch_on:
-                a = s.arch_step(xv.to(dev), yv.to(dev))
-                for k in ("arch_loss", "mu_F", "sigma_F", "h"):
-                    _check(a[k], epoch + 1, step, k)
-                sums.update({k: v for k, v in a.items() if k not in ("y", "log_lambda_bar")})
-                n_a += 1
-                n_sat += a["h"] <= 0
-                last_arch = a
-            w = s.weight_step(xt.to(dev), yt.to(dev))
-            _check(w["train_loss"], epoch + 1, step, "train_loss")
-            sums.update(w)
-            n_w += 1
-        if n_w == 0:
-            raise ValueError("empty D_T: no training batch (dataset smaller than batch_size?)")
-        metrics: dict[str, float] = {
-            k: sums[k] / n_w for k in ("train_loss", "train_acc", "grad_norm") if k in sums
-        }
-        metrics.update(s.evaluate(make_loader(data.val, 2 * search.batch_size, shuffle=False)))
-        if not arch_on:  # report the bound during warm-up too (no step, no threshold)
-            mu_f, sigma_f = s.moments(s.bound_inputs(constraint.power_iterations))
-            metrics.update(mu_F=float(mu_f.detach()), sigma_F=float(sigma_f.detach()))
-        else:
-            for k in ("mu_F", "sigma_F", "h", "p_satisfied", "val_ce"):
-                metrics[k] = sums[k] / n_a
-            metrics.update(
-                y=last_arch["y"],
-                log_lambda_bar=last_arch["log_lambda_bar"],
-                frac_satisfied=n_sat / n_a,
-                mu_F_last=last_arch["mu_F"],
-                h_last=last_arch["h"],
-            )
-        genotype = s.decode()
-        metrics.update(
-            epoch=float(epoch + 1),
-            lr=lr,
-            parametric_share=parametric_share(genotype),
-            arch_steps=float(n_a),
-            epoch_time=time.perf_counter() - t0,
-        )
-        s.epoch = epoch + 1
-        s.history.append(metrics)
-        log.info(
-            "epoch %d/%d %s",
-            epoch + 1,
-            search.epochs,
-            json.dumps({k: round(v, 4) for k, v in metrics.items()}),
-        )
-        if checkpoint_dir is not None:
-            s.save(checkpoint_dir)
-        for cb in callbacks:
-            cb(epoch + 1, dict(metrics))
-    genotypes = {mode: s.decode(mode) for mode in DECODERS}
-    return SearchResult(genotypes[search.decode], genotypes, s.history)
-
-
-def _cycle(loader: Iterable) -> Iterable:
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("empty D_V: no validation batch (dataset smaller than batch_size?)")

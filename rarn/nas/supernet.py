@@ -13,7 +13,7 @@ the same function with the ops that share an input batched together (``fused=Tru
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,33 +21,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rarn.nas.genotype import edge_endpoints
-from rarn.nas.ops import (
-    PRIMITIVES,
-    FactorizedReduce,
-    ReLUConvBN,
-    build_op,
-    channel_shuffle,
-)
+from rarn.nas.ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, channel_shuffle
 
 __all__ = ["ArchDistribution", "ArchSample", "MixedOp", "SearchCell", "Supernet", "node_softmax"]
 
 
-def node_softmax(z: Tensor, nodes: int) -> Tensor:
-    """Softmax of edge logits ``z[..., E]`` over the incoming edges of each node (PC-DARTS)."""
+def _per_node(fn: Callable[..., Tensor], z: Tensor, nodes: int) -> Tensor:
+    """``fn(..., dim=-1)`` over the incoming edges of each node (node ``j`` has ``j + 2``)."""
     parts, start = [], 0
     for j in range(nodes):
-        parts.append(torch.softmax(z[..., start : start + j + 2], dim=-1))
+        parts.append(fn(z[..., start : start + j + 2], dim=-1))
         start += j + 2
     return torch.cat(parts, dim=-1)
+
+
+def node_softmax(z: Tensor, nodes: int) -> Tensor:
+    """Softmax of edge logits ``z[..., E]`` over the incoming edges of each node (PC-DARTS)."""
+    return _per_node(torch.softmax, z, nodes)
 
 
 def node_log_softmax(z: Tensor, nodes: int) -> Tensor:
     """``log`` of :func:`node_softmax`, computed stably."""
-    parts, start = [], 0
-    for j in range(nodes):
-        parts.append(torch.log_softmax(z[..., start : start + j + 2], dim=-1))
-        start += j + 2
-    return torch.cat(parts, dim=-1)
+    return _per_node(torch.log_softmax, z, nodes)
 
 
 @dataclass(frozen=True)
@@ -130,17 +125,20 @@ class MixedOp(nn.Module):
         ops = []
         for name in PRIMITIVES:
             op = build_op(name, C // k, stride, affine=False)
-            if "pool" in name:  # PC-DARTS normalises pool outputs (so pools are not 1-Lipschitz)
+            # PC-DARTS normalises pool outputs (so pools are not 1-Lipschitz)
+            if OPS[name].kind == "pool":
                 op = nn.Sequential(op, nn.BatchNorm2d(C // k, affine=False))
             ops.append(op)
         self.ops = nn.ModuleList(ops)
-        self._none = PRIMITIVES.index("none")
+        self._zero = {i for i, name in enumerate(PRIMITIVES) if OPS[name].kind == "none"}
 
     def forward(self, x: Tensor, weights: Tensor) -> Tensor:
         c = x.shape[1] // self.k
         xa, xb = x[:, :c], x[:, c:]
         # `none` contributes w * 0 exactly; skipping it changes no value.
-        out = sum(w * op(xa) for i, (w, op) in enumerate(zip(weights, self.ops)) if i != self._none)
+        out = sum(
+            w * op(xa) for i, (w, op) in enumerate(zip(weights, self.ops)) if i not in self._zero
+        )
         if self.k == 1:  # no bypass channels (max_pool2d rejects an empty x_b)
             return out
         if self.stride == 2:

@@ -1,0 +1,235 @@
+"""The RACL search loop (spec Algorithm 1): epochs of interleaved architecture and weight steps of
+a :class:`~rarn.nas.search.RACLSearch`, the epoch's metrics, a checkpoint and observers.
+
+:func:`run_search` is a plain function (no Ray) with per-epoch observer callbacks; with a
+``checkpoint_dir`` it writes a complete checkpoint after every epoch and resumes from one, and a
+resumed search continues exactly where it stopped: the data order depends only on (seed, epoch)
+and the lr only on (epoch, epochs), everything else is in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from rarn.config import ConstraintConfig, SearchConfig
+from rarn.nas.decode import DECODERS
+from rarn.nas.genotype import Genotype, parametric_share
+from rarn.nas.search import CHECKPOINT, RACLSearch
+
+__all__ = ["SearchCallback", "SearchData", "SearchDiverged", "SearchResult", "run_search"]
+
+log = logging.getLogger(__name__)
+
+
+class SearchDiverged(RuntimeError):
+    """A loss became non-finite; names the epoch, step and which loss."""
+
+    def __init__(self, epoch: int, step: int, what: str, value: float) -> None:
+        super().__init__(f"search diverged at epoch {epoch}, step {step}: {what} = {value}")
+        self.epoch, self.step, self.what, self.value = epoch, step, what, value
+
+    def __reduce__(self) -> tuple:  # picklable across processes (Ray trials, multiprocessing)
+        return type(self), (self.epoch, self.step, self.what, self.value)
+
+
+class SearchCallback(Protocol):
+    """Observer called after every epoch; it must not modify the search."""
+
+    def __call__(self, epoch: int, metrics: Mapping[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The search split: ``train`` (D_T, weights) and ``val`` (D_V, architecture)."""
+
+    train: Any
+    val: Any
+    num_classes: int
+    in_channels: int
+
+    @classmethod
+    def from_bundle(cls, bundle: Any, train_portion: float = 0.5, seed: int = 0) -> SearchData:
+        """Split a :class:`rarn.data.DatasetBundle`'s training data into D_T / D_V."""
+        from rarn.data import search_split
+
+        d_t, d_v = search_split(bundle.train, train_portion, seed)
+        return cls(d_t, d_v, bundle.num_classes, bundle.in_channels)
+
+
+@dataclass
+class SearchResult:
+    genotype: Genotype
+    genotypes: dict[str, Genotype]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def run_search(
+    search: SearchConfig,
+    constraint: ConstraintConfig,
+    data: SearchData,
+    *,
+    callbacks: Sequence[SearchCallback | Callable[[int, Mapping[str, float]], None]] = (),
+    checkpoint_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> SearchResult:
+    """Run (or resume) a RACL search.
+
+    Args:
+        search: supernet and optimisation settings.
+        constraint: the chance constraint.
+        data: D_T / D_V.
+        callbacks: observers ``(epoch, metrics)`` called after every epoch (epoch counts from 1).
+        checkpoint_dir: when given, a complete checkpoint and the current genotype are written
+            after every epoch, and an existing checkpoint there is resumed.
+        device: where to train (default CPU).
+
+    Returns:
+        The decoded genotype (``search.decode`` rule), all decodings, and per-epoch metrics.
+
+    Raises:
+        SearchDiverged: a loss or the bound became non-finite.
+        rarn.checkpoint.CheckpointError: the checkpoint to resume from is unreadable (a
+            ValueError naming the file).
+    """
+    s = RACLSearch(
+        search,
+        constraint,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        device=device,
+    )
+    if checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT).exists():
+        s.load(checkpoint_dir)
+        log.info("resumed search from %s at epoch %d", checkpoint_dir, s.epoch)
+    while s.epoch < search.epochs:
+        metrics = _run_epoch(s, data)
+        s.end_epoch(metrics)
+        rounded = {k: round(v, 4) for k, v in metrics.items()}
+        log.info("epoch %d/%d %s", s.epoch, search.epochs, json.dumps(rounded))
+        if checkpoint_dir is not None:
+            s.save(checkpoint_dir)
+        for cb in callbacks:
+            cb(s.epoch, dict(metrics))
+    genotypes = {mode: s.decode(mode) for mode in DECODERS}
+    return SearchResult(genotypes[search.decode], genotypes, s.history)
+
+
+# ----------------------------------------------------------------------------------------------
+# One epoch
+
+
+@dataclass
+class _Tally:
+    """Running sums of one epoch's step metrics."""
+
+    sums: Counter = field(default_factory=Counter)
+    weight_steps: int = 0
+    arch_steps: int = 0
+    satisfied: int = 0  # architecture steps with h <= 0
+    last_arch: dict[str, float] = field(default_factory=dict)
+
+
+def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
+    """Epoch ``s.epoch`` (0-based): its steps, then its metrics (every key of the history)."""
+    from rarn.data import make_loader
+
+    t0 = time.perf_counter()
+    lr, epoch, cfg = s.lr, s.epoch, s.cfg
+    tally = _steps(s, data, epoch)
+    metrics: dict[str, float] = {
+        k: tally.sums[k] / tally.weight_steps
+        for k in ("train_loss", "train_acc", "grad_norm")
+        if k in tally.sums
+    }
+    metrics.update(s.evaluate(make_loader(data.val, 2 * cfg.batch_size, shuffle=False)))
+    metrics.update(_bound_metrics(s, tally))
+    metrics.update(
+        epoch=float(epoch + 1),
+        lr=lr,
+        parametric_share=parametric_share(s.decode()),
+        arch_steps=float(tally.arch_steps),
+        epoch_time=time.perf_counter() - t0,
+    )
+    return metrics
+
+
+def _steps(s: RACLSearch, data: SearchData, epoch: int) -> _Tally:
+    """The epoch's steps: per D_T batch an architecture step on the next D_V batch (after the
+    warm-up) and a weight step."""
+    from rarn.data import make_loader
+
+    cfg, dev = s.cfg, s.device
+    # Data order depends only on (seed, epoch): nothing to checkpoint, exact on resume.
+    g_t = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 2 * epoch)
+    g_v = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 2 * epoch + 1)
+    train = make_loader(data.train, cfg.batch_size, shuffle=True, generator=g_t, drop_last=True)
+    val = make_loader(data.val, cfg.batch_size, shuffle=True, generator=g_v, drop_last=True)
+    arch_on = epoch >= cfg.warmup_epochs
+    t = _Tally()
+    for step, ((xt, yt), (xv, yv)) in enumerate(zip(train, _cycle(val))):
+        if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
+            break
+        if arch_on:
+            a = s.arch_step(xv.to(dev), yv.to(dev))
+            _check_finite(a, ("arch_loss", "mu_F", "sigma_F", "h"), epoch + 1, step)
+            t.sums.update({k: v for k, v in a.items() if k not in ("y", "log_lambda_bar")})
+            t.arch_steps += 1
+            t.satisfied += a["h"] <= 0
+            t.last_arch = a
+        w = s.weight_step(xt.to(dev), yt.to(dev))
+        _check_finite(w, ("train_loss",), epoch + 1, step)
+        t.sums.update(w)
+        t.weight_steps += 1
+    if t.weight_steps == 0:
+        raise ValueError("empty D_T: no training batch (dataset smaller than batch_size?)")
+    return t
+
+
+def _bound_metrics(s: RACLSearch, t: _Tally) -> dict[str, float]:
+    """The bound's moments and the constraint's state: epoch means and last values of the
+    architecture steps; during the warm-up, the bound of the current weights (no step, no
+    threshold)."""
+    if t.arch_steps == 0:
+        mu_f, sigma_f = s.moments(s.bound_inputs(s.ccfg.power_iterations))
+        return {"mu_F": float(mu_f.detach()), "sigma_F": float(sigma_f.detach())}
+    n, last = t.arch_steps, t.last_arch
+    out = {k: t.sums[k] / n for k in ("mu_F", "sigma_F", "h", "p_satisfied", "val_ce")}
+    out.update(
+        y=last["y"],
+        log_lambda_bar=last["log_lambda_bar"],
+        frac_satisfied=t.satisfied / n,
+        mu_F_last=last["mu_F"],
+        h_last=last["h"],
+    )
+    return out
+
+
+def _check_finite(values: Mapping[str, float], keys: Iterable[str], epoch: int, step: int) -> None:
+    """Raise :class:`SearchDiverged` for the first of ``keys`` whose value is not finite."""
+    for k in keys:
+        if not math.isfinite(values[k]):
+            raise SearchDiverged(epoch, step, k, values[k])
+
+
+def _cycle(loader: Iterable) -> Iterable:
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("empty D_V: no validation batch (dataset smaller than batch_size?)")
