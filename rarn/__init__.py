@@ -31,9 +31,9 @@ _EXPORTS: dict[str, str] = {
     "get_genotype": "rarn.nas.genotype",
     "OPS": "rarn.nas.ops",
     "PRIMITIVES": "rarn.nas.ops",
-    "SearchData": "rarn.nas.search",
-    "SearchResult": "rarn.nas.search",
-    "run_search": "rarn.nas.search",
+    "SearchData": "rarn.nas.loop",
+    "SearchResult": "rarn.nas.loop",
+    "run_search": "rarn.nas.loop",
     "build_network": "rarn.models.darts",
     "lipschitz_upper_bound": "rarn.lipschitz.certify",
     "ATTACKS": "rarn.robust.attacks",
@@ -84,8 +84,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from rarn.lipschitz.certify import lipschitz_upper_bound
     from rarn.models.darts import build_network
     from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype
+    from rarn.nas.loop import SearchData, SearchResult, run_search
     from rarn.nas.ops import OPS, PRIMITIVES
-    from rarn.nas.search import SearchData, SearchResult, run_search
     from rarn.robust.attacks import ATTACKS, get_attack
     from rarn.robust.evaluation import evaluate_robustness
     from rarn.robust.retrain import run_retrain

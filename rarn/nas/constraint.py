@@ -26,11 +26,13 @@ constrains the geometric-mean per-node gain; see docs/constraint.md for why it i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from scipy.stats import norm
 from torch import Tensor
 
+from rarn.config import Bound, Estimator, Mixture, Threshold
 from rarn.nas.ops import PARAMETRIC, PRIMITIVES
 from rarn.nas.supernet import ArchSample, node_log_softmax
 
@@ -46,9 +48,10 @@ __all__ = [
     "satisfaction_probability",
 ]
 
-BOUNDS = ("product", "node_mean")
-MIXTURES = ("all", "no_none", "parametric")
-ESTIMATORS = ("delta", "monte_carlo")
+# The allowed values are the config's Literals (one list each; rarn.config checks them at load).
+BOUNDS: tuple[str, ...] = get_args(Bound)
+MIXTURES: tuple[str, ...] = get_args(Mixture)
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 _MASKED = {
     "all": (),
     "no_none": ("none",),
@@ -145,7 +148,7 @@ class ChanceConstraint:
         dual_init: initial ``y``.
     """
 
-    THRESHOLDS = ("absolute", "relative", "tracking")
+    THRESHOLDS: tuple[str, ...] = get_args(Threshold)
 
     def __init__(
         self,

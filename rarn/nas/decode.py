@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import get_args
 
 import torch
 from torch import Tensor
 
+from rarn.config import DecodeRule
 from rarn.nas.genotype import Genotype
 from rarn.nas.ops import PRIMITIVES
 from rarn.nas.supernet import ArchSample, Supernet, node_softmax
@@ -137,4 +139,4 @@ def decode(
         return Genotype(normal, concat, reduce, concat)
 
 
-DECODERS = ("quantile", "median", "sample")
+DECODERS: tuple[str, ...] = get_args(DecodeRule)  # the config's Literal is the one list

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -25,21 +24,17 @@ from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.decode import DECODERS
 from rarn.nas.genotype import Genotype, parametric_share
 from rarn.nas.search import CHECKPOINT, RACLSearch
+from rarn.robust.loop import Diverged, check_finite
 
 __all__ = ["SearchCallback", "SearchData", "SearchDiverged", "SearchResult", "run_search"]
 
 log = logging.getLogger(__name__)
 
 
-class SearchDiverged(RuntimeError):
-    """A loss became non-finite; names the epoch, step and which loss."""
+class SearchDiverged(Diverged):
+    """A loss or the bound became non-finite: ``SearchDiverged(epoch, step, what, value)``."""
 
-    def __init__(self, epoch: int, step: int, what: str, value: float) -> None:
-        super().__init__(f"search diverged at epoch {epoch}, step {step}: {what} = {value}")
-        self.epoch, self.step, self.what, self.value = epoch, step, what, value
-
-    def __reduce__(self) -> tuple:  # picklable across processes (Ray trials, multiprocessing)
-        return type(self), (self.epoch, self.step, self.what, self.value)
+    stage = "search"
 
 
 class SearchCallback(Protocol):
@@ -221,8 +216,7 @@ def _bound_metrics(s: RACLSearch, t: _Tally) -> dict[str, float]:
 def _check_finite(values: Mapping[str, float], keys: Iterable[str], epoch: int, step: int) -> None:
     """Raise :class:`SearchDiverged` for the first of ``keys`` whose value is not finite."""
     for k in keys:
-        if not math.isfinite(values[k]):
-            raise SearchDiverged(epoch, step, k, values[k])
+        check_finite(values[k], epoch=epoch, step=step, what=k, error=SearchDiverged)
 
 
 def _cycle(loader: Iterable) -> Iterable:

@@ -34,19 +34,16 @@ from rarn.checkpoint import (
     load_state_checked,
     save_checkpoint,
 )
-from rarn.config import ConstraintConfig, SearchConfig
+from rarn.config import ConstraintConfig, SearchConfig, check
 from rarn.lipschitz.estimator import LipschitzEstimator
 from rarn.nas.constraint import (
-    BOUNDS,
-    ESTIMATORS,
-    MIXTURES,
     BoundInputs,
     ChanceConstraint,
     delta_moments,
     monte_carlo_moments,
     satisfaction_probability,
 )
-from rarn.nas.decode import DECODERS, decode
+from rarn.nas.decode import decode
 from rarn.nas.genotype import Genotype
 from rarn.nas.supernet import ArchSample, Supernet
 from rarn.robust.loop import evaluate as evaluate_model
@@ -76,7 +73,8 @@ class RACLSearch:
         in_channels: int,
         device: torch.device | str | None = None,
     ) -> None:
-        _validate(search, constraint)
+        check(search)  # every value rule lives in rarn.config (ConfigError names the key)
+        check(constraint)
         self.cfg, self.ccfg = search, constraint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.model = _supernet(search, num_classes, in_channels)
@@ -363,27 +361,3 @@ def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD,
 
 def _chance_constraint(c: ConstraintConfig) -> ChanceConstraint:
     return ChanceConstraint(c.eta, c.rho, c.threshold, c.kappa, c.log_lambda_bar, c.dual_init)
-
-
-def _validate(search: SearchConfig, c: ConstraintConfig) -> None:
-    problems = []
-    if search.epochs < 1 or search.batch_size < 1:
-        problems.append("search.epochs and search.batch_size must be >= 1")
-    if search.grad_norm_mode not in ("exact", "finite_difference"):
-        problems.append(
-            f"search.grad_norm_mode {search.grad_norm_mode!r}: use exact | finite_difference"
-        )
-    if search.decode not in DECODERS:
-        problems.append(f"search.decode {search.decode!r}: use one of {', '.join(DECODERS)}")
-    if search.grad_norm_weight < 0 or search.fd_step <= 0:
-        problems.append("search.grad_norm_weight must be >= 0 and search.fd_step > 0")
-    if c.bound not in BOUNDS:
-        problems.append(f"constraint.bound {c.bound!r}: use one of {', '.join(BOUNDS)}")
-    if c.mixture not in MIXTURES:
-        problems.append(f"constraint.mixture {c.mixture!r}: use one of {', '.join(MIXTURES)}")
-    if c.estimator not in ESTIMATORS:
-        problems.append(f"constraint.estimator {c.estimator!r}: use one of {', '.join(ESTIMATORS)}")
-    if c.estimator == "monte_carlo" and c.mc_samples < 2:
-        problems.append("constraint.mc_samples must be >= 2")
-    if problems:
-        raise ValueError("; ".join(problems))
