@@ -1,2 +1,3 @@
-"""The search space and the RACL search: op registry, genotypes and decoding, supernet, chance
-constraint, and the search loop. Import the submodules directly (``rarn.nas.search`` …)."""
+"""The search space and the RACL search: op registry (``ops``), genotypes (``genotype``) and
+decoding (``decode``), supernet (``supernet`` + the private fused forward), chance constraint
+(``constraint``), the search object (``search``) and its loop (``loop.run_search``)."""
