@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking import Tracking, download_checked, load_model_checked, resolve_tracking_uri
+from pipeline.model_store import load_model_checked
+from pipeline.tracking import Tracking, download_checked
+from pipeline.tracking_uri import resolve_tracking_uri
 from rarn.config import ConfigError, TrackingConfig, load_config
 
 __all__ = ["evaluate", "main", "parse_model_ref", "show"]
