@@ -34,6 +34,7 @@ from pipeline.checkpoints import TrialStore
 from pipeline.state import TrialOutcome
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
 from pipeline.trials import trial_points, with_overrides
+from rarn.checkpoint import atomic_write
 from rarn.config import Config, ConfigError, config_to_dict
 from rarn.nas.genotype import Genotype
 from rarn.nas.search import SearchData, SearchResult, run_search
@@ -104,7 +105,7 @@ def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None)
     """The current genotype as a sha256-recorded artifact (when it changed); with the final
     ``result``: all decodings, the final moments, and the run ends FINISHED."""
     if result is not None:
-        path.write_text(result.genotype.to_json())
+        atomic_write(path, result.genotype.to_json())  # never seen half-written
     sha = Genotype.from_json(path.read_text()).sha256()
     if run.tracking.client().get_run(run.run_id).data.tags.get("rarn.genotype_sha") != sha:
         run.log_artifact_checked(path)

@@ -1,8 +1,8 @@
 """MLflow lineage for the pipeline: one parent run, child runs per search trial and retraining.
 
-Runs are addressed by explicit ids through the picklable :class:`Tracking` handle (its
-``client()`` is the project's one way to an ``MlflowClient``), so the driver, Tune trials and
-Ray Train workers can all log without the fluent API's process-global state. The driver
+Runs are addressed by explicit ids through ``MlflowClient`` objects made here (the picklable
+:class:`Tracking` handle's ``client()``), so the driver, Tune trials and Ray Train workers can
+all log without the fluent API's process-global state. The driver
 resolves an *absolute* tracking URI and checks that it answers (:mod:`pipeline.tracking_uri`),
 then :func:`prepare_tracking` creates the database, the experiment (absolute artifact location)
 and the parent run before any trial starts. Models are logged and loaded by
