@@ -4,10 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE :=
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER ?= 0
-export RAY_USAGE_STATS_ENABLED ?= 0
-export RAY_AUTH_MODE ?= disabled
-export MLFLOW_DISABLE_TELEMETRY ?= true
+# Ray/MLflow environment defaults: pipeline/env.py, applied by pipeline/run.py, tests/conftest.py
+# and benchmarks/pipeline_overhead.py before they import ray (none are needed here).
 
 .PHONY: setup run test bench lint clean
 

@@ -26,15 +26,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-for _k, _v in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(_k, _v)  # before importing ray
+from pipeline.env import apply_env_defaults
+
+apply_env_defaults(testing=True)  # before importing ray
 
 import ray  # noqa: E402
 import torch  # noqa: E402

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pipeline.tracking import file_sha256
+from rarn.checkpoint import atomic_write, file_sha256
 
 __all__ = ["PROGRESS", "CheckpointCorrupted", "TrialStore"]
 
@@ -96,10 +96,10 @@ class TrialStore:
         progress = {"epoch": epoch, "files": files, "time": time.time(), **(extra or {})}
         (tmp / PROGRESS).write_text(json.dumps(progress, sort_keys=True))
         shutil.rmtree(d, ignore_errors=True)
+        # A directory rename (atomic_path handles files): a reader sees ckpt-<epoch>/ whole or
+        # not at all; LATEST still names the previous commit until the next line.
         os.replace(tmp, d)
-        pointer = self.root / f".{_LATEST}.tmp{os.getpid()}"
-        pointer.write_text(d.name)
-        os.replace(pointer, self.root / _LATEST)
+        atomic_write(self.root / _LATEST, d.name)
         for old in self.root.glob("ckpt-*"):
             if old != d:
                 shutil.rmtree(old, ignore_errors=True)

@@ -10,36 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from pipeline.retrain import RetrainOutcome
-from pipeline.tracking import ChildRun, Tracking, load_model_checked
+from pipeline.model_store import load_model_checked
+from pipeline.state import EvalOutcome, RetrainOutcome
+from pipeline.tracking import ChildRun, Tracking
 from rarn.config import EvaluationConfig, TuneConfig
 from rarn.data import as_tensors
 from rarn.robust.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
 
-__all__ = ["EvalOutcome", "evaluate_model", "run_evaluate_stage", "summary_metrics"]
+__all__ = ["evaluate_model", "run_evaluate_stage", "summary_metrics"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalOutcome:
-    """Headline numbers of one evaluated model (the full table is in MLflow and on disk)."""
-
-    key: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    flags: dict[str, bool | None] = field(default_factory=dict)
-    results_path: str = ""
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def summary_metrics(result: Any) -> dict[str, float]:

@@ -26,7 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.tracking import Tracking, download_checked, load_model_checked, resolve_tracking_uri
+from pipeline.model_store import load_model_checked
+from pipeline.tracking import Tracking, download_checked
+from pipeline.tracking_uri import resolve_tracking_uri
+from rarn.checkpoint import atomic_write
 from rarn.config import ConfigError, TrackingConfig, load_config
 
 __all__ = ["evaluate", "main", "parse_model_ref", "show"]
@@ -137,8 +140,7 @@ def evaluate(
             attacks=attacks,
         )  # fmt: skip
         if output:
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            Path(output).write_bytes(parquet.read_bytes())
+            atomic_write(output, parquet.read_bytes())
     rows = result.to_table().to_pylist()
     lines = [f"{mv.name} version {mv.version}: {len(y)} test points, sha256 verified"]
     for r in rows:

@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,12 +27,15 @@ import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.checkpoints import PROGRESS, TrialStore
-from pipeline.tracking import ChildRun, Tracking, allowed_params, log_model_checked
+from pipeline.model_store import log_model_checked
+from pipeline.state import RetrainOutcome
+from pipeline.tracking import ChildRun, Tracking, allowed_params
+from rarn.checkpoint import atomic_write
 from rarn.config import RetrainConfig, TuneConfig, config_to_dict
 from rarn.nas.genotype import Genotype
 from rarn.robust.retrain import run_retrain
 
-__all__ = ["RetrainJob", "RetrainOutcome", "retrain_loop", "run_retrain_stage"]
+__all__ = ["RetrainJob", "retrain_loop", "run_retrain_stage"]
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,9 @@ class RetrainJob:
 
     def worker_config(self, world: int) -> RetrainConfig:
         """The per-worker section: the genotype as a JSON file, the batch split over ranks."""
-        path = self.root / "genotype.json"
-        if not path.is_file() or path.read_text() != self.genotype.to_json():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".genotype.json.tmp{os.getpid()}")
-            tmp.write_text(self.genotype.to_json())
-            os.replace(tmp, path)
+        path, text = self.root / "genotype.json", self.genotype.to_json()
+        if not path.is_file() or path.read_text() != text:
+            atomic_write(path, text)  # other ranks may be reading it
         return dataclasses.replace(
             self.cfg, genotype=str(path), batch_size=max(1, self.cfg.batch_size // world)
         )
@@ -146,23 +145,6 @@ def _fit(job: RetrainJob, bundle: Any, tune_cfg: TuneConfig, storage_path: str) 
         text = str(e).strip().splitlines()
         return next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "error")
     return None
-
-
-@dataclass
-class RetrainOutcome:
-    """One retraining after the stage: lineage ids, model, final metrics, or its error."""
-
-    key: str
-    genotype_sha: str
-    search_run_id: str
-    retrain_run_id: str | None = None
-    model_uri: str | None = None
-    model_sha256: str | None = None
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def _outcome(job: RetrainJob, error: str | None) -> RetrainOutcome:

@@ -7,13 +7,14 @@ retried or restored trial resumes from ``tune.get_checkpoint()`` (or from its ne
 after a driver SIGKILL, see :mod:`pipeline.checkpoints`); ``FailureConfig`` retries killed
 workers; ``Tuner.restore`` continues an interrupted experiment.
 
-The param space is expanded here into explicit trial points with stable keys (``t00``, ``t01``,
-...), so a trial's MLflow run, stable folder and checkpoints are found again after any restart.
+The param space is expanded into explicit trial points with stable keys (``t00``, ``t01``, ...)
+by :mod:`pipeline.trials`; a trial's Tune folder is named after its key, so its MLflow run, its
+stable folder, its checkpoints and its result (public ``ResultGrid`` API only) are found again
+after any restart.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -21,8 +22,8 @@ import os
 import signal
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -30,77 +31,26 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.checkpoints import TrialStore
+from pipeline.state import TrialOutcome
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
-from rarn.config import Config, ConfigError, TuneConfig, config_from_dict, config_to_dict
+from pipeline.trials import trial_points, with_overrides
+from rarn.checkpoint import atomic_write
+from rarn.config import Config, ConfigError, config_to_dict
 from rarn.nas.genotype import Genotype
 from rarn.nas.loop import SearchData, SearchResult, run_search
 
 __all__ = [
     "SearchJob",
-    "TrialOutcome",
     "build_tuner",
     "collect_outcomes",
     "fit",
+    "load_genotypes",
     "search_trainable",
     "select_top_k",
-    "trial_points",
-    "with_overrides",
 ]
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "search"
-
-
-# ----------------------------------------------------------------------------------------------
-# Trial points: the param space as explicit, keyed configs
-
-
-def with_overrides(cfg: Config, point: Mapping[str, Any]) -> Config:
-    """``cfg`` with dotted keys (``search.seed``) replaced, validated like the YAML.
-
-    Raises:
-        ConfigError: unknown key or wrong type.
-    """
-    values = config_to_dict(cfg)
-    for dotted, value in point.items():
-        node = values
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"tune.param_space: unknown config key {dotted}")
-            node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"tune.param_space: unknown config key {dotted}")
-        node[leaf] = value
-    return config_from_dict(values)
-
-
-def trial_points(cfg: Config) -> list[dict[str, Any]]:
-    """The grid of ``tune.param_space`` times ``tune.num_samples``, each with a stable ``key``.
-
-    Repeats (``num_samples > 1``) shift ``search.seed`` by the repeat index unless the seed is
-    itself swept, so repeated trials are different searches. Every point is validated.
-
-    Raises:
-        ConfigError: an unknown key, a wrong value type, or an empty grid axis.
-    """
-    t: TuneConfig = cfg.tune
-    if t.num_samples < 1:
-        raise ConfigError(f"tune.num_samples must be >= 1, got {t.num_samples}")
-    keys = sorted(t.param_space)
-    for k in keys:
-        if not isinstance(t.param_space[k], list) or not t.param_space[k]:
-            raise ConfigError(f"tune.param_space.{k}: expected a non-empty list of values")
-    combos = [dict(zip(keys, v)) for v in itertools.product(*(t.param_space[k] for k in keys))]
-    points = []
-    for rep in range(t.num_samples):
-        for combo in combos:
-            point = dict(combo)
-            if rep and "search.seed" not in point:
-                point["search.seed"] = cfg.search.seed + rep
-            with_overrides(cfg, point)  # validate now, in the driver
-            points.append({"key": f"t{len(points):02d}", **point})
-    return points
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +105,7 @@ def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None)
     """The current genotype as a sha256-recorded artifact (when it changed); with the final
     ``result``: all decodings, the final moments, and the run ends FINISHED."""
     if result is not None:
-        path.write_text(result.genotype.to_json())
+        atomic_write(path, result.genotype.to_json())  # never seen half-written
     sha = Genotype.from_json(path.read_text()).sha256()
     if run.tracking.client().get_run(run.run_id).data.tags.get("rarn.genotype_sha") != sha:
         run.log_artifact_checked(path)
@@ -224,6 +174,7 @@ def build_tuner(
             mode=t.select_mode,
             scheduler=scheduler,
             max_concurrent_trials=t.max_concurrent or None,
+            trial_dirname_creator=_trial_dirname,  # the key: see collect_outcomes
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT,
@@ -267,29 +218,33 @@ def fit(tuner: tune.Tuner) -> tuple[Any, bool]:
 # Outcomes and selection
 
 
-@dataclass
-class TrialOutcome:
-    """One trial after the experiment: status, last metrics, lineage."""
+def _trial_dirname(trial: Any) -> str:
+    """A trial's folder in Tune's storage is named by its key (``t00``, ...)."""
+    return str(trial.config["trial"]["key"])
 
-    key: str
-    overrides: dict[str, Any]
-    status: str  # TERMINATED | ERROR | (interrupted:) RUNNING, PENDING, PAUSED
-    metrics: dict[str, float] = field(default_factory=dict)
-    complete: bool = False  # ran all its epochs (not stopped early by ASHA)
-    error: str | None = None
-    search_run_id: str | None = None
-    genotype_sha: str | None = None
-    genotype: Genotype | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "genotype"}
-        d["genotype"] = self.genotype.to_dict() if self.genotype else None
-        return d
+def _trial_key(result: Any) -> str:
+    """The key of a ``Result``: from its config, else its folder's name (a trial that errored
+    before its first report has no config in its result)."""
+    config = result.config or {}
+    return config["trial"]["key"] if "trial" in config else PurePosixPath(result.path).name
 
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrialOutcome:
-        g = d.get("genotype")
-        return cls(**{**d, "genotype": Genotype.from_dict(g) if g else None})
+
+def _trial_status(result: Any) -> str:
+    """``ERROR``, ``TERMINATED`` (finished or stopped by the scheduler: Tune marks its last
+    result ``done``) or ``UNFINISHED`` (interrupted)."""
+    if result.error is not None:
+        return "ERROR"
+    return "TERMINATED" if (result.metrics or {}).get("done") else "UNFINISHED"
+
+
+def _trial_overrides(result: Any, run: Any) -> dict[str, Any]:
+    """The trial's point: from its config, else from its MLflow run's ``rarn.trial_overrides``."""
+    config = result.config or {}
+    if "trial" in config:
+        return {k: v for k, v in config["trial"].items() if k != "key"}
+    tag = run.data.tags.get("rarn.trial_overrides") if run is not None else None
+    return json.loads(tag) if tag else {}
 
 
 def collect_outcomes(results: Any, cfg: Config, tracking: Tracking) -> list[TrialOutcome]:
@@ -298,27 +253,24 @@ def collect_outcomes(results: Any, cfg: Config, tracking: Tracking) -> list[Tria
     Early-stopped (ASHA) and errored trials may never reach their own ``end()``; their MLflow
     runs are closed here (FINISHED or FAILED). Interrupted trials stay open until resumed.
     """
-    # Trial status (TERMINATED / ERROR / interrupted) is only on the Trial objects.
-    trials = {t.config["trial"]["key"]: t for t in results._experiment_analysis.trials}
     client = tracking.client()
     out = []
-    for key in sorted(trials):
-        trial = trials[key]
-        point = {k: v for k, v in trial.config["trial"].items() if k != "key"}
-        last = trial.last_result or {}
-        metrics = {k: float(v) for k, v in last.items() if _is_number(v)}
+    for result in sorted(results, key=_trial_key):
+        key, status = _trial_key(result), _trial_status(result)
+        run_id = tracking.find_child("search", key)
+        run = client.get_run(run_id) if run_id else None
+        point = _trial_overrides(result, run)
+        metrics = {k: float(v) for k, v in (result.metrics or {}).items() if _is_number(v)}
         epochs = with_overrides(cfg, point).search.epochs
-        o = TrialOutcome(key, point, trial.status, metrics, metrics.get("epoch", 0) >= epochs)
-        if trial.status == "ERROR":
-            text = str(trial.get_pickled_error() or trial.get_error() or "error").strip()
+        o = TrialOutcome(key, point, status, metrics, metrics.get("epoch", 0) >= epochs)
+        o.search_run_id = run_id
+        if status == "ERROR":
+            text = str(result.error).strip()
             o.error = text.splitlines()[-1] if text else "error"
-        o.search_run_id = tracking.find_child("search", key)
-        if o.search_run_id:
-            run = client.get_run(o.search_run_id)
-            if run.info.status == "RUNNING" and trial.status in ("TERMINATED", "ERROR"):
-                status = "FAILED" if trial.status == "ERROR" else "FINISHED"
-                client.set_terminated(o.search_run_id, status=status)
-            if trial.status == "TERMINATED":
+        if run is not None:
+            if run.info.status == "RUNNING" and status in ("TERMINATED", "ERROR"):
+                client.set_terminated(run_id, status="FAILED" if status == "ERROR" else "FINISHED")
+            if status == "TERMINATED":
                 o.genotype_sha = run.data.tags.get("rarn.genotype_sha")
         out.append(o)
     return out

@@ -1,10 +1,12 @@
 """MLflow lineage for the pipeline: one parent run, child runs per search trial and retraining.
 
-Every MLflow call of the project lives here, behind explicit run ids (``MlflowClient``), so the
-driver, Tune trials and Ray Train workers can all log without the fluent API's process-global
-state. The driver resolves an *absolute* tracking URI, checks that it is reachable, creates the
-database and the experiment (absolute artifact location) and the parent run before any trial
-starts, and hands a picklable :class:`Tracking` to every trial and trainer.
+Runs are addressed by explicit ids through ``MlflowClient`` objects made here (the picklable
+:class:`Tracking` handle's ``client()``), so the driver, Tune trials and Ray Train workers can
+all log without the fluent API's process-global state. The driver
+resolves an *absolute* tracking URI and checks that it answers (:mod:`pipeline.tracking_uri`),
+then :func:`prepare_tracking` creates the database, the experiment (absolute artifact location)
+and the parent run before any trial starts. Models are logged and loaded by
+:mod:`pipeline.model_store`.
 
 Lineage is data (STYLE principle 11):
 
@@ -19,14 +21,13 @@ Lineage is data (STYLE principle 11):
 
 The sha256 of every artifact that is later loaded (genotypes, models, result tables) is recorded
 as a tag when it is logged (``rarn.sha256.<path>``, ``rarn.model_sha256``) and checked before it
-is loaded (:func:`download_checked`, :func:`load_model_checked`).
+is loaded (:func:`download_checked`, :func:`pipeline.model_store.load_model_checked`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -34,20 +35,17 @@ import os
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking_uri import redact_uri
 from rarn.checkpoint import file_sha256
-from rarn.config import Config, TrackingConfig, config_to_dict, dump_config
+from rarn.config import Config, config_to_dict, dump_config
 
 __all__ = [
     "PARAM_EXCLUDE",
@@ -55,19 +53,12 @@ __all__ = [
     "ArtifactIntegrityError",
     "ChildRun",
     "Tracking",
-    "TrackingUnavailable",
     "allowed_params",
-    "check_reachable",
+    "close_open_children",
     "code_version",
-    "dir_sha256",
     "download_checked",
-    "file_sha256",
-    "load_model_checked",
-    "log_model_checked",
+    "end_pipeline_run",
     "prepare_tracking",
-    "redact_uri",
-    "register_champion",
-    "resolve_tracking_uri",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,85 +69,12 @@ PARAM_EXCLUDE: frozenset[str] = frozenset({"data.root", "data.path", "tune.stora
 _MAX_PARAM = 500  # MLflow's limit is larger; long values are truncated, never dropped silently
 
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be reached (raised before any trial starts)."""
-
-
 class ArtifactIntegrityError(RuntimeError):
     """An artifact's sha256 differs from the one recorded when it was logged."""
 
 
 # ----------------------------------------------------------------------------------------------
-# URIs, reachability, hashes
-
-
-def resolve_tracking_uri(cfg: TrackingConfig, cwd: str | Path | None = None) -> str:
-    """Absolute tracking URI: config > ``$MLFLOW_TRACKING_URI`` > ``sqlite:///<cwd>/mlflow.db``.
-
-    Relative sqlite paths and plain paths are made absolute against ``cwd``: Ray trials run in
-    their own working directories, and ``mlflow ui`` must find the same database.
-    """
-    base = Path(cwd or os.getcwd()).resolve()
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
-        return f"sqlite:///{base / 'mlflow.db'}"
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///") :]
-        if not path.startswith("/"):  # sqlite:///rel.db is relative; sqlite:////abs.db absolute
-            return f"sqlite:///{(base / path).resolve()}"
-        return uri
-    if uri.startswith("file:"):
-        raise ValueError(
-            f"tracking URI {uri!r}: file stores break on clusters and with concurrent trials; "
-            "use sqlite:///ABS/PATH/mlflow.db or an http(s) tracking server"
-        )
-    if "://" not in uri:  # a bare path: treat as an sqlite database file
-        return f"sqlite:///{(base / uri).resolve()}"
-    return uri
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` without ``user:password@`` (safe to print and log)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        netloc = host + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{netloc}"))
-    return uri
-
-
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast when an http(s) tracking server does not answer ``/health``.
-
-    MLflow's own client retries with back-off for minutes; this probe answers in seconds.
-
-    Raises:
-        TrackingUnavailable: connection refused, timeout, or a non-200 answer.
-    """
-    if not uri.startswith(("http://", "https://")):
-        return
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (http(s) only)
-            if r.status != 200:
-                raise TrackingUnavailable(f"tracking server {redact_uri(uri)}: HTTP {r.status}")
-    except urllib.error.HTTPError as e:
-        raise TrackingUnavailable(f"tracking server {redact_uri(uri)}: HTTP {e.code}") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TrackingUnavailable(
-            f"tracking server {redact_uri(uri)} is unreachable ({reason}); start it or set "
-            "tracking.tracking_uri / MLFLOW_TRACKING_URI"
-        ) from None
-
-
-def dir_sha256(root: str | Path) -> str:
-    """sha256 over ``relative path + file sha256`` of every file under ``root``, sorted."""
-    root = Path(root)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
-    return h.hexdigest()
+# Lineage values: code version, allow-listed params
 
 
 def code_version(root: str | Path | None = None) -> str:
@@ -397,8 +315,16 @@ def close_open_children(tracking: Tracking, status: str) -> int:
     return n
 
 
+def end_pipeline_run(tracking: Tracking, status: str = "FINISHED") -> None:
+    """End the parent run with ``status``; unless FINISHED, first end every child still RUNNING
+    with the same status (KILLED on an interrupt, FAILED on an error)."""
+    if status != "FINISHED":
+        close_open_children(tracking, status)
+    tracking.client().set_terminated(tracking.parent_run_id, status)
+
+
 # ----------------------------------------------------------------------------------------------
-# Checked artifacts and models
+# Checked artifacts
 
 
 def download_checked(tracking: Tracking, run_id: str, artifact_path: str, dst: str | Path) -> Path:
@@ -418,89 +344,3 @@ def download_checked(tracking: Tracking, run_id: str, artifact_path: str, dst: s
             f"run {run_id}: {artifact_path} has sha256 {digest}, recorded {recorded}"
         )
     return local
-
-
-def log_model_checked(tracking: Tracking, run_id: str, model: Any) -> tuple[str, str]:
-    """Log ``model`` (MLflow PyTorch flavour) to ``run_id``; returns ``(model_uri, sha256)``.
-
-    The digest (:func:`dir_sha256` of the logged model directory, read back from the store) is
-    recorded as ``rarn.model_sha256`` and checked by :func:`load_model_checked`. Uses the
-    fluent API (``log_model`` needs an active run), so call it in a worker process.
-    """
-    import mlflow
-    import torch
-
-    mlflow.set_tracking_uri(tracking.uri)  # this worker process only
-    torch_version = torch.__version__.split("+")[0]
-    with mlflow.start_run(run_id=run_id, experiment_id=tracking.experiment_id):
-        # Pickle keeps the full Network (cells, Lipschitz report); the sha256 check guards it.
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            pip_requirements=[f"torch=={torch_version}"],
-            serialization_format="pickle",
-        )
-        with tempfile.TemporaryDirectory() as d:
-            digest = dir_sha256(_download_model(tracking, info.model_uri, d))
-        mlflow.set_tags({"rarn.model_uri": info.model_uri, "rarn.model_sha256": digest})
-    return info.model_uri, digest
-
-
-def _download_model(tracking: Tracking, model_uri: str, dst: str) -> str:
-    """Download a logged model (``models:/m-<id>``) from *this* tracking store.
-
-    ``download_artifacts`` resolves ``models:/`` URIs against the process-global tracking URI,
-    so the logged model's artifact location is looked up here with an explicit client.
-    """
-    from mlflow.artifacts import download_artifacts
-
-    location = model_uri
-    if model_uri.startswith("models:/m-"):
-        location = (
-            tracking.client().get_logged_model(model_uri.removeprefix("models:/")).artifact_location
-        )
-    return download_artifacts(
-        artifact_uri=location, dst_path=dst, tracking_uri=tracking.uri, registry_uri=tracking.uri
-    )
-
-
-def load_model_checked(tracking: Tracking, model_uri: str, expected_sha256: str) -> Any:
-    """Download a logged model, verify its digest, then load it (CPU).
-
-    Raises:
-        ArtifactIntegrityError: the downloaded files differ from what was logged.
-    """
-    import mlflow.pytorch
-
-    with tempfile.TemporaryDirectory() as d:
-        local = _download_model(tracking, model_uri, d)
-        digest = dir_sha256(local)
-        if digest != expected_sha256:
-            raise ArtifactIntegrityError(
-                f"{model_uri}: model files have sha256 {digest}, recorded {expected_sha256}; "
-                "refusing to unpickle them"
-            )
-        return mlflow.pytorch.load_model(local, map_location="cpu")
-
-
-def register_champion(
-    tracking: Tracking, name: str, alias: str, model_uri: str, tags: Mapping[str, str]
-) -> str:
-    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it.
-
-    Returns:
-        The version number (as a string).
-    """
-    client = tracking.client()
-    try:
-        client.create_registered_model(name, description="RACL robust architectures (rarn)")
-    except MlflowException as e:
-        if "ALREADY_EXISTS" not in str(e.error_code):
-            raise
-    model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(
-        name, source=model_uri, run_id=tags.get("rarn.retrain_run_id"), tags=dict(tags),
-        model_id=model_id,
-    )  # fmt: skip
-    client.set_registered_model_alias(name, alias, mv.version)
-    return str(mv.version)

@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP 127.0.0.1: every listener on loopback
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(_k, _v)  # workers inherit the driver's environment
+from pipeline.env import apply_env_defaults
+
+# Loopback-only and quiet, plus the test settings; workers inherit the driver's environment.
+apply_env_defaults(testing=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

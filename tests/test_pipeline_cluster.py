@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.env import env_defaults
 from pipeline.tracking import Tracking
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,11 +59,8 @@ def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
     uri = f"http://127.0.0.1:{mlflow_port}"
     env = {
         **os.environ,
+        **env_defaults(),  # loopback and quiet, whatever the calling shell says
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `python` is this venv's
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.run import EXIT, main
-from pipeline.search import TrialOutcome, select_top_k, trial_points, with_overrides
-from pipeline.tracking import allowed_params, redact_uri, resolve_tracking_uri
+from pipeline.search import select_top_k
+from pipeline.state import TrialOutcome
+from pipeline.tracking import allowed_params
+from pipeline.tracking_uri import redact_uri, resolve_tracking_uri
+from pipeline.trials import trial_points, with_overrides
 from rarn.config import ConfigError, TrackingConfig, config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

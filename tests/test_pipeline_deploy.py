@@ -11,7 +11,8 @@ import pytest
 import ray
 import yaml
 
-from pipeline.run import STAGES, _validate, parse_args, resolve_config
+from pipeline.preflight import validate_config
+from pipeline.run import STAGES, parse_args, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBSET = ROOT.parents[0] / "shared/data/cifar10_subset.npz"
@@ -49,7 +50,7 @@ def test_rayjob_manifest_runs_the_pipeline_entry_point():
     args = parse_args(argv[2:])
     args.config = str(ROOT / args.config)
     cfg = resolve_config(args)  # the entry point's config and overrides are valid
-    _validate(cfg, list(STAGES), resume=False)
+    validate_config(cfg, list(STAGES), resume=False)
     assert cfg.data.download and cfg.tune.storage_path.startswith("s3://")
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     workers = spec["rayClusterSpec"]["workerGroupSpecs"]
@@ -70,7 +71,7 @@ def test_rayjob_manifest_runs_the_pipeline_entry_point():
 def test_shipped_configs_are_valid(name):
     args = parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml")])
     cfg = resolve_config(args)
-    _validate(cfg, list(STAGES), resume=False)
+    validate_config(cfg, list(STAGES), resume=False)
     if name == "cifar10":  # the paper protocol (spec: 50-epoch search, 20 x 36 PGD-AT)
         assert (cfg.search.epochs, cfg.search.batch_size) == (50, 128)
         assert (cfg.retrain.layers, cfg.retrain.init_channels, cfg.retrain.steps) == (20, 36, 7)

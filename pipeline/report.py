@@ -1,0 +1,80 @@
+"""The summary a finished run prints: the ranked models, what failed, and where to look next.
+
+One row per retrained model, best worst-case accuracy first (after ``--stages search``: one row
+per selected trial), then the errored trials and failed retrainings, the parent run, the
+registered champion, the command that opens the MLflow UI and the run directory. Built from the
+run state alone; this module imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.state import RunState
+from pipeline.tracking_uri import redact_uri
+
+__all__ = ["done_message", "summary"]
+
+_HEADER = ("rank", "trial", "overrides", "genotype", "clean", "robust", "pgd", "log-Lip",
+           "search run", "retrain run")  # fmt: skip
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _overrides(over: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in over.items()) or "-"
+
+
+def _rows(state: RunState) -> list[tuple[str, ...]]:
+    search = state.search
+    ranked = sorted(
+        state.retrain.values(),
+        key=lambda o: -state.eval_metrics(o.key).get("eval_worst_case_acc", -1.0),
+    )
+    rows = []
+    for i, o in enumerate(ranked, 1):
+        ev, trial = state.eval_metrics(o.key), search.outcome(o.key) if search else None
+        rows.append((
+            str(i), o.key, _overrides(trial.overrides if trial else {}), o.genotype_sha[:12],
+            _fmt(ev.get("eval_clean_acc")), _fmt(ev.get("eval_worst_case_acc")),
+            _fmt(ev.get("eval_pgd_acc")), _fmt(o.metrics.get("final_log_lipschitz_upper"), 2),
+            o.search_run_id or "-", o.retrain_run_id or "-",
+        ))  # fmt: skip
+    if not ranked and search:  # --stages search: the selected trials
+        for i, key in enumerate(search.selected, 1):
+            t = search.outcome(key)
+            rows.append((
+                str(i), key, _overrides(t.overrides), (t.genotype_sha or "")[:12],
+                "-", "-", "-", "-", t.search_run_id or "-", "-",
+            ))  # fmt: skip
+    return rows
+
+
+def summary(
+    state: RunState, *, experiment: str, tracking_uri: str, parent_run_id: str, run_dir: Path
+) -> str:
+    """The table and the pointers, as printed at the end of a run."""
+    rows = [_HEADER, *_rows(state)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    errored = [o for o in (state.search.outcomes if state.search else []) if o.error]
+    lines += [f"errored trial {o.key} {o.overrides}: {o.error}" for o in errored]
+    lines += [f"failed retraining {o.key}: {o.error}" for o in state.retrain.values() if o.error]
+    lines.append(f"parent run:       {parent_run_id} (experiment {experiment})")
+    reg = state.registered
+    if reg is not None:
+        lines.append(f"registered model: {reg.uri} (version {reg.version}, trial {reg.key})")
+    uri = tracking_uri
+    ui = f"mlflow ui --backend-store-uri {redact_uri(uri)}" if uri.startswith("sqlite") else uri
+    lines.append(f"MLflow UI:        {ui}")
+    lines.append(f"run directory:    {run_dir}")
+    return "\n".join(lines)
+
+
+def done_message(elapsed_s: float, text: str) -> str:
+    """What the CLI prints when every requested stage finished."""
+    return f"\n[done] {elapsed_s:.0f} s\n{text}"

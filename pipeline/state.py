@@ -1,0 +1,203 @@
+"""What each stage finished, as typed records, kept in ``<run_dir>/state.json``.
+
+``--resume`` reads it to skip finished work: a search that finished, retrainings and evaluations
+that ended without an error. Every stage result is a dataclass (:class:`TrialOutcome`,
+:class:`RetrainOutcome`, :class:`EvalOutcome`); a stage that has not finished is ``None`` (the
+search, the registration) or absent from its mapping (retrainings, evaluations), never a
+placeholder. :meth:`RunState.save` writes the file atomically, so an interrupted driver leaves
+the previous state or the new one.
+
+The JSON layout is that of earlier versions (``{}`` for a stage not finished), so run
+directories written by them resume too. This module imports neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rarn.checkpoint import atomic_write
+from rarn.nas.genotype import Genotype
+
+__all__ = [
+    "EvalOutcome",
+    "Registration",
+    "RetrainOutcome",
+    "RunState",
+    "SearchState",
+    "TrialOutcome",
+]
+
+STATE_FILE = "state.json"
+
+
+@dataclass
+class TrialOutcome:
+    """One search trial after the experiment: status, last metrics, lineage."""
+
+    key: str
+    overrides: dict[str, Any]
+    status: str  # TERMINATED | ERROR | (interrupted:) UNFINISHED
+    metrics: dict[str, float] = field(default_factory=dict)
+    complete: bool = False  # ran all its epochs (not stopped early by ASHA)
+    error: str | None = None
+    search_run_id: str | None = None
+    genotype_sha: str | None = None
+    genotype: Genotype | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "genotype"}
+        d["genotype"] = self.genotype.to_dict() if self.genotype else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialOutcome:
+        g = d.get("genotype")
+        return cls(**{**d, "genotype": Genotype.from_dict(g) if g else None})
+
+
+@dataclass
+class RetrainOutcome:
+    """One retraining after the stage: lineage ids, model, final metrics, or its error."""
+
+    key: str
+    genotype_sha: str
+    search_run_id: str
+    retrain_run_id: str | None = None
+    model_uri: str | None = None
+    model_sha256: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EvalOutcome:
+    """Headline numbers of one evaluated model (the full table is in MLflow and on disk)."""
+
+    key: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    flags: dict[str, bool | None] = field(default_factory=dict)
+    results_path: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SearchState:
+    """A finished search: every trial's outcome and the keys selected for retraining."""
+
+    selected: list[str]
+    outcomes: list[TrialOutcome]
+
+    def outcome(self, key: str) -> TrialOutcome | None:
+        return next((o for o in self.outcomes if o.key == key), None)
+
+
+@dataclass
+class Registration:
+    """The registered champion: ``models:/<name>@<alias>`` is version ``version``."""
+
+    name: str
+    alias: str
+    version: str
+    uri: str
+    key: str  # the trial (or bundled genotype) it was retrained from
+
+
+@dataclass
+class RunState:
+    """Lineage ids and every stage's outcomes for one run directory."""
+
+    tracking_uri: str = ""
+    experiment_id: str = ""
+    parent_run_id: str = ""
+    search: SearchState | None = None  # None: no search has finished here
+    retrain: dict[str, RetrainOutcome] = field(default_factory=dict)  # key -> outcome
+    evaluate: dict[str, EvalOutcome] = field(default_factory=dict)  # key -> outcome
+    registered: Registration | None = None
+
+    # -- what is finished -----------------------------------------------------------------------
+
+    def retrained(self) -> list[RetrainOutcome]:
+        """Retrainings that ended without an error, in the order they were recorded."""
+        return [o for o in self.retrain.values() if not o.error]
+
+    def retrain_done(self, key: str) -> bool:
+        o = self.retrain.get(key)
+        return o is not None and not o.error
+
+    def evaluate_done(self, key: str) -> bool:
+        o = self.evaluate.get(key)
+        return o is not None and not o.error
+
+    def eval_metrics(self, key: str) -> dict[str, float]:
+        """The evaluation's headline metrics of ``key`` (empty when not evaluated)."""
+        o = self.evaluate.get(key)
+        return o.metrics if o is not None else {}
+
+    def champion(self) -> RetrainOutcome | None:
+        """The best retrained model with a logged model: by its evaluation (worst-case, then
+        clean accuracy), else by its retraining's final validation (robust, then clean)."""
+
+        def score(o: RetrainOutcome) -> tuple[float, float]:
+            ev = self.eval_metrics(o.key)
+            if ev:
+                return (ev["eval_worst_case_acc"], ev["eval_clean_acc"])
+            m = o.metrics
+            return (m.get("final_val_robust_acc", 0.0), m.get("final_val_acc", 0.0))
+
+        ok = [o for o in self.retrained() if o.model_uri]
+        return max(ok, key=score) if ok else None
+
+    # -- state.json -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        search = self.search
+        return {
+            "tracking_uri": self.tracking_uri,
+            "experiment_id": self.experiment_id,
+            "parent_run_id": self.parent_run_id,
+            "search": {} if search is None else {
+                "done": True,
+                "selected": list(search.selected),
+                "outcomes": [o.to_dict() for o in search.outcomes],
+            },
+            "retrain": {k: o.to_dict() for k, o in self.retrain.items()},
+            "evaluate": {k: o.to_dict() for k, o in self.evaluate.items()},
+            "registered": {} if self.registered is None else dataclasses.asdict(self.registered),
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunState:
+        s, reg = d.get("search") or {}, d.get("registered") or {}
+        search = None
+        if s.get("done"):
+            outcomes = [TrialOutcome.from_dict(o) for o in s["outcomes"]]
+            search = SearchState(list(s["selected"]), outcomes)
+        return cls(
+            tracking_uri=d.get("tracking_uri", ""),
+            experiment_id=d.get("experiment_id", ""),
+            parent_run_id=d.get("parent_run_id", ""),
+            search=search,
+            retrain={k: RetrainOutcome(**o) for k, o in (d.get("retrain") or {}).items()},
+            evaluate={k: EvalOutcome(**o) for k, o in (d.get("evaluate") or {}).items()},
+            registered=Registration(**reg) if reg else None,
+        )
+
+    def save(self, run_dir: Path) -> None:
+        """Write ``<run_dir>/state.json`` atomically."""
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        atomic_write(Path(run_dir) / STATE_FILE, text)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunState:
+        return cls.from_dict(json.loads((Path(run_dir) / STATE_FILE).read_text()))
