@@ -286,8 +286,20 @@ def test_square_schedule_is_not_rescaled_by_default(digits):
     assert _square_p(0.8, 100, 500) == pytest.approx(0.8 / 4)
     assert _square_p(0.8, 100, 500, rescale=True) == pytest.approx(0.8 / 32)
     assert _square_p(0.8, 9000, 10000) == _square_p(0.8, 9000, 10000, rescale=True)
-    assert inspect.signature(get_attack("square")).parameters["resc_schedule"].default is False
+    assert inspect.signature(get_attack("square")).parameters["rescale"].default is False
     model, x, y = digits
     a = _run("square", model, x[:32], y[:32], steps=100)
-    b = _run("square", model, x[:32], y[:32], steps=100, resc_schedule=True)
+    b = _run("square", model, x[:32], y[:32], steps=100, rescale=True)
     assert not torch.equal(a, b)
+
+
+def test_spec_settings_include_the_defaults():
+    """What the per-image records store: every keyword argument, defaults included."""
+    budget = {"eps": 0.1, "step_size": 0.02, "steps": 5}
+    assert attack_spec("mim").settings(budget) == {**budget, "decay": 1.0, "random_start": False}
+    assert attack_spec("cw").settings({**budget, "kappa": 5.0})["kappa"] == 5.0
+    assert attack_spec("cw").settings(budget)["kappa"] == math.inf
+    assert attack_spec("square").settings(budget)["rescale"] is False
+    aa = attack_spec("autoattack")
+    assert aa.settings(budget)["version"] == "standard" and aa.settings(budget)["n_queries"] == 5000
+    assert aa.black_box_part and not attack_spec("pgd").black_box_part

@@ -36,13 +36,7 @@ def _square_p(p_init: float, it: int, n_iters: int, rescale: bool = False) -> fl
 
 @uniform_attack
 def square(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    b: Budget,
-    *,
-    p_init: float = 0.8,
-    resc_schedule: bool = False,
+    model: nn.Module, x: Tensor, y: Tensor, b: Budget, *, p_init: float = 0.8, rescale: bool = False
 ) -> Tensor:
     r"""Square-style random search from 'Square Attack: a query-efficient black-box adversarial
     attack via random search' [https://arxiv.org/abs/1912.00049] (Andriushchenko et al., ECCV
@@ -54,11 +48,12 @@ def square(
     +-eps per channel and keeps it when the margin ``max_{j != y} z_j - z_y`` grows. The window's
     side follows the paper's p schedule, starting at the fraction ``p_init`` of the pixels
     (default 0.8); the schedule is the one written for 10,000 queries, used as is, as AutoAttack's
-    reference does (``resc_schedule=True`` stretches it over ``steps`` queries instead). A
-    candidate is kept only if it beats the current point (the clean input included), so a
-    misclassified input never becomes correct. Points already misclassified stop querying.
-    ``steps`` is the number of queries after the initial one (e.g. 500-5000); ``step_size`` is
-    ignored (the step is always +-eps); ``generator`` draws the stripes, windows and signs.
+    reference does (its ``resc_schedule=False``; ``rescale=True`` stretches it over ``steps``
+    queries instead). A candidate is kept only if it beats the current point (the clean input
+    included), so a misclassified input never becomes correct. Points already misclassified stop
+    querying. ``steps`` is the number of queries after the initial one (e.g. 500-5000);
+    ``step_size`` is ignored (the step is always +-eps); ``generator`` draws the stripes, windows
+    and signs.
 
     Example:
         >>> x_adv = square(model, x, y, eps=8 / 255, step_size=1.0, steps=1000)
@@ -82,7 +77,7 @@ def square(
             if active.numel() == 0:
                 break
             n = active.numel()
-            p = _square_p(p_init, it, steps, resc_schedule)
+            p = _square_p(p_init, it, steps, rescale)
             s = min(max(round(math.sqrt(p * H * W)), 1), max(min(H, W) - 1, 1))
             top = (_rand((n,), x, generator) * (H - s + 1)).long().clamp(max=H - s)
             left = (_rand((n,), x, generator) * (W - s + 1)).long().clamp(max=W - s)
