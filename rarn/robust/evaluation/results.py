@@ -3,7 +3,8 @@
 Results are pyarrow tables with a fixed, documented schema (:data:`RESULTS_SCHEMA`: one row per
 model x attack x eps; :data:`TRANSFER_SCHEMA`: one row per source x target model pair), so that
 runs, MLflow artefacts and plots agree on what a column means. :func:`write_results` validates a
-table before it writes anything.
+table before it writes anything. The per-image evidence behind these accuracies is a second table
+(:mod:`rarn.robust.evaluation.records`).
 """
 
 from __future__ import annotations
