@@ -399,7 +399,14 @@ def test_unknown_attack_lists_known(digits):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"eps": 0.0}, {"eps": -8 / 255}, {"eps": math.nan}, {"steps": 0}, {"eps_curve": (0.0,)}],
+    [
+        {"eps": 0.0},
+        {"eps": -8 / 255},
+        {"eps": math.nan},
+        {"steps": 0},
+        {"eps_curve": (0.0,)},
+        {"more_steps_factor": 1},
+    ],
 )
 def test_bad_parameters_raise_before_any_work(digits, kwargs, monkeypatch):
     model, x, y = digits
