@@ -3,6 +3,7 @@ digits."""
 
 from __future__ import annotations
 
+import inspect
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from torch import nn
 
 from rarn.models.common import eval_mode
 from rarn.robust.attacks import ATTACK_IMPL, ATTACK_NORM, ATTACKS, AttackSpec, get_attack
+from rarn.robust.attacks.black_box import _square_p
 from rarn.robust.attacks.registry import attack_spec, register_attack
 
 EPS = {"linf": 0.1, "l2": 1.0}  # digits are 8x8 in [0, 1]; 8/255 would be too small to matter
@@ -229,3 +231,75 @@ def test_rarn_imports_without_torchattacks():
         "assert 'torchattacks' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _rgb_net():
+    """A random 3-channel conv net: channels-last strides only differ from contiguous for C > 1."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 10)
+        ).eval()
+
+
+def test_autoattack_takes_channels_last_inputs():
+    """torchattacks' FAB reshapes inputs and gradients with .view: channels-last strides used to
+    crash it. eps is tiny so that APGD-CE/APGD-T leave points for FAB-T and Square."""
+    pytest.importorskip("torchattacks")
+    model = _rgb_net()
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = model(x).argmax(1).detach()
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert not x_cl.is_contiguous()
+    g = torch.Generator().manual_seed(0)
+    kw = {"eps": 1e-3, "step_size": 1.0, "steps": 1, "n_iter": 3, "n_queries": 10}
+    x_adv = get_attack("autoattack")(model, x_cl, y, generator=g, **kw)
+    assert x_adv.shape == x.shape and (x_adv - x).abs().max() <= 1e-3 + 1e-6
+
+
+def test_autoattack_square_uses_the_reference_schedule(digits, monkeypatch):
+    """The reference AutoAttack builds Square with resc_schedule=False (torchattacks: True)."""
+    ta = pytest.importorskip("torchattacks")
+    seen = {}
+    real = ta.Square
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ta, "Square", spy)
+    model, x, y = digits
+    _run("autoattack", model, x[:8], y[:8], n_iter=2, n_queries=5)
+    assert seen["resc_schedule"] is False and seen["n_queries"] == 5
+
+
+def test_autoattack_refuses_other_versions(digits):
+    pytest.importorskip("torchattacks")
+    model, x, y = digits
+    with pytest.raises(ValueError, match="standard"):
+        _run("autoattack", model, x[:4], y[:4], version="rand")
+
+
+def test_square_schedule_is_not_rescaled_by_default(digits):
+    """p at query 100 of 500: the 10,000-query schedule as is gives p_init / 4; rescaled, the
+    query counts as 2,000 of 10,000: p_init / 32."""
+    assert _square_p(0.8, 100, 500) == pytest.approx(0.8 / 4)
+    assert _square_p(0.8, 100, 500, rescale=True) == pytest.approx(0.8 / 32)
+    assert _square_p(0.8, 9000, 10000) == _square_p(0.8, 9000, 10000, rescale=True)
+    assert inspect.signature(get_attack("square")).parameters["rescale"].default is False
+    model, x, y = digits
+    a = _run("square", model, x[:32], y[:32], steps=100)
+    b = _run("square", model, x[:32], y[:32], steps=100, rescale=True)
+    assert not torch.equal(a, b)
+
+
+def test_spec_settings_include_the_defaults():
+    """What the per-image records store: every keyword argument, defaults included."""
+    budget = {"eps": 0.1, "step_size": 0.02, "steps": 5}
+    assert attack_spec("mim").settings(budget) == {**budget, "decay": 1.0, "random_start": False}
+    assert attack_spec("cw").settings({**budget, "kappa": 5.0})["kappa"] == 5.0
+    assert attack_spec("cw").settings(budget)["kappa"] == math.inf
+    assert attack_spec("square").settings(budget)["rescale"] is False
+    aa = attack_spec("autoattack")
+    assert aa.settings(budget)["version"] == "standard" and aa.settings(budget)["n_queries"] == 5000
+    assert aa.black_box_part and not attack_spec("pgd").black_box_part

@@ -32,6 +32,11 @@ from rarn.robust.evaluation import (
     transfer_matrix,
     write_results,
 )
+from rarn.robust.evaluation.masking import (
+    check_black_box_per_image,
+    check_fgsm_vs_pgd,
+    check_more_steps_stronger,
+)
 
 SUITE = ("fgsm", "pgd", "mim", "cw")
 SMALL = {"eps": 0.1, "step_size": 0.025, "steps": 10}  # digits: 8x8 in [0, 1]
@@ -77,12 +82,42 @@ class _ReverseGrad(torch.autograd.Function):
         return -grad  # gradients point the wrong way: white-box attacks walk uphill
 
 
+class _OnDataGrad(torch.autograd.Function):
+    """True gradients on the data (digits are multiples of 1/16), reversed anywhere else."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        on_grid = ((x * 16 - (x * 16).round()).abs() < 1e-4).flatten(1).all(dim=1)
+        return torch.where(on_grid.view(-1, 1, 1, 1), grad, -grad)
+
+
+class _SparseGrad(torch.autograd.Function):
+    """Keeps a random 5 % of the gradient's coordinates: a slow, noisy ascent."""
+
+    @staticmethod
+    def forward(ctx, x, generator):
+        ctx.generator = generator
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * (torch.rand(grad.shape, generator=ctx.generator) < 0.05), None
+
+
 class Masked(nn.Module):
-    """Wraps a classifier with one kind of gradient masking."""
+    """Wraps a classifier with one kind of gradient masking; the predictions of all but "noise"
+    are those of the classifier (or its quantised input), only the gradients lie."""
 
     def __init__(self, net: nn.Module, kind: str):
         super().__init__()
         self.net, self.kind = net, kind
+        self.generator = torch.Generator().manual_seed(0)
 
     def forward(self, x):
         if self.kind == "softmax":
@@ -93,6 +128,10 @@ class Masked(nn.Module):
             return self.net(x + 0.05 * torch.randn_like(x))
         if self.kind == "reverse":
             return self.net(_ReverseGrad.apply(x))
+        if self.kind == "on_data":
+            return self.net(_OnDataGrad.apply(x))  # FGSM starts on the data, PGD off it
+        if self.kind == "sparse":
+            return self.net(_SparseGrad.apply(x, self.generator))
         raise ValueError(self.kind)
 
 
@@ -192,6 +231,10 @@ def test_loader_and_tensors_agree(digits):
         ("reverse", "more PGD steps", "steps_not_decreasing"),
         ("reverse", "larger eps", "eps_not_decreasing"),
         ("reverse", "black-box", "black_box_stronger"),
+        ("sparse", "more PGD steps lower", "more_steps_stronger"),
+        ("on_data", "FGSM beats PGD", "fgsm_beats_pgd"),
+        ("quantize", "does not approach 0", "eps_not_decreasing"),
+        ("quantize", "every white-box attack failed on", "black_box_breaks_robust"),
     ],
 )
 def test_flag(digits, kind, match, flag):
@@ -237,6 +280,54 @@ def test_pure_checks():
     with pytest.warns(GradientMaskingWarning):
         assert check_black_box(white_box_acc=0.5, black_box_acc=0.3)
     assert not check_black_box(white_box_acc=0.3, black_box_acc=0.45)
+
+
+def test_pure_checks_added_in_issue_9():
+    with pytest.warns(GradientMaskingWarning, match="approach 0"):
+        assert check_larger_eps({8 / 255: 0.60, 0.5: 0.55})  # decreasing, but not towards 0
+    assert not check_larger_eps({8 / 255: 0.60, 0.5: 0.04})
+    assert not check_larger_eps({0.5: 0.3, 2.0: 0.2}, large_eps=4.0)  # L2: 0.5 is not large
+    with pytest.warns(GradientMaskingWarning):
+        assert check_more_steps_stronger(0.95, 0.78, n=160)
+    assert not check_more_steps_stronger(0.453, 0.430, n=128)  # the healthy digits net
+    assert not check_more_steps_stronger(0.5, 0.4, n=10)  # one image: luck of a random start
+    with pytest.warns(GradientMaskingWarning):
+        assert check_fgsm_vs_pgd(0.506, 0.975, n=160)
+    assert not check_fgsm_vs_pgd(0.506, 0.45, n=160)  # FGSM weaker: as it should be
+    assert not check_fgsm_vs_pgd(0.40, 0.41)
+    wb = torch.ones(100, dtype=torch.bool)
+    bb = wb.clone()
+    bb[:2] = False
+    assert not check_black_box_per_image(wb, bb)  # two images: below MIN_POINTS
+    bb[:5] = False
+    with pytest.warns(GradientMaskingWarning, match="5 of 100"):
+        assert check_black_box_per_image(wb, bb)
+    big = torch.ones(1000, dtype=torch.bool)
+    assert not check_black_box_per_image(big, torch.cat([bb, big[100:]]))  # 0.5 % < 1 %
+    assert not check_black_box_per_image(~wb, bb)  # only images the white box failed on count
+    wb_weak = torch.arange(100) < 40  # white box: 40 % robust; black box: 60 %, yet 5 images
+    bb_weak = (torch.arange(100) >= 5) & (torch.arange(100) < 65)  # only it breaks
+    assert not check_black_box(0.40, 0.60)
+    with pytest.warns(GradientMaskingWarning):
+        assert check_black_box_per_image(wb_weak, bb_weak)
+
+
+@pytest.mark.parametrize(
+    ("kind", "flag"),
+    [
+        ("quantize", "black_box_breaks_robust"),
+        ("quantize", "eps_not_decreasing"),
+        ("on_data", "fgsm_beats_pgd"),
+    ],
+)
+def test_suite_flags_masking(digits, kind, flag):
+    """Through evaluate_robustness: the suite's own per-image white-box evidence is used."""
+    model, x, y = digits
+    s = SuiteSettings(attacks=SUITE, **SMALL, check_n=96, black_box_queries=200)
+    with pytest.warns(GradientMaskingWarning):
+        r = evaluate_robustness(Masked(model, kind), (x[:96], y[:96]), s)
+    assert r.flags[flag]
+    assert r.to_table().column(f"flag_{flag}").to_pylist()[0]
 
 
 # --- results tables -----------------------------------------------------------------------------
@@ -308,7 +399,14 @@ def test_unknown_attack_lists_known(digits):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"eps": 0.0}, {"eps": -8 / 255}, {"eps": math.nan}, {"steps": 0}, {"eps_curve": (0.0,)}],
+    [
+        {"eps": 0.0},
+        {"eps": -8 / 255},
+        {"eps": math.nan},
+        {"steps": 0},
+        {"eps_curve": (0.0,)},
+        {"more_steps_factor": 1},
+    ],
 )
 def test_bad_parameters_raise_before_any_work(digits, kwargs, monkeypatch):
     model, x, y = digits

@@ -3,7 +3,9 @@
 ``torchattacks`` is imported inside each function, never at module import, so that ``rarn``
 imports without it. torchattacks draws from (and re-seeds) torch's global RNG; every call runs
 under a forked RNG seeded from the caller's generator, so it is deterministic and leaves the
-global state untouched.
+global state untouched. Inputs are handed over contiguous: torchattacks' FAB reshapes them (and
+their gradients, whose layout follows the input's) with ``.view``, which fails on channels-last
+strides.
 """
 
 from __future__ import annotations
@@ -51,20 +53,29 @@ def pgd_torchattacks(model: nn.Module, x: Tensor, y: Tensor, b: Budget) -> Tenso
 
     atk = torchattacks.PGD(model, eps=b.eps, alpha=b.step_size, steps=b.steps, random_start=True)
     with _isolated_global_rng(x, _seed_from(b.generator)):
-        return atk(x, y).to(dtype=x.dtype, device=x.device)
+        return atk(x.contiguous(), y).to(dtype=x.dtype, device=x.device)
 
 
 @uniform_attack
 def autoattack(
-    model: nn.Module, x: Tensor, y: Tensor, b: Budget, *, n_iter: int = 100, n_queries: int = 5000
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    b: Budget,
+    *,
+    n_iter: int = 100,
+    n_queries: int = 5000,
+    version: str = "standard",
 ) -> Tensor:
     r"""AutoAttack, standard version, from 'Reliable evaluation of adversarial robustness with an
     ensemble of diverse parameter-free attacks' [https://arxiv.org/abs/2003.01690] (Croce and
     Hein, ICML 2020), run with torchattacks' components.
 
     Distance measure: L-inf (e.g. eps 8/255). APGD-CE, APGD-T (9 target classes), FAB-T (9
-    target classes) and Square (``n_queries``, standard: 5000), one restart each, every attack
-    only on the points the earlier ones did not fool (torchattacks' ``MultiAttack``). NB:
+    target classes) and Square (``n_queries``, standard: 5000, with the reference's fixed
+    ``p`` schedule, ``resc_schedule=False``), one restart each, every attack only on the points
+    the earlier ones did not fool (torchattacks' ``MultiAttack``). ``version`` is recorded in
+    results and must be "standard" (the only composition assembled here). NB:
     torchattacks' own ``AutoAttack(version='standard')`` leaves APGD/FAB at 10 iterations; the
     reference standard version uses 100, so the components are assembled here with ``n_iter=100``
     by default. ``step_size`` is ignored (APGD adapts its step size) and so is ``steps`` (see
@@ -77,6 +88,9 @@ def autoattack(
     """
     import torchattacks as ta
 
+    if version != "standard":
+        raise ValueError(f"autoattack: only version 'standard' is implemented, got {version!r}")
+    x = x.contiguous()  # FAB's .view calls fail on channels-last strides
     with torch.no_grad():
         n_classes = int(model(x[:1]).shape[1])
     k = min(n_classes, 10)  # torchattacks targets the top (k - 1) classes: 9, as the reference
@@ -87,7 +101,7 @@ def autoattack(
             ta.APGD(model, steps=n_iter, loss="ce", **common),
             ta.APGDT(model, steps=n_iter, n_classes=k, **common),
             ta.FAB(model, steps=n_iter, multi_targeted=True, n_classes=k, **common),
-            ta.Square(model, n_queries=n_queries, **common),
+            ta.Square(model, n_queries=n_queries, resc_schedule=False, **common),  # reference
         ]
     )
     with _isolated_global_rng(x, seed):

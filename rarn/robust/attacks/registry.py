@@ -11,6 +11,7 @@ call (wrap its body in :func:`rarn.robust.attacks.interface.uniform_attack`).
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
@@ -45,6 +46,8 @@ class AttackSpec:
         version: version of that implementation.
         white_box: uses the model's gradients; False for an outputs-only (black-box) attack,
             which the gradient-masking checks compare against the white-box ones.
+        black_box_part: also runs an outputs-only component (AutoAttack's Square), so its
+            per-image results are not white-box evidence for the per-image black-box check.
         needs: optional distributions it imports when called (never at import time).
         steps_from: the iterations it really runs, as results tables report them. None: the
             ``steps`` argument; an int: fixed (FGSM: 1); ``(kwarg, default)``: an extra keyword
@@ -57,6 +60,7 @@ class AttackSpec:
     implementation: str
     version: str
     white_box: bool = True
+    black_box_part: bool = False
     needs: tuple[str, ...] = ()
     steps_from: int | tuple[str, int] | None = None
 
@@ -68,6 +72,17 @@ class AttackSpec:
             return self.steps_from
         kwarg, default = self.steps_from
         return int(params.get(kwarg, default))
+
+    def settings(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Every keyword argument the attack runs with: its defaults, overridden by ``params``.
+
+        What results tables record, so that a run can be reproduced or recombined without
+        reading the code (e.g. MIM's ``decay``, CW's ``kappa``, Square's ``p_init``).
+        """
+        own = inspect.signature(self.fn).parameters.values()
+        out = {p.name: p.default for p in own if p.default is not inspect.Parameter.empty}
+        out.pop("generator", None)
+        return {**out, **params}
 
 
 _REGISTRY: dict[str, AttackSpec] = {}
@@ -166,7 +181,14 @@ for _spec in (
     AttackSpec("mim", mim, "linf", **_RARN),
     AttackSpec("cw", cw, "linf", **_RARN),
     AttackSpec("square", square, "linf", **_RARN, white_box=False),
-    AttackSpec("autoattack", autoattack, "linf", **_TORCHATTACKS, steps_from=("n_iter", 100)),
+    AttackSpec(
+        "autoattack",
+        autoattack,
+        "linf",
+        **_TORCHATTACKS,
+        black_box_part=True,
+        steps_from=("n_iter", 100),
+    ),
     AttackSpec("pgd_torchattacks", pgd_torchattacks, "linf", **_TORCHATTACKS),
 ):
     register_attack(_spec)

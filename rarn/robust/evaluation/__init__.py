@@ -5,10 +5,13 @@ The evaluation protocol of spec section 6.1, in four modules:
 * :mod:`~rarn.robust.evaluation.suite`: :func:`evaluate_robustness` runs the attack suite
   described by a :class:`SuiteSettings` on one model: clean, per-attack and per-sample
   worst-case accuracy (AutoAttack's ``robust`` mask), and an accuracy-vs-eps curve.
-* :mod:`~rarn.robust.evaluation.masking`: the six named gradient-masking checks; every result
+* :mod:`~rarn.robust.evaluation.masking`: the nine named gradient-masking checks; every result
   carries their flags (:data:`MASKING_FLAGS`).
 * :mod:`~rarn.robust.evaluation.results`: :class:`RobustnessResult` and its fixed-schema pyarrow
   table (:data:`RESULTS_SCHEMA`), written as Parquet by :func:`write_results`.
+* :mod:`~rarn.robust.evaluation.records`: the per-image records (:data:`RECORDS_SCHEMA`, one
+  row per image x attack, with every attack setting and a sha256 of the data), written by
+  :func:`write_records` and recombined into worst cases by :func:`worst_case_from_records`.
 * :mod:`~rarn.robust.evaluation.transfer` and :mod:`~rarn.robust.evaluation.plots`: the
   source x target transfer matrix (:data:`TRANSFER_SCHEMA`) and PNG plots of both tables.
 """
@@ -17,14 +20,25 @@ from rarn.robust.evaluation.masking import (
     MASKING_FLAGS,
     GradientMaskingWarning,
     check_black_box,
+    check_black_box_per_image,
+    check_fgsm_vs_pgd,
     check_larger_eps,
     check_more_steps,
+    check_more_steps_stronger,
     check_probability_outputs,
     check_randomized,
     check_zero_gradients,
     run_masking_checks,
 )
 from rarn.robust.evaluation.plots import plot_accuracy_vs_eps, plot_transfer_heatmap
+from rarn.robust.evaluation.records import (
+    RECORDS_SCHEMA,
+    DataHasher,
+    data_sha256,
+    records_table,
+    worst_case_from_records,
+    write_records,
+)
 from rarn.robust.evaluation.results import (
     RESULTS_SCHEMA,
     TRANSFER_SCHEMA,
@@ -37,22 +51,31 @@ from rarn.robust.evaluation.transfer import transfer_matrix
 
 __all__ = [
     "MASKING_FLAGS",
+    "RECORDS_SCHEMA",
     "RESULTS_SCHEMA",
     "TRANSFER_SCHEMA",
+    "DataHasher",
     "GradientMaskingWarning",
     "RobustnessResult",
     "SuiteSettings",
     "check_black_box",
+    "check_black_box_per_image",
+    "check_fgsm_vs_pgd",
     "check_larger_eps",
     "check_more_steps",
+    "check_more_steps_stronger",
     "check_probability_outputs",
     "check_randomized",
     "check_zero_gradients",
+    "data_sha256",
     "evaluate_robustness",
     "plot_accuracy_vs_eps",
     "plot_transfer_heatmap",
+    "records_table",
     "results_table",
     "run_masking_checks",
     "transfer_matrix",
+    "worst_case_from_records",
+    "write_records",
     "write_results",
 ]

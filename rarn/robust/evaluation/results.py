@@ -3,7 +3,8 @@
 Results are pyarrow tables with a fixed, documented schema (:data:`RESULTS_SCHEMA`: one row per
 model x attack x eps; :data:`TRANSFER_SCHEMA`: one row per source x target model pair), so that
 runs, MLflow artefacts and plots agree on what a column means. :func:`write_results` validates a
-table before it writes anything.
+table before it writes anything. The per-image evidence behind these accuracies is a second table
+(:mod:`rarn.robust.evaluation.records`).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ RESULTS_SCHEMA = pa.schema(
         ),
         _f("masking_suspected", pa.bool_(), "any flag raised; null: no check run", True),
     ],
-    metadata={"rarn.schema": "robustness-results/1"},
+    metadata={"rarn.schema": "robustness-results/2"},
 )
 """One row per model x attack x eps (clean, each attack alone, worst case, curve points)."""
 
@@ -91,6 +92,17 @@ class RobustnessResult:
         curve: eps -> robust accuracy of ``main_attack``.
         flags: :data:`MASKING_FLAGS` -> bool, None where a check was not run.
         seed: initial seed of the generator.
+        correct: (n,) bool on CPU, True where the clean input is classified correctly.
+        attacked: attack -> (n,) bool on CPU, True where the attack ran on the image.
+        survived: attack -> (n,) bool on CPU, True where it ran and the image stayed correct.
+        per_attack: each attack ran on every clean-correct image (else only on the survivors
+            of the earlier ones).
+        data_sha256: sha256 of the evaluated inputs and labels
+            (:func:`rarn.robust.evaluation.data_sha256`).
+
+    ``correct``, ``attacked`` and ``survived`` are the per-image records
+    (:func:`rarn.robust.evaluation.records_table`); ``robust`` is ``correct`` AND every
+    ``survived``.
     """
 
     model_name: str
@@ -105,6 +117,11 @@ class RobustnessResult:
     curve: dict[float, float] = field(default_factory=dict)
     flags: dict[str, bool | None] = field(default_factory=dict)
     seed: int | None = None
+    correct: Tensor | None = None
+    attacked: dict[str, Tensor] = field(default_factory=dict)
+    survived: dict[str, Tensor] = field(default_factory=dict)
+    per_attack: bool = True
+    data_sha256: str | None = None
 
     def to_table(self) -> pa.Table:
         """Rows: clean, each attack alone, worst case, and the curve (schema RESULTS_SCHEMA)."""

@@ -24,7 +24,14 @@ from torch import Tensor, nn
 from rarn.models.common import device_of
 from rarn.robust.attacks import ATTACK_NORM, attack_spec, get_attack, validate_attack_args
 from rarn.robust.evaluation._core import Data, _batches, _check_budget, _predict, _survives
-from rarn.robust.evaluation.masking import MASKING_FLAGS, check_larger_eps, run_masking_checks
+from rarn.robust.evaluation.masking import (
+    MASKING_FLAGS,
+    check_fgsm_vs_pgd,
+    check_larger_eps,
+    run_masking_checks,
+    unbounded_radius,
+)
+from rarn.robust.evaluation.records import DataHasher
 from rarn.robust.evaluation.results import RobustnessResult
 
 __all__ = ["SuiteSettings", "evaluate_robustness"]
@@ -52,6 +59,8 @@ class SuiteSettings:
         checks: run the gradient-masking checks on the first ``check_n`` points.
         check_n: size of the check subset.
         black_box_queries: query budget of the black-box check.
+        more_steps_factor: the more-steps check compares PGD-``steps`` with this many times the
+            steps (default 5: PGD-20 vs PGD-100).
         batch_size: batch size when the data is a pair of tensors.
     """
 
@@ -66,6 +75,7 @@ class SuiteSettings:
     checks: bool = True
     check_n: int = 256
     black_box_queries: int = 500
+    more_steps_factor: int = 5
     batch_size: int = 256
 
     def __post_init__(self) -> None:  # accept any sequence, store tuples (the record is frozen)
@@ -74,17 +84,35 @@ class SuiteSettings:
         object.__setattr__(self, "attack_kwargs", dict(self.attack_kwargs or {}))
 
 
+Records = dict[str, tuple[Tensor, Tensor]]
+"""Attack -> per-image ``(attacked, survived)`` masks of one batch."""
+
+
 @dataclass
 class _Tally:
-    """What the batches add up to: per-point masks (on CPU), curve hits and the check subset."""
+    """What the batches add up to: per-image masks (on CPU), curve hits and the check subset."""
 
-    alone: dict[str, list[Tensor]]
+    attacks: tuple[str, ...]
     curve_hits: dict[float, int]
     n: int = 0
     correct: list[Tensor] = field(default_factory=list)
-    robust: list[Tensor] = field(default_factory=list)
+    attacked: dict[str, list[Tensor]] = field(default_factory=dict)
+    survived: dict[str, list[Tensor]] = field(default_factory=dict)
     x_check: list[Tensor] = field(default_factory=list)
     y_check: list[Tensor] = field(default_factory=list)
+    data: DataHasher = field(default_factory=DataHasher)
+    image_numel: int = 0
+
+    def add(self, correct: Tensor, records: Records) -> None:
+        self.correct.append(correct.cpu())
+        for name, (attacked, survived) in records.items():
+            self.attacked.setdefault(name, []).append(attacked.cpu())
+            self.survived.setdefault(name, []).append(survived.cpu())
+
+    def masks(self) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """``correct``, ``attacked`` and ``survived`` over all batches."""
+        cat = {k: torch.cat(v) for k, v in self.attacked.items()}
+        return torch.cat(self.correct), cat, {k: torch.cat(v) for k, v in self.survived.items()}
 
 
 def evaluate_robustness(
@@ -129,18 +157,21 @@ def evaluate_robustness(
         generator = torch.Generator().manual_seed(0)
     device = torch.device(device) if device is not None else device_of(model)
     tally = _run_batches(model, data, s, params, curve_eps, generator, device)
-    robust = torch.cat(tally.robust)
-    flags = _masking_flags(model, s, params, tally, robust, generator)
+    correct, attacked, survived = tally.masks()
+    robust = correct.clone()
+    for ok in survived.values():
+        robust &= ok
+    flags = _masking_flags(model, s, params, tally, survived, generator)
     curve = {e: tally.curve_hits[e] / tally.n for e in curve_eps}
-    per = {a: float(torch.cat(v).float().mean()) for a, v in tally.alone.items() if v}
-    if len(curve) >= 2 and check_larger_eps(curve):
+    large = unbounded_radius(ATTACK_NORM[s.main_attack], tally.image_numel)
+    if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
         flags["eps_not_decreasing"] = True
     return RobustnessResult(
         model_name=model_name,
         n=tally.n,
-        clean_accuracy=float(torch.cat(tally.correct).float().mean()),
-        robust_accuracy=per,
-        worst_case_accuracy=float(robust.float().mean()),
+        clean_accuracy=_fraction(correct),
+        robust_accuracy={a: _fraction(m) for a, m in survived.items()} if s.per_attack else {},
+        worst_case_accuracy=_fraction(robust),
         robust=robust,
         attacks=s.attacks,
         params=params,
@@ -148,7 +179,17 @@ def evaluate_robustness(
         curve=curve,
         flags=flags,
         seed=generator.initial_seed(),
+        correct=correct,
+        attacked=attacked,
+        survived=survived,
+        per_attack=s.per_attack,
+        data_sha256=tally.data.hexdigest(),
     )
+
+
+def _fraction(mask: Tensor) -> float:
+    """Accuracy as ``count / n`` in float64, so per-image records recombine to it exactly."""
+    return int(mask.sum()) / mask.numel()
 
 
 def _attack_params(s: SuiteSettings) -> tuple[Params, list[float]]:
@@ -159,9 +200,10 @@ def _attack_params(s: SuiteSettings) -> tuple[Params, list[float]]:
         raise ValueError(f"attacks contains duplicates: {s.attacks}")
     for name in (*s.attacks, s.main_attack, *s.attack_kwargs):
         get_attack(name)
-    if s.batch_size < 1 or s.check_n < 0:
+    if s.batch_size < 1 or s.check_n < 0 or s.more_steps_factor < 2:
         raise ValueError(
-            f"batch_size must be >= 1 and check_n >= 0, got {s.batch_size}, {s.check_n}"
+            "batch_size must be >= 1, check_n >= 0 and more_steps_factor >= 2, got"
+            f" {s.batch_size}, {s.check_n}, {s.more_steps_factor}"
         )
     params: Params = {}
     for name in dict.fromkeys((*s.attacks, s.main_attack)):
@@ -179,23 +221,22 @@ def _attack_params(s: SuiteSettings) -> tuple[Params, list[float]]:
 
 def _attack_each(
     model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, g: torch.Generator, params: Params
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-attack mode: every attack alone on all clean-correct points; worst case = their AND."""
-    alone = {name: _survives(model, name, x, y, correct, g, p) for name, p in params.items()}
-    robust = correct.clone()
-    for ok in alone.values():
-        robust &= ok
-    return alone, robust
+) -> Records:
+    """Per-attack mode: every attack alone on all clean-correct points."""
+    return {
+        name: (correct, _survives(model, name, x, y, correct, g, p)) for name, p in params.items()
+    }
 
 
 def _attack_in_turn(
     model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, g: torch.Generator, params: Params
-) -> tuple[dict[str, Tensor], Tensor]:
+) -> Records:
     """AutoAttack mode: each attack only on the points no earlier attack fooled."""
-    robust = correct
+    records, robust = {}, correct
     for name, p in params.items():
-        robust = _survives(model, name, x, y, robust, g, p)
-    return {}, robust
+        survived = _survives(model, name, x, y, robust, g, p)
+        records[name], robust = (robust, survived), survived
+    return records
 
 
 def _run_batches(
@@ -211,27 +252,26 @@ def _run_batches(
     suite = {name: params[name] for name in s.attacks}
     attack_batch = _attack_each if s.per_attack else _attack_in_turn
     main = params[s.main_attack]
-    tally = _Tally(alone={a: [] for a in s.attacks}, curve_hits=dict.fromkeys(curve_eps, 0))
+    tally = _Tally(attacks=s.attacks, curve_hits=dict.fromkeys(curve_eps, 0))
     for xb, yb in _batches(data, s.batch_size):
         xb, yb = xb.to(device), yb.to(device)
         validate_attack_args(xb, yb, eps=s.eps, step_size=s.step_size, steps=s.steps)
+        tally.data.update(xb, yb)
+        tally.image_numel = xb[0].numel() if len(xb) else tally.image_numel
         if tally.n < s.check_n:
             tally.x_check.append(xb[: s.check_n - tally.n])
             tally.y_check.append(yb[: s.check_n - tally.n])
         tally.n += xb.shape[0]
         correct = _predict(model, xb) == yb
-        alone, robust = attack_batch(model, xb, yb, correct, generator, suite)
+        records = attack_batch(model, xb, yb, correct, generator, suite)
         for e in curve_eps:
-            if s.main_attack in alone and math.isclose(e, main["eps"]):
-                hits = alone[s.main_attack]  # the curve point is the attack alone: reuse it
+            if s.per_attack and s.main_attack in records and math.isclose(e, main["eps"]):
+                hits = records[s.main_attack][1]  # the curve point is the attack alone: reuse it
             else:
                 p = {**main, "eps": e, "step_size": main["step_size"] * e / main["eps"]}
                 hits = _survives(model, s.main_attack, xb, yb, correct, generator, p)
             tally.curve_hits[e] += int(hits.sum())
-        for name, ok in alone.items():
-            tally.alone[name].append(ok.cpu())
-        tally.correct.append(correct.cpu())
-        tally.robust.append(robust.cpu())
+        tally.add(correct, records)
     if tally.n == 0:
         raise ValueError("no data: the loader yielded no points")
     return tally
@@ -242,22 +282,24 @@ def _masking_flags(
     s: SuiteSettings,
     params: Params,
     tally: _Tally,
-    robust: Tensor,
+    survived: dict[str, Tensor],
     generator: torch.Generator,
 ) -> dict[str, bool | None]:
-    """The masking checks on the first ``check_n`` points, against the white-box worst case."""
+    """The masking checks on the first ``check_n`` points, against the suite's white-box evidence.
+
+    White-box evidence: images that every purely white-box attack of the suite (not AutoAttack,
+    whose Square is a black box) ran on and failed on; none such: the checks' own PGD alone.
+    """
     flags: dict[str, bool | None] = dict.fromkeys(MASKING_FLAGS)
     if not (s.checks and s.check_n > 0):
         return flags
     xc, yc = torch.cat(tally.x_check), torch.cat(tally.y_check)
-    white = [a for a in s.attacks if attack_spec(a).white_box]
-    if s.per_attack and white:
-        masks = [torch.cat(tally.alone[a])[: len(yc)] for a in white]
-        wb_acc = float(torch.stack(masks).all(dim=0).float().mean())
-    else:
-        wb_acc = float(robust[: len(yc)].float().mean())
+    white = [a for a in s.attacks if attack_spec(a).white_box and not attack_spec(a).black_box_part]
+    wb = None
+    if white:
+        wb = torch.stack([survived[a][: len(yc)] for a in white]).all(dim=0)
     main = params[s.main_attack]
-    return run_masking_checks(
+    flags = run_masking_checks(
         model,
         xc,
         yc,
@@ -265,7 +307,15 @@ def _masking_flags(
         step_size=main["step_size"],
         steps=main["steps"],
         generator=generator,
-        white_box_acc=wb_acc,
+        white_box_robust=wb,
         norm=ATTACK_NORM[s.main_attack],
         black_box_queries=s.black_box_queries,
+        more_steps_factor=s.more_steps_factor,
     )
+    both = s.per_attack and {"fgsm", "pgd"} <= set(survived)
+    if both and params["fgsm"]["eps"] == params["pgd"]["eps"]:  # the whole data: more evidence
+        fgsm, pgd = _fraction(survived["fgsm"]), _fraction(survived["pgd"])
+        flags["fgsm_beats_pgd"] = bool(flags["fgsm_beats_pgd"]) or check_fgsm_vs_pgd(
+            fgsm, pgd, n=tally.n
+        )
+    return flags

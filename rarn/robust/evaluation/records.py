@@ -1,0 +1,252 @@
+"""Per-image records: one row per image x attack, so that worst cases can be recombined later.
+
+The summary table (:data:`~rarn.robust.evaluation.results.RESULTS_SCHEMA`) keeps accuracies;
+this one keeps the evidence they come from: for every evaluated image and every attack, whether
+the image was still classified correctly, every setting the attack ran with, and a sha256 of the
+evaluated inputs and labels (:func:`data_sha256`). Adding an attack later is one evaluation of
+that attack on the same data (same sha256): concatenate the tables and recombine with
+:func:`worst_case_from_records`, without rerunning the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from rarn.checkpoint import atomic_path
+from rarn.robust.attacks import attack_spec
+from rarn.robust.evaluation.results import _f
+
+if TYPE_CHECKING:
+    from rarn.robust.evaluation.results import RobustnessResult
+
+__all__ = [
+    "RECORDS_SCHEMA",
+    "DataHasher",
+    "data_sha256",
+    "records_table",
+    "worst_case_from_records",
+    "write_records",
+]
+
+
+RECORDS_SCHEMA = pa.schema(
+    [
+        _f("model", pa.string(), "model label"),
+        _f("data_sha256", pa.string(), "sha256 of the evaluated inputs and labels (data_sha256)"),
+        _f("image", pa.int64(), "index of the image in evaluation order, 0 .. n-1"),
+        _f("attack", pa.string(), "attack name (rarn.robust.attacks.ATTACKS) or 'clean'"),
+        _f("robust", pa.bool_(), "classified correctly after the attack; null: not run", True),
+        _f("mode", pa.string(), "'per_attack' or 'survivors' (see RECORDS_SCHEMA's doc)"),
+        _f("norm", pa.string(), "threat model of eps: 'linf', 'l2' or 'none' (clean)"),
+        _f("eps", pa.float64(), "radius of the threat model (0 for clean)"),
+        _f("step_size", pa.float64(), "step size as passed (ignored by fgsm, square, autoattack)"),
+        _f("steps", pa.int64(), "attack iterations actually run (FGSM 1, AutoAttack n_iter)"),
+        _f("random_start", pa.bool_(), "random start in the eps-ball; null: no such option", True),
+        _f("decay", pa.float64(), "MIM momentum decay mu; null: not MIM", True),
+        _f("kappa", pa.float64(), "CW margin confidence (inf: no clamp); null: not CW", True),
+        _f("queries", pa.int64(), "queries of a black-box search (Square); null: none", True),
+        _f("attack_version", pa.string(), "AutoAttack's version ('standard'); null: none", True),
+        _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
+        _f("impl_version", pa.string(), "version of that implementation"),
+        _f("settings", pa.string(), "every keyword argument it ran with, defaults too, as JSON"),
+        _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
+    ],
+    metadata={"rarn.schema": "robustness-records/1"},
+)
+"""One row per model x image x attack (``clean`` included): the evidence of the worst case.
+
+``robust`` is True where the image is still classified correctly after the attack (for
+``clean``: classified correctly at all) and null where the attack did not run on it: the image
+was misclassified clean, or, in ``mode`` 'survivors' (AutoAttack's way: each attack only on the
+images no earlier attack fooled), an earlier attack had already fooled it; in 'per_attack' mode
+every attack ran on every clean-correct image. ``queries`` is Square's query budget (its
+``steps``) or AutoAttack's ``n_queries``; ``settings`` is JSON with sorted keys.
+"""
+
+
+class DataHasher:
+    """sha256 of inputs and labels, fed batch by batch (the same digest as one big batch).
+
+    The digest covers the bytes of ``x`` (C-contiguous, in its dtype), the labels as int64, and a
+    header with the dtype, the per-image shape and the number of images.
+    """
+
+    def __init__(self) -> None:
+        self._x, self._y = hashlib.sha256(), hashlib.sha256()
+        self._n, self._layout = 0, ""
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        """Add one batch (any device, any memory format)."""
+        layout = f"{x.dtype} {tuple(x.shape[1:])}"
+        if self._n and layout != self._layout:
+            raise ValueError(f"batches disagree on dtype or shape: {layout} vs {self._layout}")
+        self._layout, self._n = layout, self._n + x.shape[0]
+        x_bytes = x.detach().cpu().contiguous().view(-1).view(torch.uint8)  # any dtype, bf16 too
+        self._x.update(x_bytes.numpy().tobytes())
+        self._y.update(y.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        head = f"rarn-data/1 x {self._layout} n={self._n}\n".encode()
+        return hashlib.sha256(head + self._x.digest() + self._y.digest()).hexdigest()
+
+
+def data_sha256(x: Tensor, y: Tensor) -> str:
+    """The ``data_sha256`` of the records of an evaluation of ``(x, y)`` (see :class:`DataHasher`).
+
+    Example:
+        >>> data_sha256(x_test, y_test) == records.column("data_sha256")[0].as_py()
+    """
+    h = DataHasher()
+    h.update(x, y)
+    return h.hexdigest()
+
+
+def _settings_columns(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    spec = attack_spec(name)
+    s = spec.settings(params)
+    queries = s.get("n_queries", None if spec.white_box else spec.effective_steps(s))
+    return {
+        "norm": spec.norm,
+        "eps": float(s["eps"]),
+        "step_size": float(s["step_size"]),
+        "steps": spec.effective_steps(s),
+        "random_start": s.get("random_start"),
+        "decay": s.get("decay"),
+        "kappa": s.get("kappa"),
+        "queries": queries,
+        "attack_version": s.get("version"),
+        "implementation": spec.implementation,
+        "impl_version": spec.version,
+        "settings": json.dumps(s, sort_keys=True, default=repr),
+    }
+
+
+_CLEAN = {"norm": "none", "eps": 0.0, "step_size": 0.0, "steps": 0, "settings": "{}"}
+
+
+def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
+    """One table per attack (clean first): n rows each, constant columns repeated."""
+    if r.correct is None or r.data_sha256 is None or set(r.survived) != set(r.attacks):
+        raise ValueError(f"result {r.model_name!r} carries no per-image records")
+    rarn = attack_spec("pgd")  # the clean rows are credited to rarn
+    base = {
+        "model": r.model_name,
+        "data_sha256": r.data_sha256,
+        "mode": "per_attack" if r.per_attack else "survivors",
+        "seed": r.seed,
+        "implementation": rarn.implementation,
+        "impl_version": rarn.version,
+    }
+    blocks = [("clean", r.correct, torch.ones_like(r.correct), _CLEAN)]
+    for a in r.attacks:
+        blocks.append((a, r.survived[a], r.attacked[a], _settings_columns(a, r.params[a])))
+    for name, survived, attacked, settings in blocks:
+        consts = {**base, **settings, "attack": name}
+        cols: dict[str, Any] = {
+            "image": pa.array(np.arange(r.n, dtype=np.int64)),
+            "robust": pa.array(survived.numpy(), mask=~attacked.numpy()),
+        }
+        for f in RECORDS_SCHEMA:
+            if f.name not in cols:
+                cols[f.name] = pa.repeat(pa.scalar(consts.get(f.name), f.type), r.n)
+        yield pa.table(cols).select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
+
+
+def records_table(results: Iterable[RobustnessResult]) -> pa.Table:
+    """Stack the per-image records of ``results`` into one table with :data:`RECORDS_SCHEMA`.
+
+    Raises:
+        ValueError: a result without per-image records (not from ``evaluate_robustness``).
+    """
+    tables = [t for r in results for t in _one_result(r)]
+    if not tables:
+        return RECORDS_SCHEMA.empty_table()
+    return pa.concat_tables(tables)
+
+
+def write_records(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Validate ``table`` against :data:`RECORDS_SCHEMA` and write it as Parquet, atomically.
+
+    Raises:
+        ValueError: wrong schema or no rows; nothing is written.
+    """
+    if not table.schema.equals(RECORDS_SCHEMA, check_metadata=False):
+        raise ValueError("table schema is not RECORDS_SCHEMA:\n" + str(table.schema))
+    if table.num_rows == 0:
+        raise ValueError("refusing to write an empty records table")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table.cast(RECORDS_SCHEMA), tmp)
+    return path
+
+
+def _worst_case_of(rows: pa.Table, model: str) -> Tensor:
+    """AND over the rows of one model; an image neither fooled nor seen by every attack fails."""
+    image = rows.column("image").to_numpy()
+    robust = rows.column("robust")
+    known = pc.is_valid(robust).to_numpy()
+    value = pc.fill_null(robust, True).to_numpy()
+    clean = np.unique(image[rows.column("attack").to_numpy(zero_copy_only=False) == "clean"])
+    n = clean.size
+    if not np.array_equal(clean, np.arange(n)) or image.max(initial=-1) >= n:
+        raise ValueError(f"model {model!r}: the clean rows must cover the images 0 .. n-1")
+    broken = np.zeros(n, dtype=bool)
+    np.logical_or.at(broken, image, known & ~value)
+    unseen = np.zeros(n, dtype=bool)
+    np.logical_or.at(unseen, image, ~known)
+    if (unseen & ~broken).any():
+        raise ValueError(
+            f"model {model!r}: images {np.flatnonzero(unseen & ~broken)[:5].tolist()}... were not"
+            " attacked by every chosen attack and none of them fooled it (an attack left out was"
+            " the one that did, in 'survivors' mode): rerun with per_attack"
+        )
+    return torch.from_numpy(~broken)
+
+
+def worst_case_from_records(
+    table: pa.Table, *, attacks: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """Recombine per-image records into the worst case: robust against every chosen attack.
+
+    Rows of several evaluations of one model on the same data (same ``data_sha256``), e.g. the
+    original suite and an attack added later, are combined image by image. The worst-case robust
+    accuracy is ``mask.sum() / len(mask)``, exactly as stored in the results table.
+
+    Args:
+        table: a :data:`RECORDS_SCHEMA` table (or a concatenation of several).
+        attacks: the attacks to combine (default: all in the table); ``clean`` always counts.
+
+    Returns:
+        Model -> (n,) bool on CPU, True where the image was classified correctly and no chosen
+        attack fooled it.
+
+    Raises:
+        KeyError: a chosen attack has no rows for some model.
+        ValueError: a model's rows come from different data, do not cover its images, or leave
+            an image undetermined.
+    """
+    out: dict[str, Tensor] = {}
+    for model in pc.unique(table.column("model")).to_pylist():
+        rows = table.filter(pc.equal(table.column("model"), model))
+        shas = pc.unique(rows.column("data_sha256")).to_pylist()
+        if len(shas) != 1:
+            raise ValueError(f"model {model!r}: rows from different data (sha256 {shas})")
+        present = set(pc.unique(rows.column("attack")).to_pylist())
+        wanted = {"clean", *(present if attacks is None else attacks)}
+        if missing := wanted - present:
+            raise KeyError(f"model {model!r}: no records of {sorted(missing)}")
+        rows = rows.filter(pc.is_in(rows.column("attack"), pa.array(sorted(wanted))))
+        out[model] = _worst_case_of(rows, model)
+    return out
