@@ -4,8 +4,8 @@ Ray Tune's default console prints a result box of every reported metric (two doz
 trial and epoch; with dozens of trials the useful table drowns. By default the search uses
 Tune's classic console with a :class:`ray.tune.CLIReporter` restricted to the columns that
 matter (trial, status, epoch, validation accuracy, the constraint's robust proxy
-``P(h <= 0)``, the bound's mean ``mu_F`` and the constraint ``h``), printed at most every
-few seconds, plus one line per finished or failed trial (:func:`trial_lines`).
+``P(h <= 0)``, the bound's mean ``mu_F`` and the constraint ``h``), printed when it changed,
+plus one line per finished or failed trial (:func:`trial_lines`).
 ``--verbose`` brings Tune's own per-result boxes back; ``--quiet`` prints nothing.
 
 Levels (``Pipeline.verbose``): 0 quiet, 1 compact (default), 2 Tune's boxes.
@@ -65,14 +65,25 @@ def attach(tuner: Any, *, level: int, callbacks: Sequence[Any], reporter: Any) -
 
 
 def progress_reporter(select_metric: str, level: int) -> Any:
-    """The compact table (None at levels other than 1: Tune's own choice)."""
+    """The compact table (None at levels other than 1: Tune's own choice). It is printed when
+    a trial's status or epoch changed, at most every 10 s, and at the end."""
     if level != 1:
         return None
     from ray.tune import CLIReporter
 
+    class _OnChange(CLIReporter):
+        _seen: tuple = ()
+
+        def should_report(self, trials: list, done: bool = False) -> bool:
+            seen = tuple((t.trial_id, t.status, (t.last_result or {}).get("epoch")) for t in trials)
+            if done or (seen != self._seen and super().should_report(trials, done)):
+                self._seen = seen
+                return True
+            return False
+
     columns = dict(COLUMNS)
     columns.setdefault(select_metric, select_metric)
-    return CLIReporter(
+    return _OnChange(
         metric_columns=columns,
         parameter_columns={"trial/key": "trial"},
         max_report_frequency=10,
