@@ -24,6 +24,7 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+import rarn
 from pipeline.tracking import ArtifactIntegrityError, Tracking
 from rarn.checkpoint import file_sha256
 
@@ -36,7 +37,7 @@ __all__ = [
     "set_alias",
 ]
 
-_RARN = Path(__file__).resolve().parents[1] / "rarn"  # travels with the model (code_paths)
+_RARN = Path(rarn.__file__).resolve().parent  # travels with the model (code_paths)
 _MODEL_CODE = Path(__file__).resolve().with_name("portable.py")
 
 

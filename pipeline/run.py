@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lock = None
     try:
         cfg, stages, run_dir, uri, bundle, state = _preflight(args)
-        lock = RunDirLock(run_dir, echo).acquire()
+        lock = RunDirLock(run_dir, lambda s: print(s, file=sys.stderr)).acquire()
         # Again under the lock: another run may have just finished or changed the state here.
         if args.resume:
             state = check_resume(cfg, run_dir, stages)

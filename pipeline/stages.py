@@ -92,14 +92,15 @@ class Pipeline:
             cfg, data, job, storage_path=self.storage_path, resume=self.resume,
             verbose=self.verbose,
         )  # fmt: skip
-        self._record_tune(storage_digests(self.storage_path))  # tuner.pkl, written just now
+        experiment = tuner._local_tuner.get_run_config().name  # Tune's folder under storage
+        self._record_tune(storage_digests(self.storage_path, experiment))  # tuner.pkl, just written
         attach(tuner, level=self.verbose, reporter=progress_reporter(t.select_metric, self.verbose),
                callbacks=[digest_recorder(self._record_tune), trial_lines(self.echo)])  # fmt: skip
         n = len(trial_points(cfg))
         self.echo(f"[search] Ray Tune: {n} trials, top {t.top_k} by {t.select_metric}")
         with classic_output(self.verbose):
             results, interrupted = fit(tuner)
-        self._record_tune(storage_digests(self.storage_path))  # Tune's final save
+        self._record_tune(storage_digests(self.storage_path, experiment))  # Tune's final save
         if interrupted:  # Tune stopped on SIGINT and saved its state for Tuner.restore
             raise KeyboardInterrupt
         outcomes = collect_outcomes(results, cfg, self.tracking)

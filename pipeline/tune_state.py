@@ -56,9 +56,9 @@ def _filesystem(storage: str) -> tuple[Any, str]:
     return pyarrow.fs.LocalFileSystem(), str(Path(storage).resolve())
 
 
-def _walk(fs: Any, root: str) -> Iterator[tuple[str, PurePosixPath]]:
-    """``(path on fs, path relative to the experiment folder as 'experiment/...')`` of every
-    unpickled file in every Tune experiment folder directly under ``root``."""
+def _walk(fs: Any, root: str, only: set[str] | None) -> Iterator[tuple[str, PurePosixPath]]:
+    """``(path on fs, path relative to root as 'experiment/...')`` of every unpickled file in
+    the Tune experiment folders directly under ``root`` (``only``: those named, else all)."""
     import pyarrow.fs
 
     try:
@@ -72,6 +72,8 @@ def _walk(fs: Any, root: str) -> Iterator[tuple[str, PurePosixPath]]:
         if len(rel.parts) == 2:
             by_dir.setdefault(rel.parts[0], set()).add(rel.parts[1])
     experiments = {d for d, names in by_dir.items() if _is_experiment(names)}
+    if only is not None:
+        experiments = only
     for i in files:
         rel = PurePosixPath(i.path).relative_to(root)
         if len(rel.parts) >= 2 and rel.parts[0] in experiments:
@@ -87,10 +89,12 @@ def _hash(fs: Any, path: str) -> str:
     return h.hexdigest()
 
 
-def storage_digests(storage: str) -> dict[str, str]:
-    """sha256 of every file Tune would unpickle, in every experiment under ``storage``."""
+def storage_digests(storage: str, experiment: str | None = None) -> dict[str, str]:
+    """sha256 of every file Tune would unpickle, in experiment ``experiment`` under
+    ``storage`` (None: in every experiment there)."""
     fs, root = _filesystem(storage)
-    return {rel.as_posix(): _hash(fs, path) for path, rel in _walk(fs, root)}
+    only = None if experiment is None else {experiment}
+    return {rel.as_posix(): _hash(fs, path) for path, rel in _walk(fs, root, only)}
 
 
 def merge_digests(
@@ -107,10 +111,16 @@ def merge_digests(
 def verify_storage(storage: str, recorded: Mapping[str, list[str]]) -> None:
     """Refuse Tune files under ``storage`` whose digest this run did not record.
 
+    The experiments checked are the ones this run recorded files of (others sharing the storage
+    are not restored by it), or every experiment there when it recorded none.
+
     Raises:
         UntrustedTuneState: names the files and how to continue without them.
     """
-    bad = [name for name, digest in sorted(storage_digests(storage).items())
+    fs, root = _filesystem(storage)
+    only = {name.split("/", 1)[0] for name in recorded} or None
+    found = {rel.as_posix(): _hash(fs, path) for path, rel in _walk(fs, root, only)}
+    bad = [name for name, digest in sorted(found.items())
            if digest not in recorded.get(name, ())]  # fmt: skip
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")

@@ -172,6 +172,17 @@ def test_tune_digests_cover_what_restore_unpickles(tmp_path):
     (exp / "t00" / "new.pkl").write_bytes(b"planted")
     with pytest.raises(UntrustedTuneState, match="search/t00/new.pkl"):
         verify_storage(str(storage), recorded)
+    (exp / "t00" / "new.pkl").unlink()
+    # Another run's experiment in a shared storage is not this run's to restore ...
+    (storage / "other").mkdir()
+    (storage / "other" / "tuner.pkl").write_bytes(b"theirs")
+    assert storage_digests(str(storage), "search") == digests | {
+        "search/t00/params.pkl": recorded["search/t00/params.pkl"][0]
+    }
+    verify_storage(str(storage), recorded)
+    # ... but with nothing recorded (killed before Tune started), every experiment is checked.
+    with pytest.raises(UntrustedTuneState, match="other/tuner.pkl"):
+        verify_storage(str(storage), {})
 
 
 def test_digest_recorder_hashes_tunes_staging_folder(tmp_path):
