@@ -26,13 +26,13 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.model_store import load_model_checked
-from pipeline.tracking import Tracking, download_checked
 from pipeline.tracking_uri import TrackingUnavailable, check_reachable, resolve_tracking_uri
-from rarn.checkpoint import atomic_write
 from rarn.config import ConfigError, TrackingConfig, load_config
+
+if TYPE_CHECKING:  # MLflow (and torch) are imported once the store answered: a fast failure
+    from pipeline.tracking import Tracking
 
 __all__ = ["check_store", "evaluate", "main", "parse_model_ref", "show"]
 
@@ -79,6 +79,8 @@ def _line(label: str, text: str) -> str:
 
 def show(tracking: Tracking, ref: str) -> str:
     """The lineage of a registered model version as text."""
+    from pipeline.tracking import download_checked
+
     mv = _version(tracking, ref)
     client = tracking.client()
     tags = mv.tags
@@ -145,6 +147,9 @@ def evaluate(
 ) -> str:
     """Load a registered model (sha256-checked) and re-run the attack suite; returns a table."""
     from pipeline.evaluate import evaluate_model, summary_metrics
+    from pipeline.model_store import load_model_checked
+    from pipeline.tracking import download_checked
+    from rarn.checkpoint import atomic_write
     from rarn.data import as_tensors, load_dataset
 
     mv = _version(tracking, ref)
@@ -196,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         uri = resolve_tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
         check_store(uri)
+        from pipeline.tracking import Tracking
+
         tracking = Tracking(uri, experiment_id="", parent_run_id="")
         if args.command == "show":
             print(show(tracking, args.model))
