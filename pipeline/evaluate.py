@@ -2,12 +2,16 @@
 
 Every retrained model is loaded back from MLflow (its sha256 checked first), evaluated in a Ray
 task (several at once), and its results (Parquet table, accuracy-vs-eps plot, metrics and the
-gradient-masking flags as tags) are logged to its retraining run. The same
+gradient-masking flags as tags) are logged to its retraining run, together with what the
+promotion rule (:mod:`pipeline.promotion`) compares: the sha256 of the evaluated test tensors
+(``rarn.eval_data_sha256``) and of the evaluation settings (``rarn.eval_protocol``). The same
 :func:`evaluate_model` serves ``python -m pipeline.registry evaluate``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,11 +23,17 @@ import torch
 from pipeline.model_store import load_model_checked
 from pipeline.state import EvalOutcome, RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking
-from rarn.config import EvaluationConfig, TuneConfig
+from rarn.config import EvaluationConfig, TuneConfig, config_to_dict
 from rarn.data import as_tensors
 from rarn.robust.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
 
-__all__ = ["evaluate_model", "run_evaluate_stage", "summary_metrics"]
+__all__ = [
+    "data_sha256",
+    "evaluate_model",
+    "protocol_sha256",
+    "run_evaluate_stage",
+    "summary_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,22 @@ def summary_metrics(result: Any) -> dict[str, float]:
     out["eval_worst_case_acc"] = result.worst_case_accuracy
     out |= {f"eval_{a}_acc": v for a, v in result.robust_accuracy.items()}
     return out
+
+
+def data_sha256(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 of the evaluated data: shapes, dtypes and bytes of the images and labels."""
+    h = hashlib.sha256()
+    for t in (x, y):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def protocol_sha256(ev: EvaluationConfig) -> str:
+    """sha256 of the evaluation settings that change its numbers (all but the batch size)."""
+    settings = {k: v for k, v in config_to_dict(ev).items() if k != "batch_size"}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def evaluate_model(
@@ -90,14 +116,17 @@ def _evaluate(
         run = ChildRun(tracking, retrained.retrain_run_id)
         metrics = summary_metrics(result)
         run.log_metrics(metrics, step=0)
-        run.set_tags({f"rarn.masking.{k}": v for k, v in result.flags.items()})
+        data, protocol = data_sha256(x, y), protocol_sha256(ev)
+        run.set_tags({f"rarn.masking.{k}": v for k, v in result.flags.items()}
+                     | {"rarn.eval_data_sha256": data, "rarn.eval_protocol": protocol})  # fmt: skip
         run.log_artifact_checked(parquet, "evaluation")
         if png is not None:
             run.log_artifact_checked(png, "evaluation")
     except Exception as e:  # reported per model; the other models' evaluations go on
         log.exception("evaluation of %s failed", retrained.key)
         return EvalOutcome(retrained.key, error=f"{type(e).__name__}: {e}")
-    return EvalOutcome(retrained.key, metrics, dict(result.flags), str(parquet))
+    return EvalOutcome(retrained.key, metrics, dict(result.flags), str(parquet),
+                       data_sha256=data, protocol=protocol)  # fmt: skip
 
 
 def run_evaluate_stage(
@@ -109,7 +138,14 @@ def run_evaluate_stage(
     *,
     out_dir: Path,
 ) -> list[EvalOutcome]:
-    """Evaluate every successfully retrained model, concurrently; one outcome per model."""
+    """Evaluate every retrained model, concurrently; one outcome per model, in order (a model
+    that cannot be evaluated, for want of a logged model, gets an outcome with its error)."""
     task = _evaluate.options(num_cpus=tune_cfg.cpus_per_trial, num_gpus=tune_cfg.gpus_per_trial)
-    todo = [r for r in retrained if r.error is None and r.model_uri]
-    return ray.get([task.remote(r, tracking, bundle, ev, str(out_dir)) for r in todo])
+    refs = {
+        r.key: task.remote(r, tracking, bundle, ev, str(out_dir))
+        for r in retrained
+        if r.error is None and r.model_uri
+    }
+    done = dict(zip(refs, ray.get(list(refs.values()))))
+    skipped = "skipped: its retraining logged no model"
+    return [done.get(r.key) or EvalOutcome(r.key, error=r.error or skipped) for r in retrained]

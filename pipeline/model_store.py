@@ -1,10 +1,17 @@
-"""Models in MLflow: logged with the sha256 of their files, checked before they are unpickled.
+"""Models in MLflow: a portable pyfunc, logged with the sha256 of its files, checked before load.
 
-:func:`log_model_checked` logs a retrained network (MLflow PyTorch flavour, pickle format: it
-keeps the whole network with its Lipschitz report) and records :func:`dir_sha256` of the files
-as read back from the store (``rarn.model_sha256``); :func:`load_model_checked` downloads them,
-recomputes the digest and refuses to unpickle files that differ. :func:`register_champion`
-makes a logged model a registered version and points the alias (``champion``) at it.
+:func:`log_model_checked` logs a retrained network as an MLflow pyfunc built by
+:mod:`pipeline.portable`: ``weights.pt`` (a state_dict), ``genotype.json`` and ``network.json``
+as ``artifacts``, the ``rarn`` package as ``code_paths``, :mod:`pipeline.portable` as the model
+code, a tensor signature and an input example. Plain MLflow loads it without this repository and
+without unpickling anything. The digest of every file (:func:`dir_sha256`, read back from the
+store) is recorded as ``rarn.model_sha256``.
+
+:func:`load_model_checked` is our own loader: it downloads the files, recomputes the digest,
+refuses files that differ, and only then rebuilds the network from the three plain files
+(:func:`pipeline.portable.load_network`); the model's code files are never run.
+:func:`register_version` and :func:`set_alias` are the registry side; which version gets the
+alias is decided by :mod:`pipeline.promotion`.
 """
 
 from __future__ import annotations
@@ -17,43 +24,89 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
+import rarn
 from pipeline.tracking import ArtifactIntegrityError, Tracking
 from rarn.checkpoint import file_sha256
 
-__all__ = ["dir_sha256", "load_model_checked", "log_model_checked", "register_champion"]
+__all__ = [
+    "current_alias_version",
+    "dir_sha256",
+    "load_model_checked",
+    "log_model_checked",
+    "register_version",
+    "set_alias",
+]
+
+_RARN = Path(rarn.__file__).resolve().parent  # travels with the model (code_paths)
+_MODEL_CODE = Path(__file__).resolve().with_name("portable.py")
 
 
 def dir_sha256(root: str | Path) -> str:
-    """sha256 over ``relative path + file sha256`` of every file under ``root``, sorted."""
+    """sha256 over ``relative path + file sha256`` of every file under ``root``, sorted.
+
+    Bytecode caches are left out: a model's ``code/`` folder may gain them on any load.
+    """
     root = Path(root)
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    files = (q for q in root.rglob("*") if q.is_file() and "__pycache__" not in q.parts)
+    for p in sorted(files):
         h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()
 
 
-def log_model_checked(tracking: Tracking, run_id: str, model: Any) -> tuple[str, str]:
-    """Log ``model`` (MLflow PyTorch flavour) to ``run_id``; returns ``(model_uri, sha256)``.
+def _requirements() -> list[str]:
+    import mlflow
+    import numpy
+    import torch
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+            f"numpy=={numpy.__version__}"]  # fmt: skip
+
+
+def log_model_checked(tracking: Tracking, run_id: str, model: Any, example: Any) -> tuple[str, str]:
+    """Log ``model`` as a portable pyfunc to ``run_id``; returns ``(model_uri, sha256)``.
+
+    Args:
+        tracking: where to log.
+        run_id: the retraining run.
+        model: a :class:`rarn.models.darts.Network` (CPU, eval mode).
+        example: an input batch ``(B, C, H, W)`` (the input example and the signature's shape).
 
     The digest (:func:`dir_sha256` of the logged model directory, read back from the store) is
     recorded as ``rarn.model_sha256`` and checked by :func:`load_model_checked`. Uses the
     fluent API (``log_model`` needs an active run), so call it in a worker process.
     """
     import mlflow
+    import numpy as np
     import torch
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    from pipeline.portable import save_network
 
     mlflow.set_tracking_uri(tracking.uri)  # this worker process only
-    torch_version = torch.__version__.split("+")[0]
-    with mlflow.start_run(run_id=run_id, experiment_id=tracking.experiment_id):
-        # Pickle keeps the full Network (cells, Lipschitz report); the sha256 check guards it.
-        info = mlflow.pytorch.log_model(
-            model,
+    x = np.ascontiguousarray(torch.as_tensor(example).detach().cpu().float().numpy())
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x)).numpy()
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *x.shape[1:]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, logits.shape[1]))]),
+    )
+    with (
+        tempfile.TemporaryDirectory() as d,
+        mlflow.start_run(run_id=run_id, experiment_id=tracking.experiment_id),
+    ):
+        files = save_network(model, d, torch.from_numpy(x))
+        info = mlflow.pyfunc.log_model(
             name="model",
-            pip_requirements=[f"torch=={torch_version}"],
-            serialization_format="pickle",
+            python_model=str(_MODEL_CODE),
+            artifacts={k: str(p) for k, p in files.items()},
+            code_paths=[str(_RARN)],
+            signature=signature,
+            input_example=x,
+            pip_requirements=_requirements(),
         )
-        with tempfile.TemporaryDirectory() as d:
-            digest = dir_sha256(_download_model(tracking, info.model_uri, d))
+        digest = dir_sha256(_download_model(tracking, info.model_uri, str(Path(d) / "back")))
         mlflow.set_tags({"rarn.model_uri": info.model_uri, "rarn.model_sha256": digest})
     return info.model_uri, digest
 
@@ -77,32 +130,33 @@ def _download_model(tracking: Tracking, model_uri: str, dst: str) -> str:
 
 
 def load_model_checked(tracking: Tracking, model_uri: str, expected_sha256: str) -> Any:
-    """Download a logged model, verify its digest, then load it (CPU).
+    """Download a logged model, verify its digest, then rebuild the network (CPU, eval mode).
+
+    Nothing is loaded before the digest matched, and then only the three plain files are read
+    (:func:`pipeline.portable.load_network`): the model's code files are not run.
 
     Raises:
         ArtifactIntegrityError: the downloaded files differ from what was logged.
     """
-    import mlflow.pytorch
+    from pipeline.portable import FILES, load_network
 
     with tempfile.TemporaryDirectory() as d:
-        local = _download_model(tracking, model_uri, d)
+        local = Path(_download_model(tracking, model_uri, d))
         digest = dir_sha256(local)
         if digest != expected_sha256:
             raise ArtifactIntegrityError(
                 f"{model_uri}: model files have sha256 {digest}, recorded {expected_sha256}; "
-                "refusing to unpickle them"
+                "refusing to load them"
             )
-        return mlflow.pytorch.load_model(local, map_location="cpu")
+        return load_network({k: local / "artifacts" / f for k, f in FILES.items()})
 
 
-def register_champion(
-    tracking: Tracking, name: str, alias: str, model_uri: str, tags: Mapping[str, str]
-) -> str:
-    """Register ``model_uri`` as a new version of ``name`` and point ``alias`` at it.
+# ----------------------------------------------------------------------------------------------
+# The registry
 
-    Returns:
-        The version number (as a string).
-    """
+
+def register_version(tracking: Tracking, name: str, model_uri: str, tags: Mapping[str, str]) -> str:
+    """Register ``model_uri`` as a new version of ``name`` (no alias); returns the version."""
     client = tracking.client()
     try:
         client.create_registered_model(name, description="RACL robust architectures (rarn)")
@@ -114,5 +168,20 @@ def register_champion(
         name, source=model_uri, run_id=tags.get("rarn.retrain_run_id"), tags=dict(tags),
         model_id=model_id,
     )  # fmt: skip
-    client.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version)
+
+
+def current_alias_version(tracking: Tracking, name: str, alias: str) -> Any | None:
+    """The version ``name@alias`` points at, or None (no such model or alias)."""
+    client = tracking.client()
+    try:
+        version = client.get_registered_model(name).aliases.get(alias)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code):
+            return None
+        raise
+    return None if version is None else client.get_model_version(name, str(version))
+
+
+def set_alias(tracking: Tracking, name: str, alias: str, version: str) -> None:
+    tracking.client().set_registered_model_alias(name, alias, version)

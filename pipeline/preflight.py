@@ -1,19 +1,23 @@
 """Checks that run before anything is written: config values, the run directory, ``--resume``.
 
-Everything here raises :class:`rarn.config.ConfigError` (the CLI's exit 2) and touches neither
-Ray nor MLflow, so a bad value fails in seconds with nothing on disk.
+Everything here raises :class:`rarn.config.ConfigError` or another ``ValueError`` (the CLI's
+exit 2) and touches neither Ray nor MLflow, so a bad value fails in seconds with nothing on disk:
+a run directory another pipeline holds (:mod:`pipeline.runlock`), an unreadable ``state.json``,
+and Ray Tune files this run did not write (:mod:`pipeline.tune_state`) are refused here.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.state import STATE_FILE
+from pipeline.runlock import LOCK_FILE, lock_holder
+from pipeline.state import STATE_FILE, RunState
 from rarn.config import Config, ConfigError, config_to_dict, load_config
 
-__all__ = ["check_run_dir", "config_diff", "validate_config"]
+__all__ = ["check_resume", "check_run_dir", "config_diff", "storage_path", "validate_config"]
 
 
 def validate_config(cfg: Config, stages: Sequence[str], resume: bool) -> None:
@@ -38,9 +42,14 @@ def check_run_dir(cfg: Config, resume: bool) -> Path:
     """The absolute run directory: empty (or absent) for a new run; for ``--resume`` one that
     holds a run whose stored config equals ``cfg``."""
     run_dir = Path(cfg.run_dir).resolve()
+    holder = lock_holder(run_dir)
+    if holder is not None and holder.get("pid") != os.getpid():  # not the caller's own lock
+        who = f"PID {holder.get('pid')} on host {holder.get('host')}" if holder else "a process"
+        raise ConfigError(f"run_dir {run_dir} is in use by {who}; wait for that run to end, "
+                          "or use another run_dir")  # fmt: skip
     if resume and not (run_dir / STATE_FILE).is_file():
         raise ConfigError(f"--resume: no run to resume in {run_dir}")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise ConfigError(
             f"run_dir {run_dir} holds a previous run: pass --resume to continue it, or "
             "run_dir=<new folder> to start another"
@@ -62,3 +71,25 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
         elif a.get(k) != b.get(k):
             keys.append(prefix + k)
     return keys
+
+
+def storage_path(cfg: Config, run_dir: Path) -> str:
+    """Where Ray Tune and Ray Train keep their experiments: ``tune.storage_path`` or
+    ``<run_dir>/ray``."""
+    return cfg.tune.storage_path or str(Path(run_dir) / "ray")
+
+
+def check_resume(cfg: Config, run_dir: Path, stages: Sequence[str]) -> RunState:
+    """The run state to resume, read and checked before anything is written.
+
+    Raises:
+        pipeline.state.StateError: ``state.json`` is unreadable (the message names it).
+        pipeline.tune_state.UntrustedTuneState: the search would restore Tune files that this
+            run did not write.
+    """
+    from pipeline.tune_state import verify_storage
+
+    state = RunState.load(run_dir)
+    if "search" in stages and state.search is None:
+        verify_storage(storage_path(cfg, run_dir), state.tune_files)
+    return state

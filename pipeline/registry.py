@@ -13,7 +13,9 @@ of :mod:`rarn.robust.evaluation` on the held-out test split of the data the mode
 ``data`` section of the run's logged ``config.yaml``, or ``--config``).
 
 The tracking URI is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
-``sqlite:///<cwd>/mlflow.db`` (the pipeline's default), so run it where the pipeline ran.
+``sqlite:///<cwd>/mlflow.db`` (the pipeline's default), so run it where the pipeline ran. The
+store is checked first and never created: a missing sqlite database or an unreachable server
+exits 3 within seconds (exit 2: bad arguments, 1: no such model or a failed check).
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.model_store import load_model_checked
-from pipeline.tracking import Tracking, download_checked
-from pipeline.tracking_uri import resolve_tracking_uri
-from rarn.checkpoint import atomic_write
+from pipeline.tracking_uri import TrackingUnavailable, check_reachable, resolve_tracking_uri
 from rarn.config import ConfigError, TrackingConfig, load_config
 
-__all__ = ["evaluate", "main", "parse_model_ref", "show"]
+if TYPE_CHECKING:  # MLflow (and torch) are imported once the store answered: a fast failure
+    from pipeline.tracking import Tracking
+
+__all__ = ["check_store", "evaluate", "main", "parse_model_ref", "show"]
 
 
 def parse_model_ref(ref: str) -> tuple[str, str, str]:
@@ -55,12 +57,30 @@ def _version(tracking: Tracking, ref: str) -> Any:
     return client.get_model_version(name, value)
 
 
+def check_store(uri: str) -> None:
+    """Fail fast, creating nothing: an sqlite database must exist, a server must answer.
+
+    Raises:
+        TrackingUnavailable: no database file, or the server is unreachable.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        if not db.is_file():
+            raise TrackingUnavailable(
+                f"no tracking database at {db}; run this where the pipeline ran, or pass "
+                "--tracking-uri / set MLFLOW_TRACKING_URI"
+            )
+    check_reachable(uri)
+
+
 def _line(label: str, text: str) -> str:
     return f"{label:<14}{text}"
 
 
 def show(tracking: Tracking, ref: str) -> str:
     """The lineage of a registered model version as text."""
+    from pipeline.tracking import download_checked
+
     mv = _version(tracking, ref)
     client = tracking.client()
     tags = mv.tags
@@ -102,6 +122,11 @@ def show(tracking: Tracking, ref: str) -> str:
     if ev:
         text = "  ".join(f"{k} {v:.4f}" for k, v in sorted(ev.items()))
         out.append(_line("evaluation", text + f"  masking flags: {', '.join(flags) or 'none'}"))
+        data = tags.get("rarn.eval_data_sha256") or r.data.tags.get("rarn.eval_data_sha256", "-")
+        out.append(_line("", f"evaluated data sha256 {data}"))
+    if tags.get("rarn.promotion"):
+        forced = " (--force-promote)" if tags.get("rarn.force_promote") == "true" else ""
+        out.append(_line("promotion", tags["rarn.promotion"] + forced))
     parent = tags.get("rarn.parent_run_id")
     if parent:
         p = client.get_run(parent)
@@ -122,6 +147,9 @@ def evaluate(
 ) -> str:
     """Load a registered model (sha256-checked) and re-run the attack suite; returns a table."""
     from pipeline.evaluate import evaluate_model, summary_metrics
+    from pipeline.model_store import load_model_checked
+    from pipeline.tracking import download_checked
+    from rarn.checkpoint import atomic_write
     from rarn.data import as_tensors, load_dataset
 
     mv = _version(tracking, ref)
@@ -172,6 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         uri = resolve_tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
+        check_store(uri)
+        from pipeline.tracking import Tracking
+
         tracking = Tracking(uri, experiment_id="", parent_run_id="")
         if args.command == "show":
             print(show(tracking, args.model))
@@ -179,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = evaluate(tracking, args.model, attacks=args.attacks, config=args.config,
                             overrides=args.overrides, output=args.output)  # fmt: skip
             print(text)
+    except TrackingUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (ConfigError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

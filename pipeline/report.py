@@ -67,7 +67,10 @@ def summary(
     lines.append(f"parent run:       {parent_run_id} (experiment {experiment})")
     reg = state.registered
     if reg is not None:
-        lines.append(f"registered model: {reg.uri} (version {reg.version}, trial {reg.key})")
+        verdict = f"@{reg.alias}" if reg.promoted else f"not {reg.alias}"
+        why = f": {reg.reason}" if reg.reason else ""
+        lines.append(f"registered model: {reg.uri} (version {reg.version}, trial {reg.key}, "
+                     f"{verdict}{why})")  # fmt: skip
     uri = tracking_uri
     ui = f"mlflow ui --backend-store-uri {redact_uri(uri)}" if uri.startswith("sqlite") else uri
     lines.append(f"MLflow UI:        {ui}")

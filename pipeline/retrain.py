@@ -24,6 +24,7 @@ from typing import Any
 
 import ray
 import ray.train
+import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.checkpoints import PROGRESS, TrialStore
@@ -107,15 +108,16 @@ def retrain_loop(config: dict[str, Any]) -> None:
             device=ray.train.torch.get_device(), wrap_model=wrap, shard=(rank, world),
         )  # fmt: skip
         if run is not None:
-            _log_result(job, run, result)
+            example = torch.stack([bundle.test[i][0] for i in range(min(2, len(bundle.test)))])
+            _log_result(job, run, result, example)
 
 
-def _log_result(job: RetrainJob, run: ChildRun, result: Any) -> None:
+def _log_result(job: RetrainJob, run: ChildRun, result: Any, example: Any) -> None:
     """Rank 0: final metrics, genotype and model (sha256-recorded); the run ends FINISHED."""
     run.log_metrics({f"final_{k}": v for k, v in result.final.items()}, step=result.best_epoch)
     run.set_tags({"rarn.selected_by": result.selected_by})
     run.log_artifact_checked(job.root / "genotype.json")
-    log_model_checked(job.tracking, run.run_id, result.model.cpu().eval())
+    log_model_checked(job.tracking, run.run_id, result.model.cpu().eval(), example)
     run.end("FINISHED")
 
 

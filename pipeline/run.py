@@ -8,13 +8,15 @@ Usage::
     python -m pipeline.run --smoke --stages search          # configs/smoke.yaml, search only
 
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) it joins that cluster; otherwise it starts
-a local Ray instance whose listeners bind to loopback. Exit codes: 0 done, 1 failed, 2 bad config
-or usage (nothing written), 3 tracking server unreachable (nothing written), 130 interrupted
-(resume with ``--resume``).
+a local Ray instance whose listeners bind to loopback. Exit codes: 0 done, 1 failed (also a failed
+or skipped evaluation: nothing is promoted then), 2 bad config or usage, run_dir in use or not
+resumable (nothing written), 3 tracking server unreachable or refusing the credentials (nothing
+written), 130 interrupted (resume with ``--resume``).
 
 This module is the command line and the stage order. It applies the Ray/MLflow environment
 defaults (:mod:`pipeline.env`) before anything imports Ray, runs the checks that write nothing
-(:mod:`pipeline.preflight`, :mod:`pipeline.tracking_uri`), starts or joins Ray (``ray.init``,
+(:mod:`pipeline.preflight`, :mod:`pipeline.tracking_uri`), takes the run directory's lock
+(:mod:`pipeline.runlock`) for the whole run, starts or joins Ray (``ray.init``,
 ``ray.shutdown``), and runs the stages of :class:`pipeline.stages.Pipeline` in order; the MLflow
 parent run is created and ended through :mod:`pipeline.tracking`. ``<run_dir>/state.json``
 (:mod:`pipeline.state`) records what each stage finished, so ``--resume`` skips finished work:
@@ -25,6 +27,7 @@ finished trials, retrainings and evaluations are not rerun. The closing summary 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shlex
@@ -50,8 +53,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pipeline/run.py",
         description="RACL search (Ray Tune) -> retraining (Ray Train) -> evaluation, in MLflow.",
-        epilog="exit codes: 0 ok, 1 failed, 2 bad config (nothing written), "
-        "3 tracking server unreachable, 130 interrupted (rerun with --resume)",
+        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation), 2 bad config or run_dir "
+        "(nothing written), 3 tracking server unreachable, 130 interrupted (rerun with --resume)",
     )
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=2")
@@ -60,6 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="use configs/smoke.yaml (tiny everything)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
     p.add_argument("--quiet", action="store_true", help="no Tune tables, no progress lines")
+    p.add_argument("--verbose", action="store_true", help="Tune's result box for every report")
+    p.add_argument("--force-promote", action="store_true",
+                   help="move the registry alias to this run's evaluated model even if it does "
+                   "not beat the champion or raised a masking flag (logged as a tag)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -105,67 +112,99 @@ def _init_ray(args: argparse.Namespace) -> bool:
     return True
 
 
-def _preflight(args: argparse.Namespace) -> tuple[Config, list[str], Path, str, Any]:
-    """Config, stages, run directory, tracking URI and data set, with nothing written.
+def _preflight(args: argparse.Namespace) -> tuple[Config, list[str], Path, str, Any, Any]:
+    """Config, stages, run directory, tracking URI, data set and the state to resume (None for
+    a new run), with nothing written.
 
     Raises:
         ConfigError, DataError, ValueError, KeyError, FileNotFoundError: exit 2.
         TrackingUnavailable: exit 3.
     """
-    from pipeline.preflight import check_run_dir, validate_config
+    from pipeline.preflight import check_resume, check_run_dir, validate_config
     from pipeline.tracking_uri import check_reachable, resolve_tracking_uri
     from rarn.data import load_dataset
 
     cfg = resolve_config(args)
     stages = _stages(args.stages)
+    if args.quiet and args.verbose:
+        raise ConfigError("--quiet and --verbose: give one of them")
     validate_config(cfg, stages, args.resume)
     run_dir = check_run_dir(cfg, args.resume)
+    state = check_resume(cfg, run_dir, stages) if args.resume else None
     uri = resolve_tracking_uri(cfg.tracking)
     check_reachable(uri)  # seconds, not MLflow's minutes of retries
-    return cfg, stages, run_dir, uri, load_dataset(cfg.data)
+    return cfg, stages, run_dir, uri, load_dataset(cfg.data), state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pipeline; returns the exit code (see the module docstring)."""
     apply_env_defaults(connect=bool(os.environ.get("RAY_ADDRESS")))  # before anything imports ray
+    from pipeline.preflight import check_resume, check_run_dir
+    from pipeline.runlock import RunDirLock, RunDirLocked
     from pipeline.tracking_uri import TrackingUnavailable
     from rarn.data import DataError
 
     args = parse_args(argv)
     echo = (lambda _: None) if args.quiet else (lambda s: print(s, flush=True))
+    lock = None
     try:
-        cfg, stages, run_dir, uri, bundle = _preflight(args)
+        cfg, stages, run_dir, uri, bundle, state = _preflight(args)
+        lock = RunDirLock(run_dir, lambda s: print(s, file=sys.stderr)).acquire()
+        # Again under the lock: another run may have just finished or changed the state here.
+        if args.resume:
+            state = check_resume(cfg, run_dir, stages)
+        else:
+            check_run_dir(cfg, False)
     except TrackingUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT["tracking"]
-    except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError) as e:
+    except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError, RunDirLocked) as e:
+        _release(lock)
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return EXIT["usage"]
-    # -- from here on, things are written ----------------------------------------------------------
+    try:
+        return _run(args, argv, cfg, stages, run_dir, uri, bundle, state, echo)
+    finally:
+        _release(lock)
+
+
+def _release(lock: Any) -> None:
+    """Drop the run directory's lock; remove the directory if this run created it and wrote
+    nothing into it (a failed start leaves the file system as it was)."""
+    if lock is not None:
+        lock.release()
+        if lock.created:
+            with contextlib.suppress(OSError):
+                lock.run_dir.rmdir()  # only if empty
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stages: list[str],
+         run_dir: Path, uri: str, bundle: Any, state: Any, echo: Any) -> int:  # fmt: skip
+    """Everything after the pre-flight, with the run directory locked. The run directory gets
+    its files only once the tracking store answered (a failure before leaves it as it was)."""
     from pipeline.report import done_message, summary
     from pipeline.stages import Pipeline, PipelineError
     from pipeline.state import RunState
     from rarn.config import dump_config
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState.load(run_dir) if args.resume else RunState(tracking_uri=uri)
-    if not args.resume:
-        dump_config(cfg, run_dir / "config.yaml")
-        state.save(run_dir)
     started = _init_ray(args)
     pipe = None
     try:
         from pipeline.tracking import end_pipeline_run, prepare_tracking
 
+        state = state or RunState(tracking_uri=uri)
         tracking = prepare_tracking(
             cfg, uri=state.tracking_uri or uri, run_dir=run_dir, fingerprint=bundle.fingerprint,
             parent_run_id=state.parent_run_id or None,
         )  # fmt: skip
         state.experiment_id, state.parent_run_id = tracking.experiment_id, tracking.parent_run_id
+        if not args.resume:
+            dump_config(cfg, run_dir / "config.yaml")
         state.save(run_dir)
-        pipe = Pipeline(cfg, run_dir, state, tracking, args.resume, echo, 0 if args.quiet else 1,
-                        bundle=bundle)  # fmt: skip
+        level = 0 if args.quiet else 2 if args.verbose else 1
+        pipe = Pipeline(cfg, run_dir, state, tracking, args.resume, echo, level, bundle=bundle,
+                        force_promote=args.force_promote)  # fmt: skip
         t0 = time.monotonic()
         for stage in STAGES:  # the stage order
             if stage in stages:

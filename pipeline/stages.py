@@ -39,10 +39,13 @@ class Pipeline:
     verbose: int
     bundle: Any = None  # rarn.data.DatasetBundle
     bundle_ref: Any = None
+    force_promote: bool = False  # --force-promote (pipeline.promotion)
 
     @property
     def storage_path(self) -> str:
-        return self.cfg.tune.storage_path or str(self.run_dir / "ray")
+        from pipeline.preflight import storage_path
+
+        return storage_path(self.cfg, self.run_dir)
 
     def data_ref(self) -> Any:
         import ray
@@ -56,7 +59,17 @@ class Pipeline:
 
     # -- stage 1 --------------------------------------------------------------------------------
 
+    def _record_tune(self, digests: dict[str, str]) -> None:
+        """Record the sha256 of Ray Tune's files as Tune writes them (see
+        :mod:`pipeline.tune_state`): ``--resume`` restores only from recorded ones."""
+        from pipeline.tune_state import merge_digests
+
+        if digests:
+            self.state.tune_files = merge_digests(self.state.tune_files, digests)
+            self._save()
+
     def search(self) -> None:
+        from pipeline.console import attach, classic_output, progress_reporter, trial_lines
         from pipeline.search import (
             SearchJob,
             build_tuner,
@@ -66,6 +79,7 @@ class Pipeline:
             select_top_k,
         )
         from pipeline.trials import trial_points
+        from pipeline.tune_state import digest_recorder, storage_digests
         from rarn.nas.loop import SearchData
 
         if self.state.search is not None:
@@ -78,9 +92,15 @@ class Pipeline:
             cfg, data, job, storage_path=self.storage_path, resume=self.resume,
             verbose=self.verbose,
         )  # fmt: skip
+        experiment = tuner._local_tuner.get_run_config().name  # Tune's folder under storage
+        self._record_tune(storage_digests(self.storage_path, experiment))  # tuner.pkl, just written
+        attach(tuner, level=self.verbose, reporter=progress_reporter(t.select_metric, self.verbose),
+               callbacks=[digest_recorder(self._record_tune), trial_lines(self.echo)])  # fmt: skip
         n = len(trial_points(cfg))
         self.echo(f"[search] Ray Tune: {n} trials, top {t.top_k} by {t.select_metric}")
-        results, interrupted = fit(tuner)
+        with classic_output(self.verbose):
+            results, interrupted = fit(tuner)
+        self._record_tune(storage_digests(self.storage_path, experiment))  # Tune's final save
         if interrupted:  # Tune stopped on SIGINT and saved its state for Tuner.restore
             raise KeyboardInterrupt
         outcomes = collect_outcomes(results, cfg, self.tracking)
@@ -143,6 +163,12 @@ class Pipeline:
     # -- stage 3 --------------------------------------------------------------------------------
 
     def evaluate(self) -> None:
+        """Evaluate every retrained model not evaluated yet.
+
+        Raises:
+            PipelineError: an evaluation failed or was skipped (after the state is saved, so
+                ``--resume`` evaluates only those again); nothing is registered then.
+        """
         from pipeline.evaluate import run_evaluate_stage
 
         done = self.state.retrained()
@@ -161,20 +187,62 @@ class Pipeline:
                 if o.error:
                     self.echo(f"[evaluate] {o.key}: error: {o.error}")
             self._save()
+        failed = [r.key for r in done if not self.state.evaluate_done(r.key)]
+        if failed:
+            raise PipelineError(
+                f"evaluation failed for {', '.join(failed)} (see above): nothing is registered "
+                "or promoted; fix the cause and rerun with --resume"
+            )
 
     # -- registry -------------------------------------------------------------------------------
 
     def register(self) -> None:
-        """Register the best retrained model as ``tracking.registered_model@tracking.alias``."""
-        from pipeline.model_store import register_champion
+        """Register the run's best model as a new version of ``tracking.registered_model``; the
+        alias ``tracking.alias`` moves to it only if :func:`pipeline.promotion.decide` agrees.
 
-        if self.state.registered is not None:
+        On ``--resume`` a version registered earlier is reused (and promoted if it now earned
+        it, e.g. once its evaluation finished); a promoted one is left alone.
+        """
+        from pipeline.model_store import current_alias_version, register_version, set_alias
+        from pipeline.promotion import decide, evidence_tags
+
+        best, reg = self.state.champion(), self.state.registered
+        if best is None or (reg is not None and reg.promoted):
             return
-        best = self.state.champion()
-        if best is None:
-            return
-        tc = self.cfg.tracking
-        tags = {
+        tc, client = self.cfg.tracking, self.tracking.client()
+        ev = self.state.evaluate.get(best.key)
+        current = current_alias_version(self.tracking, tc.registered_model, tc.alias)
+        champion = None if current is None else (str(current.version), current.tags)
+        decision = decide(ev, champion, force=self.force_promote)
+        if reg is None or reg.key != best.key:
+            version = register_version(self.tracking, tc.registered_model, best.model_uri,
+                                       self._lineage(best))  # fmt: skip
+        else:
+            version = reg.version
+        verdict = ("promoted: " if decision.promote else "not promoted: ") + decision.reason
+        tags = {"rarn.promotion": verdict, "rarn.force_promote": str(self.force_promote).lower()}
+        if ev is not None and ev.metrics and not ev.error:
+            tags |= evidence_tags(ev)
+        for k, v in tags.items():
+            client.set_model_version_tag(tc.registered_model, version, k, v)
+        if decision.promote:
+            set_alias(self.tracking, tc.registered_model, tc.alias, version)
+        name = tc.registered_model
+        uri = f"models:/{name}" + (f"@{tc.alias}" if decision.promote else f"/{version}")
+        self.state.registered = Registration(
+            name, tc.alias, version, uri, best.key, decision.promote, decision.reason
+        )
+        self._save()
+        parent = self.tracking.parent_run_id
+        client.set_tag(parent, "rarn.registered", f"{tc.registered_model}/{version}")
+        client.set_tag(parent, "rarn.force_promote", str(self.force_promote).lower())
+        if decision.promote:
+            client.set_tag(parent, "rarn.champion", f"{tc.registered_model}/{version}")
+        self.echo(f"[registry] {tc.registered_model} version {version} {verdict}")
+
+    def _lineage(self, best: Any) -> dict[str, str]:
+        """Tags of a new model version: where it came from."""
+        return {
             "rarn.parent_run_id": self.tracking.parent_run_id,
             "rarn.search_run_id": best.search_run_id,
             "rarn.retrain_run_id": best.retrain_run_id,
@@ -183,11 +251,3 @@ class Pipeline:
             "rarn.trial_key": best.key,
             "rarn.data_fingerprint": self.bundle.fingerprint if self.bundle is not None else "",
         }
-        version = register_champion(self.tracking, tc.registered_model, tc.alias, best.model_uri,
-                                    tags)  # fmt: skip
-        uri = f"models:/{tc.registered_model}@{tc.alias}"
-        self.state.registered = Registration(tc.registered_model, tc.alias, version, uri, best.key)
-        self._save()
-        self.tracking.client().set_tag(
-            self.tracking.parent_run_id, "rarn.champion", f"{tc.registered_model}/{version}"
-        )

@@ -29,10 +29,15 @@ __all__ = [
     "RetrainOutcome",
     "RunState",
     "SearchState",
+    "StateError",
     "TrialOutcome",
 ]
 
 STATE_FILE = "state.json"
+
+
+class StateError(ValueError):
+    """``state.json`` cannot be read as a run state (the message names the file)."""
 
 
 @dataclass
@@ -86,9 +91,15 @@ class EvalOutcome:
     flags: dict[str, bool | None] = field(default_factory=dict)
     results_path: str = ""
     error: str | None = None
+    data_sha256: str = ""  # of the evaluated test tensors (pipeline.evaluate.data_sha256)
+    protocol: str = ""  # sha256 of the evaluation settings (pipeline.evaluate.protocol_sha256)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+    def raised_flags(self) -> list[str]:
+        """The gradient-masking flags that were raised (checks not run are not flags)."""
+        return sorted(k for k, v in self.flags.items() if v)
 
 
 @dataclass
@@ -104,13 +115,16 @@ class SearchState:
 
 @dataclass
 class Registration:
-    """The registered champion: ``models:/<name>@<alias>`` is version ``version``."""
+    """This run's registered version; ``promoted``: the alias points at it (``reason``: why, or
+    why not, see :mod:`pipeline.promotion`)."""
 
     name: str
     alias: str
     version: str
-    uri: str
+    uri: str  # models:/<name>@<alias> when promoted, else models:/<name>/<version>
     key: str  # the trial (or bundled genotype) it was retrained from
+    promoted: bool = True  # state files of earlier versions promoted unconditionally
+    reason: str = ""
 
 
 @dataclass
@@ -124,6 +138,9 @@ class RunState:
     retrain: dict[str, RetrainOutcome] = field(default_factory=dict)  # key -> outcome
     evaluate: dict[str, EvalOutcome] = field(default_factory=dict)  # key -> outcome
     registered: Registration | None = None
+    # Ray Tune's experiment files (relative path -> accepted sha256, newest first), recorded as
+    # the run wrote them; --resume refuses files that are not among them (pipeline.tune_state).
+    tune_files: dict[str, list[str]] = field(default_factory=dict)
 
     # -- what is finished -----------------------------------------------------------------------
 
@@ -145,15 +162,18 @@ class RunState:
         return o.metrics if o is not None else {}
 
     def champion(self) -> RetrainOutcome | None:
-        """The best retrained model with a logged model: by its evaluation (worst-case, then
-        clean accuracy), else by its retraining's final validation (robust, then clean)."""
+        """The best retrained model with a logged model: evaluated ones first, unflagged ones
+        (no gradient-masking flag) next, then by the evaluation (worst-case, then clean
+        accuracy), else by the retraining's final validation (robust, then clean)."""
 
-        def score(o: RetrainOutcome) -> tuple[float, float]:
-            ev = self.eval_metrics(o.key)
-            if ev:
-                return (ev["eval_worst_case_acc"], ev["eval_clean_acc"])
+        def score(o: RetrainOutcome) -> tuple[bool, bool, float, float]:
+            ev = self.evaluate.get(o.key)
+            if ev is not None and not ev.error and ev.metrics:
+                m = ev.metrics
+                clean = not ev.raised_flags()
+                return (True, clean, m["eval_worst_case_acc"], m["eval_clean_acc"])
             m = o.metrics
-            return (m.get("final_val_robust_acc", 0.0), m.get("final_val_acc", 0.0))
+            return (False, True, m.get("final_val_robust_acc", 0.0), m.get("final_val_acc", 0.0))
 
         ok = [o for o in self.retrained() if o.model_uri]
         return max(ok, key=score) if ok else None
@@ -174,6 +194,7 @@ class RunState:
             "retrain": {k: o.to_dict() for k, o in self.retrain.items()},
             "evaluate": {k: o.to_dict() for k, o in self.evaluate.items()},
             "registered": {} if self.registered is None else dataclasses.asdict(self.registered),
+            "tune_files": {k: list(v) for k, v in self.tune_files.items()},
         }  # fmt: skip
 
     @classmethod
@@ -191,6 +212,7 @@ class RunState:
             retrain={k: RetrainOutcome(**o) for k, o in (d.get("retrain") or {}).items()},
             evaluate={k: EvalOutcome(**o) for k, o in (d.get("evaluate") or {}).items()},
             registered=Registration(**reg) if reg else None,
+            tune_files={k: list(v) for k, v in (d.get("tune_files") or {}).items()},
         )
 
     def save(self, run_dir: Path) -> None:
@@ -200,4 +222,16 @@ class RunState:
 
     @classmethod
     def load(cls, run_dir: Path) -> RunState:
-        return cls.from_dict(json.loads((Path(run_dir) / STATE_FILE).read_text()))
+        """Read ``<run_dir>/state.json``.
+
+        Raises:
+            StateError: the file is unreadable, not JSON, or not a run state (names the file).
+        """
+        path = Path(run_dir) / STATE_FILE
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise StateError(
+                f"{path}: not a readable run state ({type(e).__name__}: {e}); restore it from a "
+                "backup, or start a new run in another run_dir"
+            ) from None

@@ -7,6 +7,7 @@ neither MLflow nor Ray, so the CLI's pre-flight checks stay fast.
 
 from __future__ import annotations
 
+import base64
 import os
 import urllib.error
 import urllib.parse
@@ -15,7 +16,17 @@ from pathlib import Path
 
 from rarn.config import TrackingConfig
 
-__all__ = ["TrackingUnavailable", "check_reachable", "redact_uri", "resolve_tracking_uri"]
+__all__ = [
+    "SCHEMES",
+    "TrackingUnavailable",
+    "check_reachable",
+    "redact_uri",
+    "resolve_tracking_uri",
+]
+
+# Tracking-store schemes MLflow serves (a database scheme may name a driver: postgresql+psycopg).
+SCHEMES = frozenset({"sqlite", "http", "https", "databricks", "databricks-uc", "uc",
+                     "postgresql", "mysql", "mssql"})  # fmt: skip
 
 
 class TrackingUnavailable(RuntimeError):
@@ -44,6 +55,12 @@ def resolve_tracking_uri(cfg: TrackingConfig, cwd: str | Path | None = None) -> 
         )
     if "://" not in uri:  # a bare path: treat as an sqlite database file
         return f"sqlite:///{(base / uri).resolve()}"
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"tracking URI {redact_uri(uri)!r}: unknown scheme {scheme!r}; use one of "
+            f"{', '.join(sorted(SCHEMES))} (e.g. http://HOST:5000 or sqlite:///ABS/mlflow.db)"
+        )
     return uri
 
 
@@ -57,26 +74,61 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast when an http(s) tracking server does not answer ``/health``.
+def _auth_headers(uri: str) -> dict[str, str]:
+    """The credentials MLflow's client would send (token, user/password, or in the URI)."""
+    parts = urllib.parse.urlsplit(uri)
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or parts.username
+    password = os.environ.get("MLFLOW_TRACKING_PASSWORD") or parts.password
+    if user is None:
+        return {}
+    token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
 
-    MLflow's own client retries with back-off for minutes; this probe answers in seconds.
+
+def _get(uri: str, path: str, timeout: float) -> int:
+    """HTTP status of ``GET <uri>/<path>`` with MLflow's credentials (credentials in the URI
+    travel as a header, not in the URL)."""
+    parts = urllib.parse.urlsplit(uri)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    base = urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
+    request = urllib.request.Request(f"{base}/{path}", headers=_auth_headers(uri))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310 (http(s) only)
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast when an http(s) tracking server does not answer, or refuses our credentials.
+
+    MLflow's own client retries with back-off for minutes; this probe answers in seconds. It
+    asks ``/health``, then lists one experiment (a read that needs the credentials).
 
     Raises:
-        TrackingUnavailable: connection refused, timeout, or a non-200 answer.
+        TrackingUnavailable: connection refused, timeout, a non-200 answer, or HTTP 401/403.
     """
     if not uri.startswith(("http://", "https://")):
         return
-    url = uri.rstrip("/") + "/health"
+    shown = redact_uri(uri)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (http(s) only)
-            if r.status != 200:
-                raise TrackingUnavailable(f"tracking server {redact_uri(uri)}: HTTP {r.status}")
-    except urllib.error.HTTPError as e:
-        raise TrackingUnavailable(f"tracking server {redact_uri(uri)}: HTTP {e.code}") from None
+        status = _get(uri, "health", timeout)
+        if status == 200:
+            status = _get(uri, "api/2.0/mlflow/experiments/search?max_results=1", timeout)
+        elif status not in (401, 403):
+            raise TrackingUnavailable(f"tracking server {shown}: HTTP {status}")
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TrackingUnavailable(
-            f"tracking server {redact_uri(uri)} is unreachable ({reason}); start it or set "
+            f"tracking server {shown} is unreachable ({reason}); start it or set "
             "tracking.tracking_uri / MLFLOW_TRACKING_URI"
         ) from None
+    if status in (401, 403):
+        raise TrackingUnavailable(
+            f"tracking server {shown} refused the credentials (HTTP {status}); set "
+            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
+        )

@@ -97,7 +97,7 @@ def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
              "--working-dir", ".", "--", "python", "pipeline/run.py", "--config",
-             "configs/smoke.yaml"],
+             "configs/smoke.yaml", "--force-promote"],  # a chance-level model: flagged
             cwd=project, env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         reaper.track_tree(head.pid)  # the job's workers too
