@@ -1,13 +1,17 @@
 """Evaluation stage: the attack suite of :mod:`rarn.robust.evaluation` on the held-out test split.
 
 Every retrained model is loaded back from MLflow (its sha256 checked first), evaluated in a Ray
-task (several at once), and its results (Parquet table, accuracy-vs-eps plot, metrics and the
-gradient-masking flags as tags) are logged to its retraining run. The same
+task (several at once), and its results (the summary table ``results.parquet``, the per-image
+records ``records.parquet``, the accuracy-vs-eps plot, metrics and the gradient-masking flags as
+tags) are logged to its retraining run. The headline metric ``eval_worst_case_acc`` is the worst
+case over the whole suite, AutoAttack included, on the images every attack saw
+(``eval_worst_case_n``: an attack limited to the first n images limits it to them). The same
 :func:`evaluate_model` serves ``python -m pipeline.registry evaluate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,17 +25,29 @@ from pipeline.state import EvalOutcome, RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking
 from rarn.config import EvaluationConfig, TuneConfig
 from rarn.data import as_tensors
-from rarn.robust.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
+from rarn.robust.evaluation import (
+    SuiteSettings,
+    evaluate_robustness,
+    plot_accuracy_vs_eps,
+    records_table,
+    write_records,
+    write_results,
+)
 
 __all__ = ["evaluate_model", "run_evaluate_stage", "summary_metrics"]
 
 log = logging.getLogger(__name__)
 
+RECORDS = "records.parquet"
+"""The per-image records (``rarn.robust.evaluation.RECORDS_SCHEMA``), beside the results."""
+
 
 def summary_metrics(result: Any) -> dict[str, float]:
-    """``eval_clean_acc``, ``eval_<attack>_acc`` per attack, ``eval_worst_case_acc``."""
+    """``eval_clean_acc``, ``eval_<name>_acc`` per attack, the headline ``eval_worst_case_acc``
+    and the number of images behind it, ``eval_worst_case_n`` (of ``eval_n``)."""
     out = {"eval_clean_acc": result.clean_accuracy}
     out["eval_worst_case_acc"] = result.worst_case_accuracy
+    out |= {"eval_worst_case_n": float(result.worst_case_n), "eval_n": float(result.n)}
     out |= {f"eval_{a}_acc": v for a, v in result.robust_accuracy.items()}
     return out
 
@@ -45,31 +61,32 @@ def evaluate_model(
     out_dir: Path,
     attacks: Sequence[str] | None = None,
 ) -> tuple[Any, Path, Path | None]:
-    """Run the suite on ``data`` (``(x, y)`` tensors); write Parquet and (if a curve) a PNG.
+    """Run the suite of ``ev`` on ``data`` (``(x, y)`` tensors); write both Parquet tables and
+    (if a curve) a PNG into ``out_dir``.
+
+    Args:
+        attacks: registry names replacing the whole suite (``registry evaluate --attacks``).
 
     Returns:
-        ``(RobustnessResult, parquet path, png path or None)``.
+        ``(RobustnessResult, results parquet path, png path or None)``; the per-image records
+        are ``records.parquet`` beside the results.
     """
-    suite = tuple(attacks or ev.attacks) + (("autoattack",) if ev.autoattack else ())
+    settings = SuiteSettings.from_config(ev)
+    if attacks:
+        main = "pgd" if "pgd" in attacks else attacks[0]
+        settings = dataclasses.replace(settings, attacks=tuple(attacks), main_attack=main)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_robustness(
         model.to(device),
         data,
-        attacks=suite,
-        eps=ev.eps,
-        step_size=ev.step_size,
-        steps=ev.steps,
-        eps_curve=ev.eps_curve,
+        settings,
         generator=torch.Generator(device=device).manual_seed(ev.seed),
         model_name=name,
-        batch_size=ev.batch_size,
-        main_attack="pgd" if "pgd" in suite else suite[0],
-        checks=ev.checks,
-        black_box_queries=ev.black_box_queries,
     )
     table = result.to_table()
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = write_results(table, out_dir / "results.parquet")
+    write_records(records_table([result]), out_dir / RECORDS)
     png = None
     if len(result.curve) >= 2:
         png = plot_accuracy_vs_eps(table, out_dir / "accuracy_vs_eps.png")
@@ -92,6 +109,7 @@ def _evaluate(
         run.log_metrics(metrics, step=0)
         run.set_tags({f"rarn.masking.{k}": v for k, v in result.flags.items()})
         run.log_artifact_checked(parquet, "evaluation")
+        run.log_artifact_checked(parquet.parent / RECORDS, "evaluation")
         if png is not None:
             run.log_artifact_checked(png, "evaluation")
     except Exception as e:  # reported per model; the other models' evaluations go on
