@@ -252,36 +252,26 @@ def _plan(s: SuiteSettings) -> tuple[Plan, list[float]]:
     return plan, curve_eps
 
 
-def _attack_each(
+def _attack_batch(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     correct: Tensor,
     g: torch.Generator,
     suite: dict[str, tuple[NamedAttack, Tensor]],
+    *,
+    in_turn: bool,
 ) -> Records:
-    """Per-attack mode: every attack alone on all clean-correct points of its subset."""
-    out = {}
-    for name, (a, seen) in suite.items():
-        mask = correct & seen
-        out[name] = (mask, _survives(model, a.attack, x, y, mask, g, a.params))
-    return out
-
-
-def _attack_in_turn(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    correct: Tensor,
-    g: torch.Generator,
-    suite: dict[str, tuple[NamedAttack, Tensor]],
-) -> Records:
-    """AutoAttack mode: each attack only on the points of its subset no earlier attack fooled."""
+    """Every attack on the clean-correct points of its subset (``suite``: name -> entry, subset
+    mask): alone (per-attack mode) or, ``in_turn`` (AutoAttack's way), only on the points no
+    earlier attack fooled."""
     records, robust = {}, correct
     for name, (a, seen) in suite.items():
-        mask = robust & seen
+        mask = (robust if in_turn else correct) & seen
         survived = _survives(model, a.attack, x, y, mask, g, a.params)
-        records[name], robust = (mask, survived), torch.where(seen, survived, robust)
+        records[name] = (mask, survived)
+        if in_turn:
+            robust = torch.where(seen, survived, robust)
     return records
 
 
@@ -296,7 +286,6 @@ def _run_batches(
 ) -> _Tally:
     """Attack every batch (in the mode of ``s.per_attack``) and add up the masks and the curve."""
     names = tuple(plan)[: len(s.attacks)]  # the suite; then, maybe, the curve's own attack
-    attack_batch = _attack_each if s.per_attack else _attack_in_turn
     main = plan[s.main_attack]
     tally = _Tally(attacks=names, curve_hits=dict.fromkeys(curve_eps, 0))
     for xb, yb in _batches(data, s.batch_size):
@@ -311,7 +300,7 @@ def _run_batches(
         tally.n += xb.shape[0]
         correct = _predict(model, xb) == yb
         suite = {a: (plan[a], index < plan[a].n if plan[a].n else index >= 0) for a in names}
-        records = attack_batch(model, xb, yb, correct, generator, suite)
+        records = _attack_batch(model, xb, yb, correct, generator, suite, in_turn=not s.per_attack)
         for e in curve_eps:
             reuse = s.per_attack and s.main_attack in records and main.n == 0
             if reuse and math.isclose(e, main.params["eps"]):
