@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import time
 
 import torch
@@ -96,7 +97,7 @@ def _reference(model, x, y, eps, seed):
             dt = time.process_time() - t
     finally:
         logger.removeHandler(handler)
-    return x_adv, dt, sorted(set(m.split("!")[0].split(".")[0] for m in handler.messages))
+    return x_adv, dt, sorted({re.split(r"!|\. ", m)[0] for m in handler.messages})
 
 
 def main() -> None:
