@@ -27,6 +27,7 @@ from typing import Any
 from rarn.config.rules import choice_error, short_repr
 from rarn.config.schema import ITERATIONS, NON_NEGATIVE, ChoiceError, ConfigError, Range
 from rarn.robust.attacks import ATTACKS, attack_spec
+from rarn.robust.attacks.external import AUTOATTACK_VERSIONS
 
 __all__ = [
     "EPS_RANGE",
@@ -51,7 +52,7 @@ PARAM_RANGES: dict[str, Range | tuple[str, ...]] = {
     "n_iter": ITERATIONS,  # AutoAttack's APGD/FAB iterations
     "n_queries": Range(1, 1_000_000),  # AutoAttack's Square queries
     "p_init": Range(0, 1, "(]"),  # Square's initial fraction of pixels
-    "version": ("standard",),  # AutoAttack's composition
+    "version": AUTOATTACK_VERSIONS,  # AutoAttack's composition
 }
 """Parameter -> its range (or choices), whichever attack it belongs to."""
 
