@@ -1,15 +1,20 @@
 """Evaluation stage: the attack suite of :mod:`rarn.robust.evaluation` on the held-out test split.
 
 Every retrained model is loaded back from MLflow (its sha256 checked first), evaluated in a Ray
-task (several at once), and its results (Parquet table, accuracy-vs-eps plot, metrics and the
-gradient-masking flags as tags) are logged to its retraining run, together with what the
-promotion rule (:mod:`pipeline.promotion`) compares: the sha256 of the evaluated test tensors
-(``rarn.eval_data_sha256``) and of the evaluation settings (``rarn.eval_protocol``). The same
+task (several at once), and its results (the summary table ``results.parquet``, the per-image
+records ``records.parquet``, the accuracy-vs-eps plot, metrics and the gradient-masking flags as
+tags) are logged to its retraining run, together with what the promotion rule
+(:mod:`pipeline.promotion`) compares: the sha256 of the evaluated test tensors
+(``rarn.eval_data_sha256``) and of the evaluation settings (``rarn.eval_protocol``). The headline
+metric ``eval_worst_case_acc`` is the worst case over the whole suite, AutoAttack included, on
+the images every attack saw (``eval_worst_case_n``: an attack limited to the first n images limits
+it to them). The same
 :func:`evaluate_model` serves ``python -m pipeline.registry evaluate``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -25,7 +30,15 @@ from pipeline.state import EvalOutcome, RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking
 from rarn.config import EvaluationConfig, TuneConfig, config_to_dict
 from rarn.data import as_tensors
-from rarn.robust.evaluation import evaluate_robustness, plot_accuracy_vs_eps, write_results
+from rarn.robust.evaluation import (
+    SuiteSettings,
+    data_sha256,
+    evaluate_robustness,
+    plot_accuracy_vs_eps,
+    records_table,
+    write_records,
+    write_results,
+)
 
 __all__ = [
     "data_sha256",
@@ -37,23 +50,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+RECORDS = "records.parquet"
+"""The per-image records (``rarn.robust.evaluation.RECORDS_SCHEMA``), beside the results."""
+
 
 def summary_metrics(result: Any) -> dict[str, float]:
-    """``eval_clean_acc``, ``eval_<attack>_acc`` per attack, ``eval_worst_case_acc``."""
+    """``eval_clean_acc``, ``eval_<name>_acc`` per attack, the headline ``eval_worst_case_acc``
+    and the number of images behind it, ``eval_worst_case_n`` (of ``eval_n``)."""
     out = {"eval_clean_acc": result.clean_accuracy}
     out["eval_worst_case_acc"] = result.worst_case_accuracy
+    out |= {"eval_worst_case_n": float(result.worst_case_n), "eval_n": float(result.n)}
     out |= {f"eval_{a}_acc": v for a, v in result.robust_accuracy.items()}
     return out
-
-
-def data_sha256(x: torch.Tensor, y: torch.Tensor) -> str:
-    """sha256 of the evaluated data: shapes, dtypes and bytes of the images and labels."""
-    h = hashlib.sha256()
-    for t in (x, y):
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def protocol_sha256(ev: EvaluationConfig) -> str:
@@ -71,31 +79,32 @@ def evaluate_model(
     out_dir: Path,
     attacks: Sequence[str] | None = None,
 ) -> tuple[Any, Path, Path | None]:
-    """Run the suite on ``data`` (``(x, y)`` tensors); write Parquet and (if a curve) a PNG.
+    """Run the suite of ``ev`` on ``data`` (``(x, y)`` tensors); write both Parquet tables and
+    (if a curve) a PNG into ``out_dir``.
+
+    Args:
+        attacks: registry names replacing the whole suite (``registry evaluate --attacks``).
 
     Returns:
-        ``(RobustnessResult, parquet path, png path or None)``.
+        ``(RobustnessResult, results parquet path, png path or None)``; the per-image records
+        are ``records.parquet`` beside the results.
     """
-    suite = tuple(attacks or ev.attacks) + (("autoattack",) if ev.autoattack else ())
+    settings = SuiteSettings.from_config(ev)
+    if attacks:
+        main = "pgd" if "pgd" in attacks else attacks[0]
+        settings = dataclasses.replace(settings, attacks=tuple(attacks), main_attack=main)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = evaluate_robustness(
         model.to(device),
         data,
-        attacks=suite,
-        eps=ev.eps,
-        step_size=ev.step_size,
-        steps=ev.steps,
-        eps_curve=ev.eps_curve,
+        settings,
         generator=torch.Generator(device=device).manual_seed(ev.seed),
         model_name=name,
-        batch_size=ev.batch_size,
-        main_attack="pgd" if "pgd" in suite else suite[0],
-        checks=ev.checks,
-        black_box_queries=ev.black_box_queries,
     )
     table = result.to_table()
     out_dir.mkdir(parents=True, exist_ok=True)
     parquet = write_results(table, out_dir / "results.parquet")
+    write_records(records_table([result]), out_dir / RECORDS)
     png = None
     if len(result.curve) >= 2:
         png = plot_accuracy_vs_eps(table, out_dir / "accuracy_vs_eps.png")
@@ -120,6 +129,7 @@ def _evaluate(
         run.set_tags({f"rarn.masking.{k}": v for k, v in result.flags.items()}
                      | {"rarn.eval_data_sha256": data, "rarn.eval_protocol": protocol})  # fmt: skip
         run.log_artifact_checked(parquet, "evaluation")
+        run.log_artifact_checked(parquet.parent / RECORDS, "evaluation")
         if png is not None:
             run.log_artifact_checked(png, "evaluation")
     except Exception as e:  # reported per model; the other models' evaluations go on

@@ -170,6 +170,7 @@ class Pipeline:
                 ``--resume`` evaluates only those again); nothing is registered then.
         """
         from pipeline.evaluate import run_evaluate_stage
+        from rarn.robust.evaluation import SuiteSettings
 
         done = self.state.retrained()
         todo = [r for r in done if not self.state.evaluate_done(r.key)]
@@ -177,7 +178,8 @@ class Pipeline:
             raise PipelineError("nothing to evaluate: no finished retraining in this run_dir")
         if todo:
             ev = self.cfg.evaluation
-            self.echo(f"[evaluate] {len(todo)} model(s): {', '.join(ev.attacks)} at eps {ev.eps:g}")
+            names = ", ".join(a.name for a in SuiteSettings.from_config(ev).attacks)
+            self.echo(f"[evaluate] {len(todo)} model(s): {names} at eps {ev.eps:g}")
             outcomes = run_evaluate_stage(
                 todo, self.tracking, self.data_ref(), ev, self.cfg.tune,
                 out_dir=self.run_dir / "evaluation",

@@ -294,3 +294,27 @@ def test_pgd_at_on_cifar10_subset() -> None:
     out = evaluate(res.model, test, attack="pgd", eps=cfg.eps, step_size=cfg.eps / 4, steps=10)
     assert out["acc"] > 0.2, out
     assert 0.12 < out["robust_acc"] < out["acc"], out
+
+
+def test_resume_is_exact_with_augmentation(digits: DatasetBundle, tmp_path: Path) -> None:
+    """Random crop and flip draw from a checkpointed generator: a resumed run is the same run."""
+    cfg = _tiny_cfg(method="pgd", steps=1, step_size=8 / 255, augment="crop_flip")
+    straight = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "a", device="cpu")
+    plain = run_retrain(dataclasses.replace(cfg, augment="none"), digits, device="cpu")
+    assert _comparable(plain.history) != _comparable(straight.history)  # it does augment
+
+    def crash_after_first(epoch, metrics):
+        if epoch == 1:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        run_retrain(cfg, digits, checkpoint_dir=tmp_path / "b", callbacks=[crash_after_first])
+    resumed = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "b", device="cpu")
+    assert _comparable(resumed.history) == _comparable(straight.history)
+    for k, v in straight.best_state.items():
+        assert torch.equal(v, resumed.best_state[k]), k
+    last = load_checkpoint(tmp_path / "b/last.pt", kind="retrain")
+    assert last["config"]["augment"] == "crop_flip"
+    # Turning augmentation on is a different config: no silent resume of a plain run.
+    with pytest.raises(CheckpointError, match="different config"):
+        run_retrain(dataclasses.replace(cfg, augment="none"), digits, checkpoint_dir=tmp_path / "b")

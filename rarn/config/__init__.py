@@ -35,6 +35,7 @@ from rarn.config.files import (
     parse_value,
 )
 from rarn.config.schema import (
+    Augment,
     Bound,
     ChoiceError,
     Config,
@@ -85,6 +86,7 @@ __all__ = [
     "TuneConfig",
     "TrackingConfig",
     "Range",
+    "Augment",
     "GradNormMode",
     "DecodeRule",
     "Estimator",

@@ -88,20 +88,12 @@ def _retrain(r: RetrainConfig) -> None:
 
 
 def _evaluation(e: EvaluationConfig) -> None:
-    from rarn.robust.attacks import ATTACKS
+    from rarn.robust.evaluation.named import config_suite, named_suite
 
-    if not e.attacks:
-        raise ConfigError("evaluation.attacks: [] not allowed; name at least one attack")
-    for i, name in enumerate(e.attacks):
-        if name not in ATTACKS:
-            raise choice_error(f"evaluation.attacks[{i}]", name, ATTACKS)
-        if name in e.attacks[:i]:
-            raise ConfigError(f"evaluation.attacks: {name!r} is listed twice")
-    if e.autoattack and "autoattack" in e.attacks:
-        raise ConfigError(
-            "evaluation.attacks: 'autoattack' is listed and evaluation.autoattack=true adds it "
-            "again; use one of the two"
-        )
+    entries, keys = config_suite(e)
+    shared = {"eps": e.eps, "step_size": e.step_size, "steps": e.steps}
+    label = "evaluation.suite" if e.suite else "evaluation.attacks"
+    named_suite(entries, shared, keys=keys, label=label)
 
 
 def _tune(t: TuneConfig) -> None:

@@ -15,9 +15,10 @@ Nothing here validates: :mod:`rarn.config.build` does, when a config is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 __all__ = [
+    "Augment",
     "Bound",
     "ChoiceError",
     "Config",
@@ -99,6 +100,7 @@ Mixture = Literal["all", "no_none", "parametric"]
 Threshold = Literal["absolute", "relative", "tracking"]
 TrainMethod = Literal["standard", "pgd", "trades", "fast"]
 Schedule = Literal["cosine", "step"]
+Augment = Literal["none", "crop_flip"]
 TuneScheduler = Literal["none", "asha"]
 SelectMode = Literal["max", "min"]
 
@@ -196,6 +198,7 @@ class RetrainConfig:
     trades_beta: Annotated[float, NON_NEGATIVE] = 6.0
     val_fraction: Annotated[float, FRACTION] = 0.1  # held-out split for best-robust selection
     val_steps: Annotated[int, Range(0, 1_000)] = 3  # PGD steps of the selection (>= 1 if used)
+    augment: Augment = "none"  # crop_flip: random crop (pad 4) + horizontal flip (CIFAR)
     bf16: bool = False  # autocast on GPU
     channels_last: bool = False
     seed: Annotated[int, SEED] = 0
@@ -203,17 +206,30 @@ class RetrainConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    """The attack suite (spec §6.1)."""
+    """The attack suite (spec §6.1, docs/evaluation.md).
 
-    attacks: tuple[str, ...] = ("fgsm", "pgd", "mim", "cw")  # keys of rarn.robust.attacks.ATTACKS
+    The suite is ``attacks`` (registry names, with the shared ``eps``, ``step_size`` and
+    ``steps``), then ``suite``: named attacks with their own parameters, e.g.
+    ``{name: pgd100, attack: pgd, steps: 100}`` or ``{name: autoattack, attack: autoattack,
+    n: 200}`` (``n``: only the first n test images). Both are checked against the attack
+    registry by ``rarn.robust.evaluation.named``. The headline is the worst case over all of
+    them, on the images every attack saw.
+    """
+
+    # keys of rarn.robust.attacks.ATTACKS; the default is the full protocol, standard AutoAttack
+    # on every image (the shipped configs put AutoAttack in `suite` with a subset instead)
+    attacks: tuple[str, ...] = ("fgsm", "pgd", "mim", "cw", "autoattack")
+    suite: tuple[dict[str, Any], ...] = ()  # named attacks: {name, attack, n, <its parameters>}
     eps: Annotated[float, PIXELS] = 8 / 255
     step_size: Annotated[float, PIXELS] = 2 / 255
     steps: Annotated[int, ITERATIONS] = 20
     eps_curve: tuple[Annotated[float, PIXELS], ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255)
     batch_size: Annotated[int, BATCH] = 256
-    autoattack: bool = False
+    autoattack: bool = False  # older switch: append AutoAttack (every image) to `attacks`
     checks: bool = True  # gradient-masking checks (rarn.robust.evaluation.run_masking_checks)
+    check_n: Annotated[int, Range(1, 1_000_000)] = 256  # images of the masking checks
     black_box_queries: Annotated[int, Range(1, 1_000_000)] = 500  # the black-box (Square) check
+    more_steps_factor: Annotated[int, Range(2, 100)] = 5  # PGD-k vs PGD-(factor * k)
     seed: Annotated[int, SEED] = 0
 
 

@@ -32,6 +32,7 @@ from rarn.checkpoint import load_state_checked
 from rarn.config import RetrainConfig, check, config_to_dict
 from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz
 from rarn.models.darts import build_network, count_parameters
+from rarn.robust.augment import augmenting
 from rarn.robust.loop import (
     EpochCallback,
     check_nonempty,
@@ -145,7 +146,8 @@ def _build(
     wrap_model: Callable[[nn.Module], nn.Module] | None,
     shard: tuple[int, int],
 ) -> tuple[_Setup, RetrainState]:
-    """Data, network, optimiser, schedule, step and the three seeded generators."""
+    """Data, network, optimiser, schedule, step (augmented: ``cfg.augment``) and the seeded
+    generators (loader, attack, drop path; augmentation when on)."""
     loader_gen = torch.Generator().manual_seed(cfg.seed)
     train_loader, val_loader = _loaders(cfg, bundle, shard, loader_gen)
     model = _network(cfg, bundle, device)
@@ -159,9 +161,12 @@ def _build(
         "attack": torch.Generator(device=device).manual_seed(cfg.seed + 1),
         "drop_path": torch.Generator(device=device).manual_seed(cfg.seed + 2),
     }
+    if cfg.augment != "none":  # only then: checkpoints of runs without it keep resuming
+        generators["augment"] = torch.Generator(device=device).manual_seed(cfg.seed + 4)
     if hasattr(model, "drop_path_generator"):
         model.drop_path_generator = generators["drop_path"]
     step_fn = make_step(cfg.method, **_step_kwargs(cfg, generators["attack"]))
+    step_fn = augmenting(step_fn, cfg.augment, generators.get("augment"))
     channels_last = cfg.channels_last and device.type == "cuda"
     setup = _Setup(cfg, device, train_loader, val_loader, train_model, step_fn, channels_last)
     state = RetrainState(

@@ -18,7 +18,10 @@ from torch import Tensor, nn
 
 from rarn.robust.attacks.interface import Budget, uniform_attack
 
-__all__ = ["autoattack", "pgd_torchattacks"]
+__all__ = ["AUTOATTACK_VERSIONS", "autoattack", "pgd_torchattacks"]
+
+AUTOATTACK_VERSIONS: tuple[str, ...] = ("standard",)
+"""AutoAttack compositions assembled here (the config's ``version`` choices)."""
 
 
 def _seed_from(generator: torch.Generator) -> int:
@@ -88,7 +91,7 @@ def autoattack(
     """
     import torchattacks as ta
 
-    if version != "standard":
+    if version not in AUTOATTACK_VERSIONS:
         raise ValueError(f"autoattack: only version 'standard' is implemented, got {version!r}")
     x = x.contiguous()  # FAB's .view calls fail on channels-last strides
     with torch.no_grad():

@@ -1,10 +1,15 @@
 """Robustness evaluation: per-attack and worst-case accuracy, gradient-masking checks, results.
 
-The evaluation protocol of spec section 6.1, in four modules:
+The evaluation protocol of spec section 6.1, in these modules:
 
 * :mod:`~rarn.robust.evaluation.suite`: :func:`evaluate_robustness` runs the attack suite
   described by a :class:`SuiteSettings` on one model: clean, per-attack and per-sample
   worst-case accuracy (AutoAttack's ``robust`` mask), and an accuracy-vs-eps curve.
+* :mod:`~rarn.robust.evaluation.named`: the entries of a suite, each a registry attack under its
+  own name with its own parameters and image subset (:class:`NamedAttack`), checked by
+  :func:`named_suite` for the config and the library alike.
+* :mod:`~rarn.robust.evaluation.evidence`: the suite's per-image results as evidence for the
+  masking checks.
 * :mod:`~rarn.robust.evaluation.masking`: the nine named gradient-masking checks; every result
   carries their flags (:data:`MASKING_FLAGS`).
 * :mod:`~rarn.robust.evaluation.results`: :class:`RobustnessResult` and its fixed-schema pyarrow
@@ -30,6 +35,7 @@ from rarn.robust.evaluation.masking import (
     check_zero_gradients,
     run_masking_checks,
 )
+from rarn.robust.evaluation.named import NamedAttack, named_suite
 from rarn.robust.evaluation.plots import plot_accuracy_vs_eps, plot_transfer_heatmap
 from rarn.robust.evaluation.records import (
     RECORDS_SCHEMA,
@@ -56,6 +62,7 @@ __all__ = [
     "TRANSFER_SCHEMA",
     "DataHasher",
     "GradientMaskingWarning",
+    "NamedAttack",
     "RobustnessResult",
     "SuiteSettings",
     "check_black_box",
@@ -69,6 +76,7 @@ __all__ = [
     "check_zero_gradients",
     "data_sha256",
     "evaluate_robustness",
+    "named_suite",
     "plot_accuracy_vs_eps",
     "plot_transfer_heatmap",
     "records_table",

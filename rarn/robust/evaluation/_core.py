@@ -37,6 +37,11 @@ def _check_budget(eps: float, step_size: float, steps: int) -> None:
     validate_attack_args(*dummy, eps=eps, step_size=step_size, steps=steps)
 
 
+def _fraction(mask: Tensor) -> float:
+    """Accuracy as ``count / n`` in float64, so per-image records recombine to it exactly."""
+    return int(mask.sum()) / mask.numel()
+
+
 def _predict(model: nn.Module, x: Tensor) -> Tensor:
     with eval_mode(model), torch.no_grad():
         return model(x).argmax(dim=1)
@@ -51,7 +56,8 @@ def _survives(
     generator: torch.Generator,
     params: Mapping[str, Any],
 ) -> Tensor:
-    """Attack the points where ``mask`` holds; return where they are still classified right."""
+    """Attack the points where ``mask`` holds with the registry attack ``name``; return where
+    they are still classified right (False where ``mask`` does not hold)."""
     out = mask.clone()
     idx = mask.nonzero().squeeze(1)
     if idx.numel():

@@ -46,8 +46,10 @@ RECORDS_SCHEMA = pa.schema(
         _f("model", pa.string(), "model label"),
         _f("data_sha256", pa.string(), "sha256 of the evaluated inputs and labels (data_sha256)"),
         _f("image", pa.int64(), "index of the image in evaluation order, 0 .. n-1"),
-        _f("attack", pa.string(), "attack name (rarn.robust.attacks.ATTACKS) or 'clean'"),
+        _f("attack", pa.string(), "the attack's name in the suite, or 'clean'"),
+        _f("method", pa.string(), "registry key (rarn.robust.attacks.ATTACKS), or 'clean'"),
         _f("robust", pa.bool_(), "classified correctly after the attack; null: not run", True),
+        _f("subset_n", pa.int64(), "the attack's subset: it saw only images 0 .. subset_n-1"),
         _f("mode", pa.string(), "'per_attack' or 'survivors' (see RECORDS_SCHEMA's doc)"),
         _f("norm", pa.string(), "threat model of eps: 'linf', 'l2' or 'none' (clean)"),
         _f("eps", pa.float64(), "radius of the threat model (0 for clean)"),
@@ -63,7 +65,7 @@ RECORDS_SCHEMA = pa.schema(
         _f("settings", pa.string(), "every keyword argument it ran with, defaults too, as JSON"),
         _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
     ],
-    metadata={"rarn.schema": "robustness-records/1"},
+    metadata={"rarn.schema": "robustness-records/2"},
 )
 """One row per model x image x attack (``clean`` included): the evidence of the worst case.
 
@@ -71,7 +73,10 @@ RECORDS_SCHEMA = pa.schema(
 ``clean``: classified correctly at all) and null where the attack did not run on it: the image
 was misclassified clean, or, in ``mode`` 'survivors' (AutoAttack's way: each attack only on the
 images no earlier attack fooled), an earlier attack had already fooled it; in 'per_attack' mode
-every attack ran on every clean-correct image. ``queries`` is Square's query budget (its
+every attack ran on every clean-correct image of its subset. ``subset_n`` is the number of
+images the attack was limited to (``n`` of its suite entry: the first ones; the number of images
+when it saw all), so an image ``>= subset_n`` with ``robust`` null was never shown to it.
+``queries`` is Square's query budget (its
 ``steps``) or AutoAttack's ``n_queries``; ``settings`` is JSON with sorted keys.
 """
 
@@ -113,11 +118,12 @@ def data_sha256(x: Tensor, y: Tensor) -> str:
     return h.hexdigest()
 
 
-def _settings_columns(name: str, params: dict[str, Any]) -> dict[str, Any]:
-    spec = attack_spec(name)
+def _settings_columns(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    spec = attack_spec(method)
     s = spec.settings(params)
     queries = s.get("n_queries", None if spec.white_box else spec.effective_steps(s))
     return {
+        "method": method,
         "norm": spec.norm,
         "eps": float(s["eps"]),
         "step_size": float(s["step_size"]),
@@ -133,7 +139,7 @@ def _settings_columns(name: str, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_CLEAN = {"norm": "none", "eps": 0.0, "step_size": 0.0, "steps": 0, "settings": "{}"}
+_CLEAN = {"method": "clean", "norm": "none", "eps": 0.0, "step_size": 0.0, "steps": 0}
 
 
 def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
@@ -149,11 +155,12 @@ def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
         "implementation": rarn.implementation,
         "impl_version": rarn.version,
     }
-    blocks = [("clean", r.correct, torch.ones_like(r.correct), _CLEAN)]
+    blocks = [("clean", r.correct, torch.ones_like(r.correct), {**_CLEAN, "settings": "{}"})]
     for a in r.attacks:
-        blocks.append((a, r.survived[a], r.attacked[a], _settings_columns(a, r.params[a])))
+        settings = _settings_columns(r.method(a), r.params[a])
+        blocks.append((a, r.survived[a], r.attacked[a], settings))
     for name, survived, attacked, settings in blocks:
-        consts = {**base, **settings, "attack": name}
+        consts = {**base, **settings, "attack": name, "subset_n": r.subset(name)}
         cols: dict[str, Any] = {
             "image": pa.array(np.arange(r.n, dtype=np.int64)),
             "robust": pa.array(survived.numpy(), mask=~attacked.numpy()),
@@ -193,7 +200,10 @@ def write_records(table: pa.Table, path: str | os.PathLike[str]) -> Path:
 
 
 def _worst_case_of(rows: pa.Table, model: str) -> Tensor:
-    """AND over the rows of one model; an image neither fooled nor seen by every attack fails."""
+    """AND over the rows of one model, on the images every attack saw (the smallest subset); an
+    image there neither fooled nor seen by every attack fails."""
+    m = pc.min(rows.column("subset_n")).as_py()
+    rows = rows.filter(pc.less(rows.column("image"), m))
     image = rows.column("image").to_numpy()
     robust = rows.column("robust")
     known = pc.is_valid(robust).to_numpy()
@@ -221,16 +231,18 @@ def worst_case_from_records(
     """Recombine per-image records into the worst case: robust against every chosen attack.
 
     Rows of several evaluations of one model on the same data (same ``data_sha256``), e.g. the
-    original suite and an attack added later, are combined image by image. The worst-case robust
-    accuracy is ``mask.sum() / len(mask)``, exactly as stored in the results table.
+    original suite and an attack added later, are combined image by image, on the images every
+    chosen attack saw (the first ``min(subset_n)``: an attack run on a subset limits the worst
+    case to it). The worst-case robust accuracy is ``mask.sum() / len(mask)``, exactly as stored
+    in the results table.
 
     Args:
         table: a :data:`RECORDS_SCHEMA` table (or a concatenation of several).
         attacks: the attacks to combine (default: all in the table); ``clean`` always counts.
 
     Returns:
-        Model -> (n,) bool on CPU, True where the image was classified correctly and no chosen
-        attack fooled it.
+        Model -> (m,) bool on CPU over images 0 .. m-1, True where the image was classified
+        correctly and no chosen attack fooled it.
 
     Raises:
         KeyError: a chosen attack has no rows for some model.

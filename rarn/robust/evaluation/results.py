@@ -38,13 +38,14 @@ def _f(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Fi
 
 
 _COMMON = [
-    _f("attack", pa.string(), "attack name (rarn.robust.attacks.ATTACKS), 'clean' or 'worst_case'"),
+    _f("attack", pa.string(), "the attack's name in the suite, 'clean' or 'worst_case'"),
+    _f("method", pa.string(), "registry key (rarn.robust.attacks.ATTACKS), 'clean', 'worst_case'"),
     _f("norm", pa.string(), "threat model of eps: 'linf', 'l2', 'none' (clean) or 'mixed'"),
     _f("eps", pa.float64(), "radius of the threat model (0 for clean)"),
     _f("step_size", pa.float64(), "attack step size (0 for clean and worst_case)"),
     _f("steps", pa.int64(), "attack iterations actually run (FGSM 1, AutoAttack n_iter)"),
     _f("accuracy", pa.float64(), "fraction of the n points classified correctly"),
-    _f("n", pa.int64(), "number of evaluated points"),
+    _f("n", pa.int64(), "number of evaluated points (an attack's subset: the first n)"),
     _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
     _f("impl_version", pa.string(), "version of that implementation"),
     _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
@@ -60,9 +61,14 @@ RESULTS_SCHEMA = pa.schema(
         ),
         _f("masking_suspected", pa.bool_(), "any flag raised; null: no check run", True),
     ],
-    metadata={"rarn.schema": "robustness-results/2"},
+    metadata={"rarn.schema": "robustness-results/3"},
 )
-"""One row per model x attack x eps (clean, each attack alone, worst case, curve points)."""
+"""One row per model x attack x eps (clean, each attack alone, worst case, curve points).
+
+An attack run on a subset (``n`` in its suite entry: the first n images) has that ``n`` and its
+accuracy over those images; the worst case is over the images every attack saw (the smallest
+subset), and its ``n`` says how many.
+"""
 
 TRANSFER_SCHEMA = pa.schema(
     [
@@ -70,7 +76,7 @@ TRANSFER_SCHEMA = pa.schema(
         _f("target", pa.string(), "model evaluated on them (source == target: white-box)"),
         *_COMMON,
     ],
-    metadata={"rarn.schema": "transfer-matrix/1"},
+    metadata={"rarn.schema": "transfer-matrix/2"},
 )
 """One row per source x target model pair."""
 
@@ -83,12 +89,14 @@ class RobustnessResult:
         model_name: label used in tables.
         n: number of evaluated points.
         clean_accuracy: accuracy on clean inputs.
-        robust_accuracy: attack -> robust accuracy of that attack alone (empty if not computed).
-        worst_case_accuracy: ``robust.float().mean()``.
-        robust: (n,) bool on CPU, True where every attack of the suite failed.
-        attacks: the suite, in order.
-        params: attack -> effective ``eps``, ``step_size``, ``steps`` (and extra kwargs).
-        main_attack: attack of the accuracy-vs-eps curve.
+        robust_accuracy: name -> robust accuracy of that attack alone (empty if not computed),
+            over its subset.
+        worst_case_accuracy: ``robust.float().mean()``: over the first :attr:`worst_case_n`
+            images, those every attack of the suite saw.
+        robust: (worst_case_n,) bool on CPU, True where every attack of the suite failed.
+        attacks: the names of the suite, in order.
+        params: name -> effective ``eps``, ``step_size``, ``steps`` (and extra kwargs).
+        main_attack: name of the attack of the accuracy-vs-eps curve.
         curve: eps -> robust accuracy of ``main_attack``.
         flags: :data:`MASKING_FLAGS` -> bool, None where a check was not run.
         seed: initial seed of the generator.
@@ -99,6 +107,8 @@ class RobustnessResult:
             of the earlier ones).
         data_sha256: sha256 of the evaluated inputs and labels
             (:func:`rarn.robust.evaluation.data_sha256`).
+        methods: name -> registry key of the attack (missing: the name is the key).
+        subsets: name -> how many images it ran on, the first ones (missing: all ``n``).
 
     ``correct``, ``attacked`` and ``survived`` are the per-image records
     (:func:`rarn.robust.evaluation.records_table`); ``robust`` is ``correct`` AND every
@@ -122,16 +132,33 @@ class RobustnessResult:
     survived: dict[str, Tensor] = field(default_factory=dict)
     per_attack: bool = True
     data_sha256: str | None = None
+    methods: dict[str, str] = field(default_factory=dict)
+    subsets: dict[str, int] = field(default_factory=dict)
+
+    def method(self, name: str) -> str:
+        """The registry key of the attack called ``name`` in the suite."""
+        return self.methods.get(name, name)
+
+    def subset(self, name: str) -> int:
+        """How many images (the first ones) the attack called ``name`` ran on."""
+        return self.subsets.get(name, self.n)
+
+    @property
+    def worst_case_n(self) -> int:
+        """Images of the worst case: those every attack saw (all ``n`` without subsets)."""
+        return int(self.robust.numel())
 
     def to_table(self) -> pa.Table:
         """Rows: clean, each attack alone, worst case, and the curve (schema RESULTS_SCHEMA)."""
         return results_table([self])
 
 
-def _attack_row(name: str, p: Mapping[str, Any]) -> dict[str, Any]:
-    spec = attack_spec(name)
+def _attack_row(name: str, p: Mapping[str, Any], method: str | None = None) -> dict[str, Any]:
+    """The columns of one attack's row: ``name`` in the suite, ``method`` its registry key."""
+    spec = attack_spec(method or name)
     return {
         "attack": name,
+        "method": spec.name,
         "norm": spec.norm,
         "eps": float(p["eps"]),
         "step_size": float(p["step_size"]),
@@ -153,37 +180,40 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
     rows = []
     rarn = attack_spec("pgd")  # clean and worst-case rows are credited to rarn
     for r in results:
-        suite = "+".join(r.attacks)
-        norms = {ATTACK_NORM[a] for a in r.attacks}
+        norms = {ATTACK_NORM[r.method(a)] for a in r.attacks}
         same = {r.params[a]["eps"] for a in r.attacks}
         base = {
             "model": r.model_name,
             "n": r.n,
             "seed": r.seed,
-            "suite": suite,
+            "suite": "+".join(r.attacks),
             **{f"flag_{k}": r.flags.get(k) for k in MASKING_FLAGS},
             "masking_suspected": any(bool(r.flags.get(k)) for k in MASKING_FLAGS)
             if any(r.flags.get(k) is not None for k in MASKING_FLAGS)
             else None,
         }
-        clean = {"attack": "clean", "norm": "none", "eps": 0.0, "step_size": 0.0, "steps": 0}
-        rows.append({**base, **clean, "accuracy": r.clean_accuracy})
+        clean = {"attack": "clean", "method": "clean", "norm": "none", "eps": 0.0}
+        rows.append({**base, **clean, "step_size": 0.0, "steps": 0, "accuracy": r.clean_accuracy})
         for a, acc in r.robust_accuracy.items():
-            rows.append({**base, **_attack_row(a, r.params[a]), "accuracy": acc})
+            row = _attack_row(a, r.params[a], r.method(a))
+            rows.append({**base, **row, "n": r.subset(a), "accuracy": acc})
         worst = {
             "attack": "worst_case",
+            "method": "worst_case",
             "norm": norms.pop() if len(norms) == 1 else "mixed",
             "eps": same.pop() if len(same) == 1 else math.nan,
             "step_size": 0.0,
             "steps": 0,
+            "n": r.worst_case_n,
         }
         rows.append({**base, **worst, "accuracy": r.worst_case_accuracy})
-        main = r.params[r.main_attack]
+        main, alone = r.params[r.main_attack], r.subset(r.main_attack) == r.n
         for e, acc in r.curve.items():
-            if r.main_attack in r.robust_accuracy and math.isclose(e, main["eps"]):
+            if r.main_attack in r.robust_accuracy and alone and math.isclose(e, main["eps"]):
                 continue  # already a row
             p = {**main, "eps": e, "step_size": main["step_size"] * e / main["eps"]}
-            rows.append({**base, **_attack_row(r.main_attack, p), "accuracy": acc})
+            row = _attack_row(r.main_attack, p, r.method(r.main_attack))
+            rows.append({**base, **row, "accuracy": acc})
     for row in rows:
         row.setdefault("implementation", rarn.implementation)
         row.setdefault("impl_version", rarn.version)

@@ -22,15 +22,18 @@ import torch
 from torch import Tensor, nn
 
 from rarn.models.common import device_of
-from rarn.robust.attacks import ATTACK_NORM, attack_spec, get_attack, validate_attack_args
-from rarn.robust.evaluation._core import Data, _batches, _check_budget, _predict, _survives
-from rarn.robust.evaluation.masking import (
-    MASKING_FLAGS,
-    check_fgsm_vs_pgd,
-    check_larger_eps,
-    run_masking_checks,
-    unbounded_radius,
+from rarn.robust.attacks import ATTACK_NORM, get_attack, validate_attack_args
+from rarn.robust.evaluation._core import (
+    Data,
+    _batches,
+    _check_budget,
+    _fraction,
+    _predict,
+    _survives,
 )
+from rarn.robust.evaluation.evidence import masking_flags
+from rarn.robust.evaluation.masking import check_larger_eps, unbounded_radius
+from rarn.robust.evaluation.named import NamedAttack, config_suite, named_attack, named_suite
 from rarn.robust.evaluation.records import DataHasher
 from rarn.robust.evaluation.results import RobustnessResult
 
@@ -38,8 +41,8 @@ __all__ = ["SuiteSettings", "evaluate_robustness"]
 
 logger = logging.getLogger(__name__)
 
-Params = dict[str, dict[str, Any]]
-"""Attack name -> its keyword arguments (``eps``, ``step_size``, ``steps`` and extras)."""
+Plan = dict[str, NamedAttack]
+"""Name -> the resolved entry: the suite in order, then the curve's attack if not in it."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +50,19 @@ class SuiteSettings:
     """What :func:`evaluate_robustness` runs: the suite, its budget, the curve and the checks.
 
     Attributes:
-        attacks: names from :data:`rarn.robust.attacks.ATTACKS`, run in this order.
+        attacks: the suite, run in this order: registry names (:data:`rarn.robust.attacks.ATTACKS`,
+            with the shared ``eps``, ``step_size``, ``steps``), or named entries with their own
+            parameters, e.g. ``{"name": "pgd100", "attack": "pgd", "steps": 100}`` and
+            ``{"name": "aa", "attack": "autoattack", "n": 200}`` (``n``: only the first n
+            images); see :mod:`rarn.robust.evaluation.named`.
         eps: threat-model radius shared by the suite.
         step_size: step size shared by the suite.
         steps: steps shared by the suite.
         per_attack: also report each attack alone (see :func:`evaluate_robustness`).
-        main_attack: attack of the accuracy-vs-eps curve.
+        main_attack: attack of the accuracy-vs-eps curve and the masking checks: a name of the
+            suite or a registry name.
         eps_curve: radii of the curve (step size scaled by ``eps_i / eps``); empty: no curve.
-        attack_kwargs: per-attack overrides, e.g. ``{"pgd_l2": {"eps": 0.5}, "autoattack":
+        attack_kwargs: per-name overrides, e.g. ``{"pgd_l2": {"eps": 0.5}, "autoattack":
             {"n_iter": 10}}``.
         checks: run the gradient-masking checks on the first ``check_n`` points.
         check_n: size of the check subset.
@@ -64,7 +72,7 @@ class SuiteSettings:
         batch_size: batch size when the data is a pair of tensors.
     """
 
-    attacks: tuple[str, ...] = ("fgsm", "pgd", "mim", "cw")
+    attacks: tuple[str | Mapping[str, Any] | NamedAttack, ...] = ("fgsm", "pgd", "mim", "cw")
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 20
@@ -83,9 +91,34 @@ class SuiteSettings:
         object.__setattr__(self, "eps_curve", tuple(self.eps_curve))
         object.__setattr__(self, "attack_kwargs", dict(self.attack_kwargs or {}))
 
+    @classmethod
+    def from_config(cls, ev: Any, **overrides: Any) -> SuiteSettings:
+        """The suite of an :class:`~rarn.config.EvaluationConfig` (``evaluation`` section).
+
+        Its entries are ``evaluation.attacks`` then ``evaluation.suite``
+        (:func:`~rarn.robust.evaluation.named.config_suite`); the curve and the checks use the
+        first PGD of the suite (else its first attack). ``overrides`` replace fields.
+        """
+        entries, keys = config_suite(ev)
+        shared = {"eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps}
+        named = named_suite(entries, shared, keys=keys, label="evaluation.attacks")
+        main = next((a.name for a in named if a.attack == "pgd"), named[0].name)
+        fields = {
+            "attacks": named,
+            "main_attack": main,
+            **shared,
+            "eps_curve": ev.eps_curve,
+            "batch_size": ev.batch_size,
+            "checks": ev.checks,
+            "check_n": ev.check_n,
+            "black_box_queries": ev.black_box_queries,
+            "more_steps_factor": ev.more_steps_factor,
+        }
+        return cls(**{**fields, **overrides})
+
 
 Records = dict[str, tuple[Tensor, Tensor]]
-"""Attack -> per-image ``(attacked, survived)`` masks of one batch."""
+"""Name -> per-image ``(attacked, survived)`` masks of one batch."""
 
 
 @dataclass
@@ -152,29 +185,34 @@ def evaluate_robustness(
         TypeError: an override that is not a field of :class:`SuiteSettings`.
     """
     s = dataclasses.replace(settings or SuiteSettings(), **overrides)
-    params, curve_eps = _attack_params(s)
+    plan, curve_eps = _plan(s)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     device = torch.device(device) if device is not None else device_of(model)
-    tally = _run_batches(model, data, s, params, curve_eps, generator, device)
+    tally = _run_batches(model, data, s, plan, curve_eps, generator, device)
     correct, attacked, survived = tally.masks()
-    robust = correct.clone()
+    suite = [plan[a] for a in tally.attacks]
+    subsets = {a.name: a.subset(tally.n) for a in plan.values()}
+    m = min(subsets[a.name] for a in suite)  # the images every attack saw: the worst case's
+    robust = correct[:m].clone()
     for ok in survived.values():
-        robust &= ok
-    flags = _masking_flags(model, s, params, tally, survived, generator)
+        robust &= ok[:m]
+    flags = masking_flags(model, s, plan, tally, survived, generator)
     curve = {e: tally.curve_hits[e] / tally.n for e in curve_eps}
-    large = unbounded_radius(ATTACK_NORM[s.main_attack], tally.image_numel)
+    large = unbounded_radius(ATTACK_NORM[plan[s.main_attack].attack], tally.image_numel)
     if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
         flags["eps_not_decreasing"] = True
     return RobustnessResult(
         model_name=model_name,
         n=tally.n,
         clean_accuracy=_fraction(correct),
-        robust_accuracy={a: _fraction(m) for a, m in survived.items()} if s.per_attack else {},
+        robust_accuracy={a: _fraction(k[: subsets[a]]) for a, k in survived.items()}
+        if s.per_attack
+        else {},
         worst_case_accuracy=_fraction(robust),
         robust=robust,
-        attacks=s.attacks,
-        params=params,
+        attacks=tally.attacks,
+        params={a.name: dict(a.params) for a in plan.values()},
         main_attack=s.main_attack,
         curve=curve,
         flags=flags,
@@ -184,58 +222,56 @@ def evaluate_robustness(
         survived=survived,
         per_attack=s.per_attack,
         data_sha256=tally.data.hexdigest(),
+        methods={a.name: a.attack for a in plan.values()},
+        subsets=subsets,
     )
 
 
-def _fraction(mask: Tensor) -> float:
-    """Accuracy as ``count / n`` in float64, so per-image records recombine to it exactly."""
-    return int(mask.sum()) / mask.numel()
-
-
-def _attack_params(s: SuiteSettings) -> tuple[Params, list[float]]:
-    """Each attack's keyword arguments and the sorted curve radii; fails before any work."""
-    if not s.attacks:
-        raise ValueError("attacks must name at least one attack")
-    if len(set(s.attacks)) != len(s.attacks):
-        raise ValueError(f"attacks contains duplicates: {s.attacks}")
-    for name in (*s.attacks, s.main_attack, *s.attack_kwargs):
-        get_attack(name)
+def _plan(s: SuiteSettings) -> tuple[Plan, list[float]]:
+    """The resolved suite (and curve attack) and the sorted curve radii; fails before any work."""
     if s.batch_size < 1 or s.check_n < 0 or s.more_steps_factor < 2:
         raise ValueError(
             "batch_size must be >= 1, check_n >= 0 and more_steps_factor >= 2, got"
             f" {s.batch_size}, {s.check_n}, {s.more_steps_factor}"
         )
-    params: Params = {}
-    for name in dict.fromkeys((*s.attacks, s.main_attack)):
-        params[name] = {"eps": s.eps, "step_size": s.step_size, "steps": s.steps}
-        params[name].update(s.attack_kwargs.get(name, {}))
-    for p in params.values():  # with the attack's own message
-        _check_budget(p["eps"], p["step_size"], p["steps"])
+    shared = {"eps": s.eps, "step_size": s.step_size, "steps": s.steps}
+    plan: Plan = {a.name: a for a in named_suite(s.attacks, shared, overrides=s.attack_kwargs)}
+    if s.main_attack not in plan:  # a registry name outside the suite
+        plan[s.main_attack] = named_attack(
+            s.main_attack, shared, key="main_attack", overrides=s.attack_kwargs
+        )
+    for name in s.attack_kwargs:
+        if name not in plan:
+            get_attack(name)  # KeyError listing the known attacks
     curve_eps = sorted({float(e) for e in s.eps_curve})
     for e in curve_eps:
         _check_budget(e, s.step_size, s.steps)
-    if len({ATTACK_NORM[a] for a in s.attacks}) > 1:
+    norms = {ATTACK_NORM[a.attack] for a in plan.values()}
+    if len(norms) > 1:
         logger.warning("suite %s mixes L-inf and L2: the worst case is over their union", s.attacks)
-    return params, curve_eps
+    return plan, curve_eps
 
 
-def _attack_each(
-    model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, g: torch.Generator, params: Params
+def _attack_batch(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    correct: Tensor,
+    g: torch.Generator,
+    suite: dict[str, tuple[NamedAttack, Tensor]],
+    *,
+    in_turn: bool,
 ) -> Records:
-    """Per-attack mode: every attack alone on all clean-correct points."""
-    return {
-        name: (correct, _survives(model, name, x, y, correct, g, p)) for name, p in params.items()
-    }
-
-
-def _attack_in_turn(
-    model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, g: torch.Generator, params: Params
-) -> Records:
-    """AutoAttack mode: each attack only on the points no earlier attack fooled."""
+    """Every attack on the clean-correct points of its subset (``suite``: name -> entry, subset
+    mask): alone (per-attack mode) or, ``in_turn`` (AutoAttack's way), only on the points no
+    earlier attack fooled."""
     records, robust = {}, correct
-    for name, p in params.items():
-        survived = _survives(model, name, x, y, robust, g, p)
-        records[name], robust = (robust, survived), survived
+    for name, (a, seen) in suite.items():
+        mask = (robust if in_turn else correct) & seen
+        survived = _survives(model, a.attack, x, y, mask, g, a.params)
+        records[name] = (mask, survived)
+        if in_turn:
+            robust = torch.where(seen, survived, robust)
     return records
 
 
@@ -243,16 +279,15 @@ def _run_batches(
     model: nn.Module,
     data: Data,
     s: SuiteSettings,
-    params: Params,
+    plan: Plan,
     curve_eps: list[float],
     generator: torch.Generator,
     device: torch.device,
 ) -> _Tally:
     """Attack every batch (in the mode of ``s.per_attack``) and add up the masks and the curve."""
-    suite = {name: params[name] for name in s.attacks}
-    attack_batch = _attack_each if s.per_attack else _attack_in_turn
-    main = params[s.main_attack]
-    tally = _Tally(attacks=s.attacks, curve_hits=dict.fromkeys(curve_eps, 0))
+    names = tuple(plan)[: len(s.attacks)]  # the suite; then, maybe, the curve's own attack
+    main = plan[s.main_attack]
+    tally = _Tally(attacks=names, curve_hits=dict.fromkeys(curve_eps, 0))
     for xb, yb in _batches(data, s.batch_size):
         xb, yb = xb.to(device), yb.to(device)
         validate_attack_args(xb, yb, eps=s.eps, step_size=s.step_size, steps=s.steps)
@@ -261,61 +296,21 @@ def _run_batches(
         if tally.n < s.check_n:
             tally.x_check.append(xb[: s.check_n - tally.n])
             tally.y_check.append(yb[: s.check_n - tally.n])
+        index = torch.arange(tally.n, tally.n + xb.shape[0], device=device)
         tally.n += xb.shape[0]
         correct = _predict(model, xb) == yb
-        records = attack_batch(model, xb, yb, correct, generator, suite)
+        suite = {a: (plan[a], index < plan[a].n if plan[a].n else index >= 0) for a in names}
+        records = _attack_batch(model, xb, yb, correct, generator, suite, in_turn=not s.per_attack)
         for e in curve_eps:
-            if s.per_attack and s.main_attack in records and math.isclose(e, main["eps"]):
+            reuse = s.per_attack and s.main_attack in records and main.n == 0
+            if reuse and math.isclose(e, main.params["eps"]):
                 hits = records[s.main_attack][1]  # the curve point is the attack alone: reuse it
             else:
-                p = {**main, "eps": e, "step_size": main["step_size"] * e / main["eps"]}
-                hits = _survives(model, s.main_attack, xb, yb, correct, generator, p)
+                step = main.params["step_size"] * e / main.params["eps"]
+                p = {**main.params, "eps": e, "step_size": step}
+                hits = _survives(model, main.attack, xb, yb, correct, generator, p)
             tally.curve_hits[e] += int(hits.sum())
         tally.add(correct, records)
     if tally.n == 0:
         raise ValueError("no data: the loader yielded no points")
     return tally
-
-
-def _masking_flags(
-    model: nn.Module,
-    s: SuiteSettings,
-    params: Params,
-    tally: _Tally,
-    survived: dict[str, Tensor],
-    generator: torch.Generator,
-) -> dict[str, bool | None]:
-    """The masking checks on the first ``check_n`` points, against the suite's white-box evidence.
-
-    White-box evidence: images that every purely white-box attack of the suite (not AutoAttack,
-    whose Square is a black box) ran on and failed on; none such: the checks' own PGD alone.
-    """
-    flags: dict[str, bool | None] = dict.fromkeys(MASKING_FLAGS)
-    if not (s.checks and s.check_n > 0):
-        return flags
-    xc, yc = torch.cat(tally.x_check), torch.cat(tally.y_check)
-    white = [a for a in s.attacks if attack_spec(a).white_box and not attack_spec(a).black_box_part]
-    wb = None
-    if white:
-        wb = torch.stack([survived[a][: len(yc)] for a in white]).all(dim=0)
-    main = params[s.main_attack]
-    flags = run_masking_checks(
-        model,
-        xc,
-        yc,
-        eps=main["eps"],
-        step_size=main["step_size"],
-        steps=main["steps"],
-        generator=generator,
-        white_box_robust=wb,
-        norm=ATTACK_NORM[s.main_attack],
-        black_box_queries=s.black_box_queries,
-        more_steps_factor=s.more_steps_factor,
-    )
-    both = s.per_attack and {"fgsm", "pgd"} <= set(survived)
-    if both and params["fgsm"]["eps"] == params["pgd"]["eps"]:  # the whole data: more evidence
-        fgsm, pgd = _fraction(survived["fgsm"]), _fraction(survived["pgd"])
-        flags["fgsm_beats_pgd"] = bool(flags["fgsm_beats_pgd"]) or check_fgsm_vs_pgd(
-            fgsm, pgd, n=tally.n
-        )
-    return flags
