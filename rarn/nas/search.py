@@ -159,18 +159,21 @@ class RACLSearch:
             ),
         }
 
-    def weight_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
+    def weight_step(self, x: Tensor, y: Tensor, *, penalty: bool = True) -> dict[str, float]:
         """One SGD step on ``CE + gamma E||grad_x CE||`` from a D_T batch
-        (:func:`rarn.nas.gradnorm.weight_gradients`)."""
+        (:func:`rarn.nas.gradnorm.weight_gradients`).
+
+        With ``grad_norm_every = k > 1`` the caller asks for the term on every k-th step only
+        (``penalty``), and it then weighs ``k gamma`` (lazy regularisation, see the config).
+        """
         model, cfg = self.model, self.cfg
         model.train()
         params = [p for p in model.weight_parameters() if p.requires_grad]
         z = self._arch_logits()
         if cfg.sampling:  # the architecture is not updated here: no graph into (mu, sigma)
             z = ArchSample(*(t.detach() for t in z.as_tuple()))
-        out = weight_gradients(
-            model, params, x, y, z, cfg.grad_norm_weight, cfg.grad_norm_mode, cfg.fd_step
-        )
+        gamma = cfg.grad_norm_weight * cfg.grad_norm_every if penalty else 0.0
+        out = weight_gradients(model, params, x, y, z, gamma, cfg.grad_norm_mode, cfg.fd_step)
         for p, g in zip(params, out.grads):
             p.grad = g
         if cfg.grad_clip > 0:
