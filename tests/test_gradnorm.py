@@ -119,3 +119,18 @@ def test_replay_is_the_linearisation_at_the_kinks():
     assert torch.equal(r, x2 * (x > 0))
     _, idx = F.max_pool2d(x, 3, 1, 1, return_indices=True)
     assert torch.equal(p, x2.flatten(2).gather(2, idx.flatten(2)).view_as(idx))
+
+
+def test_lazy_term_runs_every_kth_step_at_k_times_the_weight():
+    """grad_norm_every = 2: a step without the term is the plain CE step, a step with it is the
+    every-step search's step at twice gamma (lazy regularisation)."""
+    s, x, y = _trained_search()
+    off, on, plain, twice = (copy.deepcopy(s) for _ in range(4))
+    off.cfg = on.cfg = dataclasses.replace(s.cfg, grad_norm_weight=0.1, grad_norm_every=2)
+    twice.cfg = dataclasses.replace(s.cfg, grad_norm_weight=0.2)
+    assert "grad_norm" not in off.weight_step(x, y, penalty=False)
+    plain.weight_step(x, y)
+    assert on.weight_step(x, y)["grad_norm"] == twice.weight_step(x, y)["grad_norm"]
+    for pair in ((off, plain), (on, twice)):
+        a, b = (list(t.model.parameters()) for t in pair)
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
