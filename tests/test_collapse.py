@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from rarn.config import ConstraintConfig, DataConfig, SearchConfig
+from rarn.config import ConfigError, ConstraintConfig, DataConfig, SearchConfig, check
 from rarn.data import load_dataset
 from rarn.nas.collapse import (
     PARAMETER_FREE,
@@ -152,3 +152,18 @@ def test_darts_plus_early_stop_freezes_the_architecture(tmp_path):
     longer = dataclasses.replace(cfg, epochs=4)
     resumed = run_search(longer, ConstraintConfig(), data, checkpoint_dir=tmp_path)
     assert resumed.history[-1]["arch_steps"] == 0.0 and resumed.history[-1]["arch_stopped"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("collapse_param_free_limit", 0.0),
+        ("collapse_dominant_limit", 1.5),
+        ("collapse_lambda_limit", -0.1),
+        ("arch_stop_param_free", 1.01),
+        ("grad_norm_every", 0),
+    ],
+)
+def test_collapse_and_remedy_fields_are_range_checked(field, value):
+    with pytest.raises(ConfigError, match=f"search.{field}"):
+        check(dataclasses.replace(SearchConfig(), **{field: value}))
