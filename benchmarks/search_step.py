@@ -16,7 +16,17 @@ same size) of :class:`rarn.nas.search.RACLSearch` with the fused supernet, at tw
   + Adam (``RACLSearch.arch_step`` also estimates the Lipschitz bound when the constraint is off,
   for logging), i.e. the PC-DARTS first-order iteration itself;
 * ``racl_exact`` / ``racl_fd``: full RACL (sampled log-normal architecture, gradient-norm term
-  ``gamma = 0.1`` exact or by finite difference, chance constraint with the Lipschitz bound).
+  ``gamma = 0.1`` exact or by finite difference with frozen kinks, chance constraint with the
+  Lipschitz bound);
+* ``racl_fd_every2``: the same with the term on every other weight step at twice the weight
+  (``grad_norm_every = 2``, lazy regularisation); its figures are per iteration, averaged over a
+  pair.
+
+At the medium shape only ``plain`` and the finite-difference variants run (``--full``: all), to
+keep the benchmark near 3 minutes. For the default estimator (``default_estimator``) it reports
+``ratio_default_to_plain`` (wall) and ``cpu_ratio_default_to_plain``, and
+``grad_cosine_default_vs_exact``: the cosine between the weight gradients of the gradient-norm
+term by that estimator and by double backprop, at the weights the timing left.
 
 The goal is a RACL iteration at most 1.5x the cost of a plain one. Variants are interleaved
 within every trial (machine-load drift hits them alike); the figures are medians over trials
@@ -24,7 +34,7 @@ after warm-up. ``images_per_s`` is from wall time (what the run sees); ``cpu_ima
 this process's CPU time, steadier on a shared machine with 1 thread (with 2 threads OpenMP
 spin-waiting inflates CPU time). Prints one JSON line.
 
-    python benchmarks/search_step.py [--threads 2] [--trials 5] [--skip-search] [--smoke]
+    python benchmarks/search_step.py [--threads 1] [--trials 3] [--skip-search] [--smoke] [--full]
 """
 
 from __future__ import annotations
@@ -41,8 +51,9 @@ import torch
 import torch.nn.functional as F
 
 from rarn.config import ConstraintConfig, SearchConfig
+from rarn.nas.gradnorm import weight_gradients
 from rarn.nas.search import RACLSearch
-from rarn.nas.supernet import Supernet
+from rarn.nas.supernet import ArchSample, Supernet
 
 WEIGHT_SHAPE = {"C": 8, "layers": 5, "batch": 32, "side": 32, "k": 4}
 SEARCH_SHAPES = {
@@ -118,7 +129,7 @@ def bench_weight_step(warmup: int, trials: int, threads: int) -> dict:
     }
 
 
-def _search(shape: dict, racl: bool, mode: str = "exact") -> RACLSearch:
+def _search(shape: dict, racl: bool, mode: str = "exact", every: int = 1) -> RACLSearch:
     common = dict(
         init_channels=shape["C"],
         layers=shape["layers"],
@@ -128,7 +139,8 @@ def _search(shape: dict, racl: bool, mode: str = "exact") -> RACLSearch:
         seed=0,
     )
     if racl:
-        scfg = SearchConfig(sampling=True, grad_norm_weight=0.1, grad_norm_mode=mode, **common)
+        grad_norm = dict(grad_norm_weight=0.1, grad_norm_mode=mode, grad_norm_every=every)
+        scfg = SearchConfig(sampling=True, **grad_norm, **common)
         ccfg = ConstraintConfig(enabled=True)
     else:
         scfg = SearchConfig(sampling=False, grad_norm_weight=0.0, **common)
@@ -147,54 +159,99 @@ def _minimal_arch_step(s: RACLSearch, x: torch.Tensor, y: torch.Tensor) -> None:
     s.a_opt.zero_grad(set_to_none=True)
 
 
-def bench_search(shape: dict, warmup: int, trials: int) -> dict:
+def _variants(full: bool, medium: bool) -> dict[str, tuple]:
+    """name -> ``_search`` arguments; at the medium shape only what the goal needs (time)."""
+    out = {
+        "plain": (False,),
+        "plain_minimal": (False,),
+        "racl_exact": (True, "exact"),
+        "racl_fd": (True, "finite_difference"),
+        "racl_fd_every2": (True, "finite_difference", 2),
+    }
+    if medium and not full:
+        out = {k: v for k, v in out.items() if k not in ("plain_minimal", "racl_exact")}
+    return out
+
+
+def _default_variant() -> str:
+    """The variant that runs SearchConfig's default gradient-norm estimator."""
+    d = SearchConfig()
+    name = {"exact": "racl_exact", "finite_difference": "racl_fd"}[d.grad_norm_mode]
+    return name if d.grad_norm_every == 1 else f"{name}_every{d.grad_norm_every}"
+
+
+def grad_cosine(s: RACLSearch, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Cosine between the weight gradients of ``mean ||grad_x CE||`` by ``s``'s estimator and by
+    double backprop (each: the gamma = 1 gradient minus the CE gradient), at ``s``'s weights."""
+    s.model.train()
+    params = [p for p in s.model.weight_parameters() if p.requires_grad]
+    z = ArchSample(*(t.detach() for t in s.model.arch.mu().as_tuple()))
+    ce = weight_gradients(s.model, params, x, y, z, 0.0).grads
+
+    def penalty(mode: str) -> torch.Tensor:
+        full = weight_gradients(s.model, params, x, y, z, 1.0, mode, s.cfg.fd_step).grads
+        return torch.cat([(a - b).flatten() for a, b in zip(full, ce)])
+
+    exact, est = penalty("exact"), penalty(s.cfg.grad_norm_mode)
+    return round(float(F.cosine_similarity(exact, est, dim=0)), 4)
+
+
+def bench_search(shape: dict, warmup: int, trials: int, medium: bool, full: bool) -> dict:
     xt, yt = _batch(shape, 1)
     xv, yv = _batch(shape, 2)
-    searches = {
-        "plain": _search(shape, racl=False),
-        "plain_minimal": _search(shape, racl=False),
-        "racl_exact": _search(shape, racl=True, mode="exact"),
-        "racl_fd": _search(shape, racl=True, mode="finite_difference"),
-    }
+    variants = _variants(full, medium)
+    searches = {k: _search(shape, *v) for k, v in variants.items()}
 
     def iteration(s: RACLSearch, minimal: bool = False) -> Callable[[], None]:
+        """One iteration; with the lazy term, ``k`` of them (the term on the first) per call."""
+        k = s.cfg.grad_norm_every
+
         def run() -> None:
-            if minimal:
-                _minimal_arch_step(s, xv, yv)
-            else:
-                s.arch_step(xv, yv)
-            s.weight_step(xt, yt)
+            for i in range(k):
+                if minimal:
+                    _minimal_arch_step(s, xv, yv)
+                else:
+                    s.arch_step(xv, yv)
+                s.weight_step(xt, yt, penalty=i == 0)
 
         return run
 
     fns = {k: iteration(s, minimal=k == "plain_minimal") for k, s in searches.items()}
     fns["weight_step_only"] = lambda: searches["plain"].weight_step(xt, yt)
     res = _time(fns, warmup, trials)
+    per = {k: s.cfg.grad_norm_every for k, s in searches.items()}
+    wall = {k: v["wall_s"] / per.get(k, 1) for k, v in res.items()}
+    cpu = {k: v["cpu_s"] / per.get(k, 1) for k, v in res.items()}
     B = shape["batch"]
+    racl = [k for k in searches if k.startswith("racl")]
     out = {
         "shape": shape,
-        "iteration_s": {k: round(v["wall_s"], 3) for k, v in res.items()},
-        "images_per_s": {k: round(B / v["wall_s"], 1) for k, v in res.items()},
-        "cpu_images_per_s": {k: round(B / v["cpu_s"], 1) for k, v in res.items()},
+        "iteration_s": {k: round(v, 3) for k, v in wall.items()},
+        "images_per_s": {k: round(B / v, 1) for k, v in wall.items()},
+        "cpu_images_per_s": {k: round(B / v, 1) for k, v in cpu.items()},
     }
-    for base in ("plain", "plain_minimal"):
-        out[f"ratio_to_{base}"] = {
-            k: round(res[k]["wall_s"] / res[base]["wall_s"], 2) for k in ("racl_exact", "racl_fd")
-        }
-    out["goal_met"] = {
-        k: out["ratio_to_plain"][k] <= GOAL_RACL_RATIO for k in ("racl_exact", "racl_fd")
-    }
+    bases = ("plain", "plain_minimal") if "plain_minimal" in searches else ("plain",)
+    for base in bases:
+        out[f"ratio_to_{base}"] = {k: round(wall[k] / wall[base], 2) for k in racl}
+    out["cpu_ratio_to_plain"] = {k: round(cpu[k] / cpu["plain"], 2) for k in racl}
+    out["goal_met"] = {k: out["ratio_to_plain"][k] <= GOAL_RACL_RATIO for k in racl}
+    default = _default_variant()
+    out["default_estimator"] = default
+    out["ratio_default_to_plain"] = out["ratio_to_plain"][default]
+    out["cpu_ratio_default_to_plain"] = out["cpu_ratio_to_plain"][default]
+    out["grad_cosine_default_vs_exact"] = grad_cosine(searches[default], xt, yt)
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-search", action="store_true", help="weight step only")
     p.add_argument("--shapes", default="small,medium", help="search-iteration shapes")
     p.add_argument("--smoke", action="store_true", help="1 trial, 1 warm-up, small shape only")
+    p.add_argument("--full", action="store_true", help="every variant at the medium shape too")
     args = p.parse_args()
     if args.smoke:
         args.trials, args.warmup, args.shapes = 1, 1, "small"
@@ -210,7 +267,9 @@ def main() -> None:
     result["weight_step"] = bench_weight_step(args.warmup, args.trials, args.threads)
     if not args.skip_search:
         result["search_iteration"] = {
-            name: bench_search(SEARCH_SHAPES[name], args.warmup, args.trials)
+            name: bench_search(
+                SEARCH_SHAPES[name], args.warmup, args.trials, name == "medium", args.full
+            )
             for name in args.shapes.split(",")
         }
         result["goal_racl_over_plain"] = GOAL_RACL_RATIO

@@ -9,7 +9,7 @@ import torch
 from rarn.checkpoint import CheckpointError
 from rarn.config import ConstraintConfig, DataConfig, SearchConfig, load_config
 from rarn.data import load_dataset
-from rarn.nas.genotype import Genotype, parametric_share
+from rarn.nas.genotype import Genotype
 from rarn.nas.loop import SearchData, SearchDiverged, run_search
 from rarn.nas.search import RACLSearch
 
@@ -55,6 +55,12 @@ def test_two_epoch_search_yields_valid_genotype(data):
         "epoch_time",
         "grad_norm",
         "parametric_share",
+        "collapse_param_free_share_normal",
+        "collapse_param_free_share_reduce",
+        "collapse_dominant_op_share",
+        "collapse_lambda_ranking",
+        "collapsed",
+        "arch_stopped",
     ):
         assert key in last and math.isfinite(last[key]), key
     assert last["arch_steps"] == 2 and seen[0][1]["arch_steps"] == 0  # warm-up epoch
@@ -182,10 +188,19 @@ def test_tampered_checkpoint_names_the_file(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_default_config_genotype_stays_convolutional():
-    """configs/default.yaml on digits keeps at least half of its 16 edges parametric."""
+@pytest.mark.xfail(
+    strict=True,
+    reason="measured (issue 12, seed 0): the default search collapses onto dil_conv_3x3, 7/8 "
+    "normal and 6/8 reduction edges (one op dominating both cells)",
+)
+def test_default_config_search_does_not_collapse():
+    """configs/default.yaml on digits: the final genotype trips no collapse signal, in either
+    direction (parameter-free normal cell, one op dominating a cell, every edge on its
+    lowest-Lipschitz op). It replaces "conv share >= 0.5", which counted 16/16 dil_conv_3x3 as
+    success."""
     cfg = load_config("configs/default.yaml")
     bundle = load_dataset(cfg.data)
     d = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
     result = run_search(cfg.search, cfg.constraint, d)
-    assert parametric_share(result.genotype) >= 0.5, result.genotype
+    assert result.collapse is not None and result.collapse.lambda_ranking is not None
+    assert not result.collapsed, (result.collapse_reason, result.genotype, result.final)

@@ -90,6 +90,7 @@ EPOCHS = Range(1, 10_000)
 BATCH = Range(1, 65_536)
 CHANNELS = Range(1, 1_024)
 ITERATIONS = Range(1, 10_000)  # attack steps, samples, power iterations
+LIMIT = Range(0, 1, "(]")  # a share at or above which something trips
 
 # Closed choices: the single list of allowed values (the library derives its tuples from them).
 GradNormMode = Literal["exact", "finite_difference"]
@@ -149,6 +150,16 @@ class SearchConfig:
     grad_norm_weight: Annotated[float, NON_NEGATIVE] = 0.1  # gamma of the input-gradient penalty
     grad_norm_mode: GradNormMode = "finite_difference"
     fd_step: Annotated[float, POSITIVE] = 0.01  # finite-difference step along the input gradient
+    # Lazy regularisation (StyleGAN2, Karras et al. 2020, arXiv:1912.04958): the gradient-norm
+    # term on every k-th weight step only, weighted k * grad_norm_weight.
+    grad_norm_every: Annotated[int, Range(1, 1_000)] = 1
+    # Collapse (rarn.nas.collapse): a share at or above a limit counts as collapse.
+    collapse_param_free_limit: Annotated[float, LIMIT] = 0.5  # normal cell's skip/pool share
+    collapse_dominant_limit: Annotated[float, LIMIT] = 0.75  # one op's share of a cell
+    collapse_lambda_limit: Annotated[float, LIMIT] = 0.9  # edges on their lowest-lambda op
+    # DARTS+ remedy (Liang et al. 2019, arXiv:1909.06035): freeze the architecture once the
+    # decoded normal cell's parameter-free share reaches this after an epoch (0: off).
+    arch_stop_param_free: Annotated[float, Range(0, 1)] = 0.0
     decode: DecodeRule = "quantile"
     decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
     fused: bool = True  # fused supernet forward (same maths as the per-edge reference)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from rarn.config import ConstraintConfig, SearchConfig
+from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
 from rarn.nas.decode import DECODERS
 from rarn.nas.genotype import Genotype, parametric_share
 from rarn.nas.search import CHECKPOINT, RACLSearch
@@ -63,13 +64,26 @@ class SearchData:
 
 @dataclass
 class SearchResult:
+    """The decoded genotype, every decoding, per-epoch metrics and the final genotype's collapse
+    report (:mod:`rarn.nas.collapse`)."""
+
     genotype: Genotype
     genotypes: dict[str, Genotype]
     history: list[dict[str, float]] = field(default_factory=list)
+    collapse: CollapseReport | None = None
 
     @property
     def final(self) -> dict[str, float]:
         return self.history[-1] if self.history else {}
+
+    @property
+    def collapsed(self) -> bool:
+        return self.collapse is not None and self.collapse.collapsed
+
+    @property
+    def collapse_reason(self) -> str:
+        """Why the final genotype counts as collapsed (``""``: it does not)."""
+        return "" if self.collapse is None else self.collapse.reason
 
 
 def run_search(
@@ -93,7 +107,9 @@ def run_search(
         device: where to train (default CPU).
 
     Returns:
-        The decoded genotype (``search.decode`` rule), all decodings, and per-epoch metrics.
+        The decoded genotype (``search.decode`` rule), all decodings, per-epoch metrics (with
+        the ``collapse_*`` signals of each epoch's genotype) and the final genotype's collapse
+        report.
 
     Raises:
         SearchDiverged: a loss or the bound became non-finite.
@@ -120,7 +136,10 @@ def run_search(
         for cb in callbacks:
             cb(s.epoch, dict(metrics))
     genotypes = {mode: s.decode(mode) for mode in DECODERS}
-    return SearchResult(genotypes[search.decode], genotypes, s.history)
+    report = _collapse(s, genotypes[search.decode])
+    if report.collapsed:
+        log.warning("the searched genotype collapsed: %s", report.reason)
+    return SearchResult(genotypes[search.decode], genotypes, s.history, report)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +152,7 @@ class _Tally:
 
     sums: Counter = field(default_factory=Counter)
     weight_steps: int = 0
+    penalty_steps: int = 0  # weight steps with the gradient-norm term
     arch_steps: int = 0
     satisfied: int = 0  # architecture steps with h <= 0
     last_arch: dict[str, float] = field(default_factory=dict)
@@ -144,27 +164,49 @@ def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
 
     t0 = time.perf_counter()
     lr, epoch, cfg = s.lr, s.epoch, s.cfg
-    tally = _steps(s, data, epoch)
-    metrics: dict[str, float] = {
-        k: tally.sums[k] / tally.weight_steps
-        for k in ("train_loss", "train_acc", "grad_norm")
-        if k in tally.sums
-    }
+    stopped = bool(s.history and s.history[-1].get("arch_stopped"))  # resumable: in the history
+    tally = _steps(s, data, epoch, arch_allowed=not stopped)
+    metrics = {k: tally.sums[k] / tally.weight_steps for k in ("train_loss", "train_acc")}
+    if tally.penalty_steps:
+        metrics["grad_norm"] = tally.sums["grad_norm"] / tally.penalty_steps
     metrics.update(s.evaluate(make_loader(data.val, 2 * cfg.batch_size, shuffle=False)))
     metrics.update(_bound_metrics(s, tally))
+    genotype = s.decode()
+    report = _collapse(s, genotype)
+    metrics.update(report.metrics())
     metrics.update(
         epoch=float(epoch + 1),
         lr=lr,
-        parametric_share=parametric_share(s.decode()),
+        parametric_share=parametric_share(genotype),
         arch_steps=float(tally.arch_steps),
+        arch_stopped=float(stopped or _darts_plus_stop(cfg, report, tally, epoch)),
         epoch_time=time.perf_counter() - t0,
     )
     return metrics
 
 
-def _steps(s: RACLSearch, data: SearchData, epoch: int) -> _Tally:
+def _collapse(s: RACLSearch, genotype: Genotype) -> CollapseReport:
+    return detect_collapse(genotype, cell_log_lipschitz(s.model), CollapseLimits.of(s.cfg))
+
+
+def _darts_plus_stop(cfg: SearchConfig, report: CollapseReport, t: _Tally, epoch: int) -> bool:
+    """DARTS+ early stopping (Liang et al. 2019): after an epoch with architecture steps, freeze
+    the architecture once the normal cell's parameter-free share reaches the threshold."""
+    share = report.param_free_share["normal"]
+    if cfg.arch_stop_param_free <= 0 or t.arch_steps == 0 or share < cfg.arch_stop_param_free:
+        return False
+    log.info(
+        "epoch %d: normal cell %.0f%% parameter-free >= %.0f%%: architecture frozen (DARTS+)",
+        epoch + 1,
+        100 * share,
+        100 * cfg.arch_stop_param_free,
+    )
+    return True
+
+
+def _steps(s: RACLSearch, data: SearchData, epoch: int, arch_allowed: bool = True) -> _Tally:
     """The epoch's steps: per D_T batch an architecture step on the next D_V batch (after the
-    warm-up) and a weight step."""
+    warm-up, unless the architecture is frozen) and a weight step."""
     from rarn.data import make_loader
 
     cfg, dev = s.cfg, s.device
@@ -173,7 +215,7 @@ def _steps(s: RACLSearch, data: SearchData, epoch: int) -> _Tally:
     g_v = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 2 * epoch + 1)
     train = make_loader(data.train, cfg.batch_size, shuffle=True, generator=g_t, drop_last=True)
     val = make_loader(data.val, cfg.batch_size, shuffle=True, generator=g_v, drop_last=True)
-    arch_on = epoch >= cfg.warmup_epochs
+    arch_on = arch_allowed and epoch >= cfg.warmup_epochs
     t = _Tally()
     for step, ((xt, yt), (xv, yv)) in enumerate(zip(train, _cycle(val))):
         if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
@@ -185,10 +227,12 @@ def _steps(s: RACLSearch, data: SearchData, epoch: int) -> _Tally:
             t.arch_steps += 1
             t.satisfied += a["h"] <= 0
             t.last_arch = a
-        w = s.weight_step(xt.to(dev), yt.to(dev))
+        # the epoch-local step decides the lazy term: resumable, data order is per epoch too
+        w = s.weight_step(xt.to(dev), yt.to(dev), penalty=step % cfg.grad_norm_every == 0)
         _check_finite(w, ("train_loss",), epoch + 1, step)
         t.sums.update(w)
         t.weight_steps += 1
+        t.penalty_steps += "grad_norm" in w
     if t.weight_steps == 0:
         raise ValueError("empty D_T: no training batch (dataset smaller than batch_size?)")
     return t

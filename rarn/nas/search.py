@@ -4,8 +4,8 @@ it is :func:`rarn.nas.loop.run_search`.
 
 * Weight step (SGD, cosine lr per epoch, grad clipping): ``CE + gamma * E_x ||grad_x CE||_2`` on
   a fresh sample of the architecture; the gradient-norm term is exact (double backprop) or a
-  finite difference along the input-gradient direction (``(l(x + h d) - l(x)) / h``, ``d`` the
-  unit input gradient; two forward/backward passes instead of a double backward).
+  finite difference along the input-gradient direction with the clean pass's kinks frozen, whose
+  weight gradient agrees with the exact one (:mod:`rarn.nas.gradnorm`).
 * Architecture step (Adam on ``(mu, log sigma)``; weight decay on ``mu`` only, since decay on
   ``log sigma`` drags sigma towards 1, spec §12): validation CE on a reparameterised sample plus
   the augmented-Lagrangian term of the chance constraint on ``(mu_F, sigma_F)``, then dual ascent.
@@ -45,6 +45,7 @@ from rarn.nas.constraint import (
 )
 from rarn.nas.decode import decode
 from rarn.nas.genotype import Genotype
+from rarn.nas.gradnorm import weight_gradients
 from rarn.nas.supernet import ArchSample, Supernet
 from rarn.robust.loop import evaluate as evaluate_model
 from rarn.robust.loop import make_scheduler
@@ -158,52 +159,30 @@ class RACLSearch:
             ),
         }
 
-    def weight_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One SGD step on ``CE + gamma E||grad_x CE||`` from a D_T batch."""
+    def weight_step(self, x: Tensor, y: Tensor, *, penalty: bool = True) -> dict[str, float]:
+        """One SGD step on ``CE + gamma E||grad_x CE||`` from a D_T batch
+        (:func:`rarn.nas.gradnorm.weight_gradients`).
+
+        With ``grad_norm_every = k > 1`` the caller asks for the term on every k-th step only
+        (``penalty``), and it then weighs ``k gamma`` (lazy regularisation, see the config).
+        """
         model, cfg = self.model, self.cfg
         model.train()
         params = [p for p in model.weight_parameters() if p.requires_grad]
         z = self._arch_logits()
         if cfg.sampling:  # the architecture is not updated here: no graph into (mu, sigma)
             z = ArchSample(*(t.detach() for t in z.as_tuple()))
-        gamma, B = cfg.grad_norm_weight, x.shape[0]
-        stats: dict[str, float] = {}
-        if gamma == 0:
-            logits = model(x, z)
-            loss = F.cross_entropy(logits, y)
-            grads = torch.autograd.grad(loss, params)
-        elif cfg.grad_norm_mode == "exact":
-            x = x.detach().requires_grad_(True)
-            logits = model(x, z)
-            per = F.cross_entropy(logits, y, reduction="none")
-            (gx,) = torch.autograd.grad(per.sum(), x, create_graph=True)
-            gnorm = gx.flatten(1).norm(dim=1)
-            loss = per.mean() + gamma * gnorm.mean()
-            grads = torch.autograd.grad(loss, params)
-            stats["grad_norm"] = float(gnorm.detach().mean())
-        else:  # finite difference along the input-gradient direction
-            x = x.detach().requires_grad_(True)
-            logits = model(x, z)
-            per = F.cross_entropy(logits, y, reduction="none")
-            g0 = torch.autograd.grad(per.sum(), [x, *params])
-            gx, gw0 = g0[0], g0[1:]
-            gnorm = gx.flatten(1).norm(dim=1)
-            d = gx / gnorm.clamp_min(1e-12).view(-1, *[1] * (x.dim() - 1))
-            hstep = cfg.fd_step
-            per2 = F.cross_entropy(model(x.detach() + hstep * d, z), y, reduction="none")
-            gw1 = torch.autograd.grad(per2.sum(), params)
-            a, b = (1.0 - gamma / hstep) / B, (gamma / hstep) / B
-            grads = [a * g0_ + b * g1_ for g0_, g1_ in zip(gw0, gw1)]
-            loss = per.mean() + gamma * ((per2 - per) / hstep).mean()
-            stats["grad_norm"] = float(gnorm.detach().mean())
-        for p, g in zip(params, grads):
+        gamma = cfg.grad_norm_weight * cfg.grad_norm_every if penalty else 0.0
+        out = weight_gradients(model, params, x, y, z, gamma, cfg.grad_norm_mode, cfg.fd_step)
+        for p, g in zip(params, out.grads):
             p.grad = g
         if cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         self.w_opt.step()
         self.w_opt.zero_grad(set_to_none=True)
-        acc = float((logits.argmax(1) == y).float().mean())
-        return {"train_loss": float(loss.detach()), "train_acc": acc, **stats}
+        acc = float((out.logits.argmax(1) == y).float().mean())
+        stats = {} if out.grad_norm is None else {"grad_norm": out.grad_norm}
+        return {"train_loss": float(out.loss.detach()), "train_acc": acc, **stats}
 
     def evaluate(self, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
         """``val_loss`` and ``val_acc`` of the median architecture in eval mode."""
