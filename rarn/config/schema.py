@@ -162,7 +162,7 @@ class ConstraintConfig:
     estimator: Estimator = "delta"
     mc_samples: Annotated[int, Range(1, 100_000)] = 16  # >= 2 for estimator=monte_carlo
     bound: Bound = "node_mean"  # see docs/constraint.md
-    mixture: Mixture = "parametric"  # ops in the bound's mixture
+    mixture: Mixture = "all"  # ops in the bound's mixture (parametric: a documented variant)
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
     threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
     kappa: Annotated[float, Range(0, 1)] = 0.05  # relative: ln lambda_bar = mu_F0 - kappa|mu_F0|

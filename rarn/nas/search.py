@@ -98,11 +98,14 @@ class RACLSearch:
         lam = self.model.lipschitz(n_iters=n_iters)
         n_cells = self._shape[0]
         fixed = lam[self._n_ops :]
-        # stem + classifier + per cell the larger of its two preprocessing constants
-        pre = fixed[2:].view(n_cells, 2).amax(dim=1)
-        log_c = float(fixed[0] + fixed[1] + pre.sum())
+        # stem + classifier; per cell the larger of its two preprocessing constants
         return BoundInputs(
-            lam[: self._n_ops].view(self._shape), self._is_reduce, log_c, self.model.nodes
+            lam[: self._n_ops].view(self._shape),
+            self._is_reduce,
+            float(fixed[0] + fixed[1]),
+            self.model.nodes,
+            log_pre=fixed[2:].view(n_cells, 2).amax(dim=1),
+            partial_channels=self.model.k,
         )
 
     def moments(self, inputs: BoundInputs) -> tuple[Tensor, Tensor]:
