@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 __all__ = [
+    "Balance",
     "Bound",
     "ChoiceError",
     "Config",
@@ -97,6 +98,7 @@ Estimator = Literal["delta", "monte_carlo"]
 Bound = Literal["product", "node_mean"]
 Mixture = Literal["all", "no_none", "parametric"]
 Threshold = Literal["absolute", "relative", "tracking"]
+Balance = Literal["none", "ce_norm"]
 TrainMethod = Literal["standard", "pgd", "trades", "fast"]
 Schedule = Literal["cosine", "step"]
 TuneScheduler = Literal["none", "asha"]
@@ -147,7 +149,7 @@ class SearchConfig:
     grad_norm_weight: Annotated[float, NON_NEGATIVE] = 0.1  # gamma of the input-gradient penalty
     grad_norm_mode: GradNormMode = "finite_difference"
     fd_step: Annotated[float, POSITIVE] = 0.01  # finite-difference step along the input gradient
-    decode: DecodeRule = "quantile"
+    decode: DecodeRule = "median"  # one rule for every op (docs/method.md: Decoding)
     decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
     fused: bool = True  # fused supernet forward (same maths as the per-edge reference)
     seed: Annotated[int, SEED] = 0
@@ -161,13 +163,14 @@ class ConstraintConfig:
     eta: Annotated[float, Range(0.5, 1, "[)")] = 0.9  # confidence; >= 0.5 keeps it convex
     estimator: Estimator = "delta"
     mc_samples: Annotated[int, Range(1, 100_000)] = 16  # >= 2 for estimator=monte_carlo
-    bound: Bound = "node_mean"  # see docs/constraint.md
+    bound: Bound = "product"  # the spec's product bound of lambda_F; see docs/constraint.md
     mixture: Mixture = "all"  # ops in the bound's mixture (parametric: a documented variant)
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
     threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
     kappa: Annotated[float, Range(0, 1)] = 0.05  # relative: ln lambda_bar = mu_F0 - kappa|mu_F0|
     log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
-    rho: Annotated[float, POSITIVE] = 1.0  # augmented-Lagrangian penalty
+    rho: Annotated[float, POSITIVE] = 0.1  # penalty and dual step (per demand under ce_norm)
+    balance: Balance = "ce_norm"  # constraint gradient vs CE (rarn.nas.balance)
     dual_init: Annotated[float, NON_NEGATIVE] = 0.0
     power_iterations: Annotated[int, Range(1, 1_000)] = 1  # per architecture step
 

@@ -203,6 +203,10 @@ class ChanceConstraint:
         kappa: relative margin.
         log_lambda_bar: absolute threshold.
         dual_init: initial ``y``.
+        relative: measure ``h`` in the dual step and the penalty in units of the current
+            demand ``margin + Phi^{-1}(eta) sigma_F`` (``h`` at the reference means; see
+            :meth:`set_unit`), so that ``rho`` is per unit of relative violation whatever the
+            bound's scale; ``False``: in nats (the spec's form).
     """
 
     THRESHOLDS: tuple[str, ...] = get_args(Threshold)
@@ -215,6 +219,7 @@ class ChanceConstraint:
         kappa: float = 0.05,
         log_lambda_bar: float = 0.0,
         dual_init: float = 0.0,
+        relative: bool = False,
     ) -> None:
         if not 0.5 <= eta < 1.0:
             raise ValueError(f"eta must lie in [0.5, 1) (convex constraint), got {eta}")
@@ -227,23 +232,43 @@ class ChanceConstraint:
         self.eta, self.rho, self.threshold, self.kappa = eta, rho, threshold, kappa
         self.z_eta = float(norm.ppf(eta))
         self.y = float(dual_init)
+        self.relative, self.unit = relative, 1.0
         self.log_lambda_bar: float | None = log_lambda_bar if threshold == "absolute" else None
-        self.reference: ArchSample | None = None  # tracking: the reference means
+        self.reference: ArchSample | None = None  # the means at the first architecture step
+        self.ref_bound: float | None = None  # f(reference): now (tracking) or at the first step
 
     def update_threshold(
         self, mu: ArchSample, inputs: BoundInputs, bound: str, mixture: str
     ) -> float:
         """Set (first call) or re-evaluate (tracking) ``ln lambda_bar``; returns it."""
-        if self.threshold == "absolute":
-            return float(self.log_lambda_bar)
-        if self.threshold == "relative" and self.log_lambda_bar is not None:
-            return self.log_lambda_bar
         if self.reference is None:
             self.reference = ArchSample(*(t.detach().clone() for t in mu.as_tuple()))
-        with torch.no_grad():
-            ref = float(log_bound(self.reference, inputs, bound, mixture))
-        self.log_lambda_bar = ref - self.kappa * abs(ref)
-        return self.log_lambda_bar
+        if self.threshold == "tracking" or self.ref_bound is None:
+            with torch.no_grad():
+                self.ref_bound = float(log_bound(self.reference, inputs, bound, mixture))
+        if self.threshold == "tracking" or self.log_lambda_bar is None:
+            self.log_lambda_bar = self.ref_bound - self.kappa * abs(self.ref_bound)
+        return float(self.log_lambda_bar)
+
+    @property
+    def margin(self) -> float:
+        """``f(mu_ref) - ln lambda_bar``: how far below the reference architecture's bound the
+        threshold lies (``kappa |f(mu_ref)|`` unless absolute)."""
+        if self.ref_bound is None or self.log_lambda_bar is None:
+            raise RuntimeError("threshold not set: call update_threshold first")
+        return self.ref_bound - self.log_lambda_bar
+
+    def set_unit(self, sigma_f: float) -> float:
+        """The unit of ``h`` for this step: 1, or (``relative``) the demand ``margin +
+        Phi^{-1}(eta) sigma_F``, what the constraint asks of the reference means (a tracking
+        threshold re-evaluates it with the weights)."""
+        if self.relative:
+            self.unit = max(max(self.margin, 0.0) + self.z_eta * sigma_f, 1e-6)
+        return self.unit
+
+    def coefficient(self, h: float) -> float:
+        """``dL/d(h / unit) = y + rho max(0, h / unit)`` of the augmented Lagrangian."""
+        return self.y + self.rho * max(0.0, h / self.unit)
 
     def h(self, mu_f: Tensor, sigma_f: Tensor) -> Tensor:
         """Constraint value ``mu_F + Phi^{-1}(eta) sigma_F - ln lambda_bar`` (<= 0 is satisfied)."""
@@ -252,20 +277,27 @@ class ChanceConstraint:
         return mu_f + self.z_eta * sigma_f - self.log_lambda_bar
 
     def penalty(self, h: Tensor) -> Tensor:
-        """Augmented-Lagrangian term ``y h + rho/2 max(0, h)^2`` for the primal step."""
+        """Augmented-Lagrangian term ``y h + rho/2 max(0, h)^2`` (``h`` in :attr:`unit` s)."""
+        h = h / self.unit
         return self.y * h + 0.5 * self.rho * torch.relu(h) ** 2
 
     def dual_step(self, h: float) -> float:
-        """``y <- max(0, y + rho h)``; returns the new ``y``."""
-        self.y = max(0.0, self.y + self.rho * float(h))
+        """``y <- max(0, y + rho h)`` (``h`` in :attr:`unit` s); returns the new ``y``."""
+        self.y = max(0.0, self.y + self.rho * float(h) / self.unit)
         return self.y
 
     def state_dict(self) -> dict:
         ref = None if self.reference is None else [t.cpu() for t in self.reference.as_tuple()]
-        return {"y": self.y, "log_lambda_bar": self.log_lambda_bar, "reference": ref}
+        return {
+            "y": self.y,
+            "log_lambda_bar": self.log_lambda_bar,
+            "reference": ref,
+            "ref_bound": self.ref_bound,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.y = float(state["y"])
         self.log_lambda_bar = state["log_lambda_bar"]
+        self.ref_bound = state.get("ref_bound")  # absent in checkpoints before issue 12
         ref = state["reference"]
         self.reference = None if ref is None else ArchSample(*ref)
