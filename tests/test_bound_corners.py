@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torch.func import jvp, vjp
+from test_lipschitz import _jacobian_norm  # tests/ is on the path (pytest's prepend import mode)
 
 import rarn.lipschitz.estimator as estimator
 from rarn.config import ConstraintConfig, SearchConfig
@@ -22,20 +22,6 @@ CORNERS = {
     "conv": tuple(p for p in PRIMITIVES if OPS[p].kind in ("sep", "dil")),
 }
 SIZE = 8  # input side; the reduction cells see 8 x 8 and 4 x 4 maps
-
-
-def _jacobian_norm(f, x: torch.Tensor, iters: int = 20) -> float:
-    """Largest singular value of the Jacobian of ``f`` at ``x``: power iteration on ``J^T J``."""
-    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    v = v / v.norm()
-    s = 0.0
-    for _ in range(iters):
-        _, jv = jvp(f, (x,), (v,))
-        _, pull = vjp(f, x)
-        (jtjv,) = pull(jv)
-        s = float(jv.detach().norm())
-        v = jtjv / jtjv.norm().clamp_min(1e-12)
-    return s
 
 
 def _search() -> RACLSearch:
@@ -99,14 +85,12 @@ def _measured(s: RACLSearch):
         sources = [i for j in range(cell.nodes) for i in range(j + 2)]
         edges.append(
             [
-                _jacobian_norm(lambda t, m=cell.edges[e], w=ow[e]: m(t, w), states[i])
+                _jacobian_norm(lambda t, m=cell.edges[e], w=ow[e]: m(t, w), states[i], iters=20)
                 for e, i in enumerate(sources)
             ]
         )
-
-        cells.append(
-            _jacobian_norm(_joint(cell, s0, s1, ow, ew), torch.cat([s0.flatten(), s1.flatten()]))
-        )
+        joint = torch.cat([s0.flatten(), s1.flatten()])
+        cells.append(_jacobian_norm(_joint(cell, s0, s1, ow, ew), joint, iters=20))
     return torch.tensor(edges), torch.tensor(cells)
 
 
@@ -166,7 +150,7 @@ def test_weaker_depthwise_factor_breaks_the_bound(monkeypatch):
     _tighten(s)
     cell, (_, s1, ow, _) = s.model.cells[0], _cell_inputs(s)[0]
     x = cell.preprocess1(s1).abs() + 1.0  # positive: every ReLU passes
-    measured = _jacobian_norm(lambda t: cell.edges[1](t, ow[1]), x)
+    measured = _jacobian_norm(lambda t: cell.edges[1](t, ow[1]), x, iters=20)
     true_b = float(_bounds(s)[0][0, 1])
     real = estimator.depthwise_log_bound
     monkeypatch.setattr(estimator, "depthwise_log_bound", lambda w: real(w) * 0.0)

@@ -167,7 +167,7 @@ class ConstraintConfig:
     mixture: Mixture = "all"  # ops in the bound's mixture (parametric: a documented variant)
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
     threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
-    kappa: Annotated[float, Range(0, 1)] = 0.05  # relative: ln lambda_bar = mu_F0 - kappa|mu_F0|
+    kappa: Annotated[float, Range(0, 1)] = 0.01  # ln lambda_bar = f_ref - kappa |f_ref|
     log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
     rho: Annotated[float, POSITIVE] = 0.1  # penalty and dual step (per demand under ce_norm)
     balance: Balance = "ce_norm"  # constraint gradient vs CE (rarn.nas.balance)

@@ -34,9 +34,12 @@ from torch import Tensor
 
 from rarn.config.schema import Balance
 
-__all__ = ["BALANCES", "ArchDiagnostics", "arch_gradients", "confidence_share"]
+__all__ = ["BALANCES", "METRICS", "ArchDiagnostics", "arch_gradients", "confidence_share"]
 
 BALANCES: tuple[str, ...] = get_args(Balance)
+_STEP_KEYS = ("penalty_ce_ratio", "bound_ce_ratio", "chance_pull", "confidence_share")
+METRICS: tuple[str, ...] = (*_STEP_KEYS, "mu_move", "mu_move_met", "sigma_mean")
+"""What :meth:`ArchDiagnostics.metrics` adds to every epoch with architecture steps."""
 _TINY = 1e-30
 
 
@@ -120,12 +123,7 @@ class ArchDiagnostics:
     (``h <= 0``), i.e. where only the CE (and a draining dual) moves the means.
     """
 
-    keys: tuple[str, ...] = (
-        "penalty_ce_ratio",
-        "bound_ce_ratio",
-        "chance_pull",
-        "confidence_share",
-    )
+    keys: tuple[str, ...] = _STEP_KEYS
     sums: Counter = field(default_factory=Counter)
     steps: int = 0
     met: int = 0
