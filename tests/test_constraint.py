@@ -12,6 +12,7 @@ from rarn.nas.constraint import (
     monte_carlo_moments,
     satisfaction_probability,
 )
+from rarn.nas.ops import PRIMITIVES
 from rarn.nas.search import RACLSearch
 
 
@@ -98,3 +99,29 @@ def test_relative_threshold_is_fixed_and_tracking_follows_weights(search):
     a = tr.update_threshold(mu, inputs, "node_mean", "all")
     b = tr.update_threshold(mu, shifted, "node_mean", "all")
     assert math.isclose(b - a, 1.0, rel_tol=1e-5)  # every op constant x e -> per-node bound + 1
+
+
+def test_default_decoding_gives_no_op_an_advantage_for_its_sigma():
+    """The constraint shrinks sigma only where the bound is sensitive; the default (median)
+    decoding ranks every op by the same statistic, so shrinking some ops' sigma changes nothing,
+    while the eta-quantile rule then prefers exactly those ops."""
+    s = RACLSearch(
+        SearchConfig(init_channels=8, layers=3, nodes=2),
+        ConstraintConfig(),
+        num_classes=10,
+        in_channels=1,
+    )
+    assert s.cfg.decode == "median"
+    arch = s.model.arch
+    with torch.no_grad():
+        for n in arch.NAMES:
+            getattr(arch, f"mu_{n}").copy_(0.01 * torch.randn(getattr(arch, f"mu_{n}").shape))
+    before = {mode: s.decode(mode) for mode in ("median", "quantile")}
+    convs = [i for i, p in enumerate(PRIMITIVES) if p.startswith(("sep", "dil"))]
+    with torch.no_grad():
+        for sig in (arch.log_sigma_normal, arch.log_sigma_reduce):
+            sig[:, convs] = math.log(0.01)
+    assert s.decode() == before["median"]
+    after = s.decode("quantile")
+    assert after != before["quantile"]
+    assert all(op.startswith(("sep", "dil")) for op, _ in (*after.normal, *after.reduce))

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 __all__ = [
     "Augment",
+    "Balance",
     "Bound",
     "ChoiceError",
     "Config",
@@ -99,6 +100,7 @@ Estimator = Literal["delta", "monte_carlo"]
 Bound = Literal["product", "node_mean"]
 Mixture = Literal["all", "no_none", "parametric"]
 Threshold = Literal["absolute", "relative", "tracking"]
+Balance = Literal["none", "ce_norm"]
 TrainMethod = Literal["standard", "pgd", "trades", "fast"]
 Schedule = Literal["cosine", "step"]
 Augment = Literal["none", "crop_flip"]
@@ -160,7 +162,7 @@ class SearchConfig:
     # DARTS+ remedy (Liang et al. 2019, arXiv:1909.06035): freeze the architecture once the
     # decoded normal cell's parameter-free share reaches this after an epoch (0: off).
     arch_stop_param_free: Annotated[float, Range(0, 1)] = 0.0
-    decode: DecodeRule = "quantile"
+    decode: DecodeRule = "median"  # one rule for every op (docs/method.md: Decoding)
     decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
     fused: bool = True  # fused supernet forward (same maths as the per-edge reference)
     seed: Annotated[int, SEED] = 0
@@ -174,13 +176,14 @@ class ConstraintConfig:
     eta: Annotated[float, Range(0.5, 1, "[)")] = 0.9  # confidence; >= 0.5 keeps it convex
     estimator: Estimator = "delta"
     mc_samples: Annotated[int, Range(1, 100_000)] = 16  # >= 2 for estimator=monte_carlo
-    bound: Bound = "node_mean"  # see docs/constraint.md
-    mixture: Mixture = "parametric"  # ops in the bound's mixture
+    bound: Bound = "product"  # the spec's product bound of lambda_F; see docs/constraint.md
+    mixture: Mixture = "all"  # ops in the bound's mixture (parametric: a documented variant)
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
     threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
-    kappa: Annotated[float, Range(0, 1)] = 0.05  # relative: ln lambda_bar = mu_F0 - kappa|mu_F0|
+    kappa: Annotated[float, Range(0, 1)] = 0.01  # ln lambda_bar = f_ref - kappa |f_ref|
     log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
-    rho: Annotated[float, POSITIVE] = 1.0  # augmented-Lagrangian penalty
+    rho: Annotated[float, POSITIVE] = 0.1  # penalty and dual step (per demand under ce_norm)
+    balance: Balance = "ce_norm"  # constraint gradient vs CE (rarn.nas.balance)
     dual_init: Annotated[float, NON_NEGATIVE] = 0.0
     power_iterations: Annotated[int, Range(1, 1_000)] = 1  # per architecture step
 

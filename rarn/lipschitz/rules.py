@@ -11,7 +11,8 @@ adds the log-bounds of its entries. Per layer (rows of :data:`RULES`):
 * BatchNorm: the eval-mode scale ``max_c |gamma_c| / sqrt(var_c + eps)`` from the running
   statistics (without it BN could undo any spectral constraint).
 * max pool: ``sqrt(windows per pixel)``: ``(max_w x - max_w y)^2 <= sum_w (x - y)^2``.
-* average pool: its matrix's Schur test ``sqrt(max row sum * max column sum)``.
+* average pool: its matrix's Schur test ``sqrt(max row sum * max column sum)``, worst case over
+  map sizes.
 * ReLU, identity, dropout (eval), flatten: 1; ``none``: 0 (log ``-inf``); global average pool: 1;
   FactorizedReduce: its two convs read disjoint pixels, so ``max(sigma_1, sigma_2)`` x BN scale.
 
@@ -32,11 +33,12 @@ Where the faces differ, and why:
 * depthwise conv: the estimate is Young's bound alone (the spec's per-channel rule, §2.3, which
   the search was specified and tuned with); the certificate takes the smaller of Young's bound and
   the block-diagonal spectral bound, both of which are certified.
-* average pool: the estimate is the Schur constant of the pool's interior pattern (one large map;
-  7/6 for the DARTS 3 x 3 stride-1 pool, the value the search was specified with); the
-  certificate is the worst case over *every* map size, because a discrete network may meet small
-  maps whose borders differ (on a 1 x 1 map a pool is the identity, norm 1 > 5/6 of the stride-2
-  interior constant).
+
+Average pools get the worst case over *every* map size on both faces: the supernet meets small
+maps (4 x 4 and 2 x 2 after two reductions) whose borders differ from the interior (on a 1 x 1 map
+a pool is the identity, norm 1 > 5/6 of the stride-2 interior constant), so the interior Schur
+constant (:func:`avg_pool_lipschitz`, 7/6 for the DARTS 3 x 3 stride-1 pool) is not a bound there.
+It is a constant per pool shape (cached), so the search pays nothing for it.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def _log_spectral_norm(w: Tensor, squarings: int = 12) -> float:
 def avg_pool_lipschitz(
     kernel_size: int, stride: int, padding: int, count_include_pad: bool
 ) -> float:
-    """Estimate face: Schur-test bound ``sqrt(max row sum * max column sum)`` on one large map."""
+    """Schur-test bound ``sqrt(max row sum * max column sum)`` on one large map (the interior)."""
     n = 4 * kernel_size + 4
     x = torch.ones(1, 1, n, n, requires_grad=True)
     y = F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=count_include_pad)
@@ -140,7 +142,7 @@ def avg_pool_lipschitz(
 
 @functools.lru_cache(maxsize=64)
 def _avg_pool_log_bound(k: int, s: int, p: int, ceil_mode: bool, include_pad: bool) -> float:
-    """Certified face: an average pool's l2 norm bound, valid for every map size.
+    """An average pool's l2 norm bound, valid for every map size (both faces).
 
     The pool is linear, but its matrix depends on the map size near the borders
     (``count_include_pad=False`` averages fewer pixels there). For each side ``n < 4k + 4`` the
@@ -242,12 +244,7 @@ def _check_running_stats(m: nn.Module) -> None:
         raise NotImplementedError("BatchNorm without running statistics has no fixed bound")
 
 
-def _avg_pool_estimate(m: nn.AvgPool2d) -> float:
-    (k, _), (s, _), (p, _) = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
-    return math.log(avg_pool_lipschitz(k, s, p, m.count_include_pad))
-
-
-def _avg_pool_certified(m: nn.AvgPool2d, _: BoundOf) -> float:
+def _avg_pool_log(m: nn.AvgPool2d) -> float:
     (k, _), (p, _) = _pair(m.kernel_size), _pair(m.padding)
     s = _pair(m.stride or m.kernel_size)[0]
     return _avg_pool_log_bound(k, s, p, bool(m.ceil_mode), bool(m.count_include_pad))
@@ -297,10 +294,8 @@ RULES: dict[type[nn.Module], Rule] = {
     nn.BatchNorm1d: _BN,
     nn.BatchNorm2d: _BN,
     nn.MaxPool2d: _const(_window_log_factor),
-    # Differ (module docstring): interior constant for the search, every map size certified.
-    nn.AvgPool2d: Rule(
-        lambda m, _: [Term("const", value=_avg_pool_estimate(m))], _avg_pool_certified
-    ),
+    # A constant valid for every map size on both faces (module docstring).
+    nn.AvgPool2d: _const(_avg_pool_log),
     nn.AdaptiveAvgPool2d: _const(_global_pool),
 }
 

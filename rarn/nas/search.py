@@ -8,7 +8,8 @@ it is :func:`rarn.nas.loop.run_search`.
   weight gradient agrees with the exact one (:mod:`rarn.nas.gradnorm`).
 * Architecture step (Adam on ``(mu, log sigma)``; weight decay on ``mu`` only, since decay on
   ``log sigma`` drags sigma towards 1, spec §12): validation CE on a reparameterised sample plus
-  the augmented-Lagrangian term of the chance constraint on ``(mu_F, sigma_F)``, then dual ascent.
+  the augmented-Lagrangian term of the chance constraint on ``(mu_F, sigma_F)``, the two
+  gradients balanced (:mod:`rarn.nas.balance`), then dual ascent.
   The per-op Lipschitz constants are detached (the paper constrains architecture parameters).
 * The checkpoint (weights, distributions, optimisers, dual state, power-iteration buffers, RNG
   state) is a :func:`rarn.checkpoint.save_checkpoint` file of kind ``search``, sha256-recorded.
@@ -36,6 +37,7 @@ from rarn.checkpoint import (
 )
 from rarn.config import ConstraintConfig, SearchConfig, check
 from rarn.lipschitz.estimator import LipschitzEstimator
+from rarn.nas.balance import ArchDiagnostics, arch_gradients, confidence_share
 from rarn.nas.constraint import (
     BoundInputs,
     ChanceConstraint,
@@ -87,6 +89,9 @@ class RACLSearch:
         self.model.to(self.device)
         self.w_opt, self.a_opt = _optimisers(self.model, search)
         self.constraint = _chance_constraint(constraint)
+        self._is_mean = [n.startswith("mu_") for n, _ in self.model.arch.named_parameters()]
+        self._diag = ArchDiagnostics()  # this epoch's architecture steps (not checkpointed:
+        # a checkpoint is written between epochs)
         self.sample_gen = torch.Generator().manual_seed(search.seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -99,11 +104,14 @@ class RACLSearch:
         lam = self.model.lipschitz(n_iters=n_iters)
         n_cells = self._shape[0]
         fixed = lam[self._n_ops :]
-        # stem + classifier + per cell the larger of its two preprocessing constants
-        pre = fixed[2:].view(n_cells, 2).amax(dim=1)
-        log_c = float(fixed[0] + fixed[1] + pre.sum())
+        # stem + classifier; per cell the larger of its two preprocessing constants
         return BoundInputs(
-            lam[: self._n_ops].view(self._shape), self._is_reduce, log_c, self.model.nodes
+            lam[: self._n_ops].view(self._shape),
+            self._is_reduce,
+            float(fixed[0] + fixed[1]),
+            self.model.nodes,
+            log_pre=fixed[2:].view(n_cells, 2).amax(dim=1),
+            partial_channels=self.model.k,
         )
 
     def moments(self, inputs: BoundInputs) -> tuple[Tensor, Tensor]:
@@ -125,38 +133,48 @@ class RACLSearch:
         )
 
     def arch_step(self, x: Tensor, y: Tensor) -> dict[str, float]:
-        """One constrained step on ``(mu, log sigma)`` from a D_V batch, then the dual update."""
-        model, c = self.model, self.ccfg
+        """One constrained step on ``(mu, log sigma)`` from a D_V batch, then the dual update.
+
+        The gradient is the CE's plus the constraint's, balanced by ``constraint.balance``
+        (:mod:`rarn.nas.balance`); the returned metrics include their ratio and the chance
+        part's share of the constraint.
+        """
+        model, c, cc = self.model, self.ccfg, self.constraint
         model.train()
         params = model.arch_parameters()
         ce = F.cross_entropy(model(x, self._arch_logits()), y)
-        loss = ce
         inputs = self.bound_inputs(c.power_iterations)
         mu_f, sigma_f = self.moments(inputs)
-        log_bar = self.constraint.update_threshold(model.arch.mu(), inputs, c.bound, c.mixture)
-        h = self.constraint.h(mu_f, sigma_f)
-        if c.enabled:
-            loss = loss + self.constraint.penalty(h)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        log_bar = cc.update_threshold(model.arch.mu(), inputs, c.bound, c.mixture)
+        h = cc.h(mu_f, sigma_f)
+        h_val, sigma_f_val = float(h.detach()), float(sigma_f.detach())
+        cc.set_unit(sigma_f_val)
+        coef = cc.coefficient(h_val) if c.enabled else 0.0
+        grads, stats = arch_gradients(
+            ce, mu_f, sigma_f, cc.z_eta, coef, params, self._is_mean, c.balance
+        )
+        before = [p.detach().clone() for p, m in zip(params, self._is_mean) if m]
         for p, g in zip(params, grads):
             p.grad = g
         self.a_opt.step()
         self.a_opt.zero_grad(set_to_none=True)
         model.arch.clamp_sigma(self.cfg.sigma_min, self.cfg.sigma_max)
-        h_val = float(h.detach())
         if c.enabled:
-            self.constraint.dual_step(h_val)
+            cc.dual_step(h_val)
+        mu_f_val = float(mu_f.detach())
+        stats["confidence_share"] = confidence_share(cc.z_eta * sigma_f_val, cc.margin)
+        after = [p.detach() for p, m in zip(params, self._is_mean) if m]
+        self._diag.record(stats, [a - b for a, b in zip(after, before)], met=h_val <= 0)
         return {
-            "arch_loss": float(loss.detach()),
+            "arch_loss": float(ce.detach() + cc.penalty(h.detach())),
             "val_ce": float(ce.detach()),
-            "mu_F": float(mu_f.detach()),
-            "sigma_F": float(sigma_f.detach()),
+            "mu_F": mu_f_val,
+            "sigma_F": sigma_f_val,
             "h": h_val,
-            "y": self.constraint.y,
+            "y": cc.y,
             "log_lambda_bar": log_bar,
-            "p_satisfied": satisfaction_probability(
-                float(mu_f.detach()), float(sigma_f.detach()), log_bar
-            ),
+            "p_satisfied": satisfaction_probability(mu_f_val, sigma_f_val, log_bar),
+            **stats,
         }
 
     def weight_step(self, x: Tensor, y: Tensor, *, penalty: bool = True) -> dict[str, float]:
@@ -218,7 +236,11 @@ class RACLSearch:
                 self.w_sched.step()
 
     def end_epoch(self, metrics: dict[str, float]) -> None:
-        """Record a finished epoch's metrics and move the lr to the next epoch's."""
+        """Record a finished epoch's metrics (adding the architecture steps' balance and
+        movement diagnostics, :class:`rarn.nas.balance.ArchDiagnostics`) and move the lr to the
+        next epoch's."""
+        metrics.update(self._diag.metrics(self.model.arch.sigma().as_tuple()[:2]))
+        self._diag = ArchDiagnostics()
         self.w_sched.step()
         self.epoch += 1
         self.history.append(metrics)
@@ -339,4 +361,12 @@ def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD,
 
 
 def _chance_constraint(c: ConstraintConfig) -> ChanceConstraint:
-    return ChanceConstraint(c.eta, c.rho, c.threshold, c.kappa, c.log_lambda_bar, c.dual_init)
+    return ChanceConstraint(
+        c.eta,
+        c.rho,
+        c.threshold,
+        c.kappa,
+        c.log_lambda_bar,
+        c.dual_init,
+        relative=c.balance == "ce_norm",
+    )
