@@ -9,13 +9,15 @@ Usage::
 
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) it joins that cluster; otherwise it starts
 a local Ray instance whose listeners bind to loopback. Exit codes: 0 done, 1 failed, 2 bad config
-or usage (nothing written), 3 tracking server unreachable (nothing written), 130 interrupted
-(resume with ``--resume``).
+or usage, a cluster too small or (multi-node) unsafe storage/tracking (nothing written), 3
+tracking server unreachable or refusing the credentials (nothing written), 130 interrupted by
+SIGINT or SIGTERM (resume with ``--resume``).
 
 This module is the command line and the stage order. It applies the Ray/MLflow environment
 defaults (:mod:`pipeline.env`) before anything imports Ray, runs the checks that write nothing
 (:mod:`pipeline.preflight`, :mod:`pipeline.tracking_uri`), starts or joins Ray (``ray.init``,
-``ray.shutdown``), and runs the stages of :class:`pipeline.stages.Pipeline` in order; the MLflow
+``ray.shutdown``), checks the cluster (:mod:`pipeline.cluster`: resources; tracking and storage
+every node sees), and runs the stages of :class:`pipeline.stages.Pipeline` in order; the MLflow
 parent run is created and ended through :mod:`pipeline.tracking`. ``<run_dir>/state.json``
 (:mod:`pipeline.state`) records what each stage finished, so ``--resume`` skips finished work:
 finished trials, retrainings and evaluations are not rerun. The closing summary is
@@ -28,7 +30,9 @@ import argparse
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,8 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pipeline/run.py",
         description="RACL search (Ray Tune) -> retraining (Ray Train) -> evaluation, in MLflow.",
-        epilog="exit codes: 0 ok, 1 failed, 2 bad config (nothing written), "
-        "3 tracking server unreachable, 130 interrupted (rerun with --resume)",
+        epilog="exit codes: 0 ok, 1 failed, 2 bad config or cluster (nothing written), "
+        "3 tracking server unreachable or refusing credentials, 130 interrupted (SIGINT or "
+        "SIGTERM; rerun with --resume)",
     )
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=2")
@@ -132,7 +137,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rarn.data import DataError
 
     args = parse_args(argv)
-    echo = (lambda _: None) if args.quiet else (lambda s: print(s, flush=True))
     try:
         cfg, stages, run_dir, uri, bundle = _preflight(args)
     except TrackingUnavailable as e:
@@ -141,6 +145,52 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError, KeyError, FileNotFoundError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
+        return EXIT["usage"]
+    started = False
+    try:
+        started = _init_ray(args)
+        _sigterm_as_sigint()  # after ray.init: Ray's own handler would abort the driver
+        return _run(args, cfg, stages, run_dir, uri, bundle)
+    except KeyboardInterrupt:  # SIGINT, or SIGTERM (`ray job stop`, Kubernetes)
+        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+        resume = shlex.join(["python", "pipeline/run.py", *given, "--resume"])
+        print(f"\ninterrupted; continue with: {resume}", file=sys.stderr)
+        return EXIT["interrupted"]
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _sigterm_as_sigint() -> None:
+    """Handle SIGTERM like Ctrl-C: Tune saves its state, runs end KILLED, exit 130 with the
+    resume hint. ``ray job stop`` and Kubernetes stop with SIGTERM; without this, Ray's fatal
+    signal handler dumps a stack and aborts the driver (exit -6), and runs stay RUNNING."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
+def _check_cluster(cfg: Config, stages: list[str], run_dir: Path, uri: str) -> list[str]:
+    """Resources and multi-node safety (:mod:`pipeline.cluster`), before anything is written."""
+    from pipeline.cluster import check_cluster
+    from pipeline.storage import run_storage_path
+
+    return check_cluster(
+        cfg, stages, joined=bool(os.environ.get("RAY_ADDRESS")), uri=uri, run_dir=run_dir,
+        storage_path=run_storage_path(cfg, run_dir),
+    )  # fmt: skip
+
+
+def _run(args: argparse.Namespace, cfg: Config, stages: list[str], run_dir: Path, uri: str,
+         bundle: Any) -> int:  # fmt: skip
+    """Check the cluster, write the run directory, run the stages; KeyboardInterrupt passes."""
+    echo = (lambda _: None) if args.quiet else (lambda s: print(s, flush=True))
+    try:
+        for warning in _check_cluster(cfg, stages, run_dir, uri):
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT["usage"]
     # -- from here on, things are written ----------------------------------------------------------
     from pipeline.report import done_message, summary
@@ -153,7 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.resume:
         dump_config(cfg, run_dir / "config.yaml")
         state.save(run_dir)
-    started = _init_ray(args)
     pipe = None
     try:
         from pipeline.tracking import end_pipeline_run, prepare_tracking
@@ -179,10 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT["ok"]
     except KeyboardInterrupt:
         _close(pipe, "KILLED")
-        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        resume = shlex.join(["python", "pipeline/run.py", *given, "--resume"])
-        print(f"\ninterrupted; continue with: {resume}", file=sys.stderr)
-        return EXIT["interrupted"]
+        raise
     except PipelineError as e:
         _close(pipe, "FAILED")
         print(f"error: {e}", file=sys.stderr)
@@ -190,11 +236,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         _close(pipe, "FAILED")
         raise
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _close(pipe: Any, status: str) -> None:

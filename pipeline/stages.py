@@ -42,7 +42,9 @@ class Pipeline:
 
     @property
     def storage_path(self) -> str:
-        return self.cfg.tune.storage_path or str(self.run_dir / "ray")
+        from pipeline.storage import run_storage_path
+
+        return run_storage_path(self.cfg, self.run_dir)
 
     def data_ref(self) -> Any:
         import ray
