@@ -23,12 +23,14 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from pipeline.env import env_defaults
 from pipeline.tracking import Tracking
+from rarn.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -282,7 +284,7 @@ def test_storage_join_keeps_the_uri_query_like_ray(base):
 
 def test_resource_demands_against_nodes():
     from pipeline.cluster import Node, check_resources
-    from rarn.config import ConfigError, load_config
+    from rarn.config import ConfigError
 
     cfg = load_config(SMOKE, ["tune.retrain_workers=3", "tune.cpus_per_trial=2"])
     two = [Node("a", "10.0.0.2", {"CPU": 2.0}), Node("b", "10.0.0.3", {"CPU": 1.0})]
@@ -327,3 +329,32 @@ def test_two_runs_into_one_storage_path_do_not_collide(ray_local, tmp_path, monk
                for n in "ab"]  # fmt: skip
     runs = sorted(p.name for p in (tmp_path / "shared").iterdir())
     assert runs == sorted(f"retrain-RACL-{pid[:12]}" for pid in parents)
+
+
+def test_ddp_ranks_take_a_reshuffled_distributed_sampler_share_each_epoch():
+    """Two ranks: disjoint equal shares covering the split, a new shuffle every epoch (not a
+    fixed strided slice), the same order again for the same epoch (exact resume)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rarn.data import TensorImageDataset
+    from rarn.robust.retrain import _loaders
+
+    n = 64
+    x = torch.arange(n, dtype=torch.float32).div(n).view(n, 1, 1, 1)  # the image is its index
+    bundle = SimpleNamespace(train=TensorImageDataset(x, torch.zeros(n, dtype=torch.long)))
+    cfg = replace(load_config(SMOKE).retrain, val_fraction=0.0, batch_size=8)
+
+    def epoch(rank: int, e: int) -> list[int]:
+        loader, _ = _loaders(cfg, bundle, (rank, 2), torch.Generator().manual_seed(0))
+        loader.set_epoch(e)
+        assert len(loader) == 4
+        return [round(float(v) * n) for xb, _ in loader for v in xb.flatten()]
+
+    e1 = [epoch(r, 1) for r in (0, 1)]
+    assert sorted(e1[0] + e1[1]) == list(range(n)) and len(e1[0]) == len(e1[1]) == n // 2
+    assert e1[0] != list(range(0, n, 2))  # not the old fixed strided slice
+    e2 = epoch(0, 2)
+    assert set(e2) != set(e1[0])  # rank 0 sees other samples in the next epoch
+    assert epoch(0, 1) == e1[0]  # the same epoch, the same order (resume)
