@@ -17,7 +17,7 @@ from pipeline.runlock import LOCK_FILE, lock_holder
 from pipeline.state import STATE_FILE, RunState
 from rarn.config import Config, ConfigError, config_to_dict, load_config
 
-__all__ = ["check_resume", "check_run_dir", "config_diff", "storage_path", "validate_config"]
+__all__ = ["check_resume", "check_run_dir", "config_diff", "validate_config"]
 
 
 def validate_config(cfg: Config, stages: Sequence[str], resume: bool) -> None:
@@ -73,12 +73,6 @@ def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[
     return keys
 
 
-def storage_path(cfg: Config, run_dir: Path) -> str:
-    """Where Ray Tune and Ray Train keep their experiments: ``tune.storage_path`` or
-    ``<run_dir>/ray``."""
-    return cfg.tune.storage_path or str(Path(run_dir) / "ray")
-
-
 def check_resume(cfg: Config, run_dir: Path, stages: Sequence[str]) -> RunState:
     """The run state to resume, read and checked before anything is written.
 
@@ -87,9 +81,10 @@ def check_resume(cfg: Config, run_dir: Path, stages: Sequence[str]) -> RunState:
         pipeline.tune_state.UntrustedTuneState: the search would restore Tune files that this
             run did not write.
     """
+    from pipeline.storage import run_storage_path
     from pipeline.tune_state import verify_storage
 
     state = RunState.load(run_dir)
     if "search" in stages and state.search is None:
-        verify_storage(storage_path(cfg, run_dir), state.tune_files)
+        verify_storage(run_storage_path(cfg, run_dir), state.tune_files)
     return state

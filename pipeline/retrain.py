@@ -53,6 +53,13 @@ class RetrainJob:
     search_run_id: str = ""  # empty for a bundled genotype (no search lineage)
 
     @property
+    def run_name(self) -> str:
+        """``retrain-<key>-<parent run id>``: unique per pipeline run in a shared storage path;
+        the same on ``--resume``, which continues this Ray Train run."""
+        run_id = self.tracking.parent_run_id
+        return f"retrain-{self.key}-{run_id[:12]}" if run_id else f"retrain-{self.key}"
+
+    @property
     def root(self) -> Path:
         return Path(self.run_dir) / "retrain" / self.key
 
@@ -136,7 +143,7 @@ def _fit(job: RetrainJob, bundle: Any, tune_cfg: TuneConfig, storage_path: str) 
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
-            name=f"retrain-{job.key}",  # the same name on --resume continues this run
+            name=job.run_name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tune_cfg.max_failures),
         ),

@@ -10,14 +10,16 @@ Usage::
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) it joins that cluster; otherwise it starts
 a local Ray instance whose listeners bind to loopback. Exit codes: 0 done, 1 failed (also a failed
 or skipped evaluation: nothing is promoted then), 2 bad config or usage, run_dir in use or not
-resumable (nothing written), 3 tracking server unreachable or refusing the credentials (nothing
-written), 130 interrupted (resume with ``--resume``).
+resumable, a cluster too small or (multi-node) unsafe storage/tracking (nothing written), 3
+tracking server unreachable or refusing the credentials (nothing written), 130 interrupted by
+SIGINT or SIGTERM (resume with ``--resume``).
 
 This module is the command line and the stage order. It applies the Ray/MLflow environment
 defaults (:mod:`pipeline.env`) before anything imports Ray, runs the checks that write nothing
 (:mod:`pipeline.preflight`, :mod:`pipeline.tracking_uri`), takes the run directory's lock
 (:mod:`pipeline.runlock`) for the whole run, starts or joins Ray (``ray.init``,
-``ray.shutdown``), and runs the stages of :class:`pipeline.stages.Pipeline` in order; the MLflow
+``ray.shutdown``), checks the cluster (:mod:`pipeline.cluster`: resources; tracking and storage
+every node sees), and runs the stages of :class:`pipeline.stages.Pipeline` in order; the MLflow
 parent run is created and ended through :mod:`pipeline.tracking`. ``<run_dir>/state.json``
 (:mod:`pipeline.state`) records what each stage finished, so ``--resume`` skips finished work:
 finished trials, retrainings and evaluations are not rerun. The closing summary is
@@ -31,7 +33,9 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,8 +57,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pipeline/run.py",
         description="RACL search (Ray Tune) -> retraining (Ray Train) -> evaluation, in MLflow.",
-        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation), 2 bad config or run_dir "
-        "(nothing written), 3 tracking server unreachable, 130 interrupted (rerun with --resume)",
+        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation), 2 bad config, run_dir or "
+        "cluster (nothing written), 3 tracking server unreachable or refusing credentials, "
+        "130 interrupted (SIGINT or SIGTERM; rerun with --resume)",
     )
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=2")
@@ -191,6 +196,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
     started = _init_ray(args)
     pipe = None
     try:
+        _sigterm_as_sigint()  # after ray.init: Ray's own handler would abort the driver
+        try:
+            for warning in _check_cluster(cfg, stages, run_dir, uri):
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT["usage"]
         from pipeline.tracking import end_pipeline_run, prepare_tracking
 
         state = state or RunState(tracking_uri=uri)
@@ -234,6 +246,25 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
             import ray
 
             ray.shutdown()
+
+
+def _sigterm_as_sigint() -> None:
+    """Handle SIGTERM like Ctrl-C: Tune saves its state, runs end KILLED, exit 130 with the
+    resume hint. ``ray job stop`` and Kubernetes stop with SIGTERM; without this, Ray's fatal
+    signal handler dumps a stack and aborts the driver (exit -6), and runs stay RUNNING."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+
+
+def _check_cluster(cfg: Config, stages: list[str], run_dir: Path, uri: str) -> list[str]:
+    """Resources and multi-node safety (:mod:`pipeline.cluster`), before anything is written."""
+    from pipeline.cluster import check_cluster
+    from pipeline.storage import run_storage_path
+
+    return check_cluster(
+        cfg, stages, joined=bool(os.environ.get("RAY_ADDRESS")), uri=uri, run_dir=run_dir,
+        storage_path=run_storage_path(cfg, run_dir),
+    )  # fmt: skip
 
 
 def _close(pipe: Any, status: str) -> None:

@@ -32,6 +32,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from pipeline.checkpoints import TrialStore
 from pipeline.state import TrialOutcome
+from pipeline.storage import join_storage
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
 from pipeline.trials import trial_points, with_overrides
 from rarn.checkpoint import atomic_write
@@ -44,6 +45,7 @@ __all__ = [
     "build_tuner",
     "collect_outcomes",
     "fit",
+    "experiment_name",
     "load_genotypes",
     "search_trainable",
     "select_top_k",
@@ -124,6 +126,13 @@ def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None)
 # The Tuner
 
 
+def experiment_name(job: SearchJob) -> str:
+    """``search-<parent run id>``: a second pipeline run into the same storage path gets its own
+    Tune experiment (``--resume`` keeps the parent run, so it finds the same one again)."""
+    run_id = job.tracking.parent_run_id
+    return f"{EXPERIMENT}-{run_id[:12]}" if run_id else EXPERIMENT
+
+
 def build_tuner(
     cfg: Config,
     data: SearchData,
@@ -150,7 +159,8 @@ def build_tuner(
         tune.with_parameters(search_trainable, data=data, job=job),
         {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
     )
-    path = f"{storage_path.rstrip('/')}/{EXPERIMENT}"
+    name = experiment_name(job)
+    path = join_storage(storage_path, name)  # a URI's ?query stays at the end
     if resume and tune.Tuner.can_restore(path):
         # Finished trials stay finished; errored ones (divergence, corrupted checkpoint) too.
         return tune.Tuner.restore(
@@ -177,7 +187,7 @@ def build_tuner(
             trial_dirname_creator=_trial_dirname,  # the key: see collect_outcomes
         ),
         run_config=tune.RunConfig(
-            name=EXPERIMENT,
+            name=name,
             storage_path=storage_path,
             verbose=verbose,
             failure_config=tune.FailureConfig(max_failures=t.max_failures),

@@ -43,9 +43,9 @@ class Pipeline:
 
     @property
     def storage_path(self) -> str:
-        from pipeline.preflight import storage_path
+        from pipeline.storage import run_storage_path
 
-        return storage_path(self.cfg, self.run_dir)
+        return run_storage_path(self.cfg, self.run_dir)
 
     def data_ref(self) -> Any:
         import ray

@@ -266,6 +266,9 @@ class TuneConfig:
     retrain_use_gpu: bool = False
     retrain_cpus_per_worker: Annotated[float, Range(0, 1_024, "(]")] = 1.0  # per Ray Train worker
     storage_path: str = ""  # "" -> <run_dir>/ray
+    # Multi-node checks (tracking server, run_dir/storage seen by every node): "auto" when the
+    # joined cluster has more than one node alive, "multi-node" always (workers joining later).
+    cluster: Literal["auto", "multi-node"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import DistributedSampler, Subset
 
 from rarn.checkpoint import load_state_checked
 from rarn.config import RetrainConfig, check, config_to_dict
@@ -101,6 +101,33 @@ def _seeded_cpu_rng(seed: int) -> Iterator[None]:
         yield
 
 
+class _RankLoader:
+    """One DDP rank's batches: a ``DistributedSampler`` share of the training split.
+
+    Shares are disjoint and of equal size (``drop_last``), so the ranks stay in lockstep; every
+    epoch (:meth:`set_epoch`) draws a new permutation of the *whole* split from ``seed`` and the
+    epoch alone, so ranks see different samples each epoch and a resumed run the same order.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, rank: int, world: int, seed: int) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        from rarn.data import make_loader
+
+        share = Subset(self.dataset, list(self.sampler))  # this epoch's indices, in order
+        return iter(make_loader(share, self.batch_size, shuffle=False))
+
+
 def _loaders(
     cfg: RetrainConfig, bundle: Any, shard: tuple[int, int], generator: torch.Generator
 ) -> tuple[Iterable, Iterable | None]:
@@ -112,9 +139,10 @@ def _loaders(
     else:
         train_set, val_set = bundle.train, None
     rank, world = shard
-    if world > 1:  # data parallel: disjoint, equal-size shares keep the ranks in lockstep
-        train_set = Subset(train_set, range(rank, len(train_set) // world * world, world))
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, generator=generator)
+    if world > 1:  # data parallel: this rank's DistributedSampler share, reshuffled per epoch
+        train_loader = _RankLoader(train_set, cfg.batch_size, rank, world, cfg.seed)
+    else:
+        train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, generator=generator)
     val_loader = None if val_set is None else make_loader(val_set, cfg.batch_size, shuffle=False)
     check_nonempty(train_loader, "run_retrain")
     return train_loader, val_loader
@@ -215,6 +243,8 @@ def _run_epoch(setup: _Setup, state: RetrainState, epoch: int) -> tuple[dict[str
     cfg, model = setup.cfg, state.model
     if hasattr(model, "drop_path_prob"):  # DARTS: linear ramp from 0 to drop_path
         model.drop_path_prob = cfg.drop_path * (epoch - 1) / cfg.epochs
+    if isinstance(setup.train_loader, _RankLoader):
+        setup.train_loader.set_epoch(epoch)
     t0 = time.perf_counter()
     tr = train_epoch(
         setup.train_model,
@@ -300,9 +330,10 @@ def run_retrain(
         wrap_model: wraps the network for the training steps only (data parallelism, e.g.
             DDP); checkpoints, validation and the Lipschitz report use the unwrapped network,
             which shares its parameters.
-        shard: ``(rank, world_size)``: this worker trains on every ``world_size``-th sample of
-            the training split, starting at ``rank`` (equal shares); validation is not sharded,
-            so every rank selects the same epoch.
+        shard: ``(rank, world_size)``: this worker trains on its ``DistributedSampler`` share
+            of the training split (equal shares, a new shuffle of the whole split every epoch,
+            from ``cfg.seed`` and the epoch); validation is not sharded, so every rank selects
+            the same epoch.
 
     Returns:
         The :class:`RetrainResult`; its model carries the selected weights, and ``final``
