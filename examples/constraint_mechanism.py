@@ -160,7 +160,7 @@ def markdown(lines: list[str]) -> str:
 def _spread(vals: list[float]) -> dict[str, float]:
     if not vals:
         return {}
-    return {"mean": round(statistics.fmean(vals), 5), "min": min(vals), "max": max(vals)}
+    return {"mean": float(f"{statistics.fmean(vals):.5g}"), "min": min(vals), "max": max(vals)}
 
 
 def main() -> None:

@@ -150,6 +150,7 @@ class RACLSearch:
         h_val, sigma_f_val = float(h.detach()), float(sigma_f.detach())
         cc.set_unit(sigma_f_val)
         coef = cc.coefficient(h_val) if c.enabled else 0.0
+        loss = ce.detach() + cc.penalty(h.detach()) if c.enabled else ce.detach()
         grads, stats = arch_gradients(
             ce, mu_f, sigma_f, cc.z_eta, coef, params, self._is_mean, c.balance
         )
@@ -166,7 +167,7 @@ class RACLSearch:
         after = [p.detach() for p, m in zip(params, self._is_mean) if m]
         self._diag.record(stats, [a - b for a, b in zip(after, before)], met=h_val <= 0)
         return {
-            "arch_loss": float(ce.detach() + cc.penalty(h.detach())),
+            "arch_loss": float(loss),
             "val_ce": float(ce.detach()),
             "mu_F": mu_f_val,
             "sigma_F": sigma_f_val,
