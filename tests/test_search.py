@@ -186,10 +186,6 @@ def test_tampered_checkpoint_names_the_file(data, tmp_path):
         run_search(TINY, ConstraintConfig(), data, checkpoint_dir=tmp_path)
 
 
-@pytest.mark.skip(
-    reason="issue 12: counts the old collapse onto convolutions as success; replaced by "
-    "tests/test_balance.py::test_default_config_search_is_balanced and the collapse test (item 4)"
-)
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 @pytest.mark.xfail(
