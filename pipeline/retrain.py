@@ -7,8 +7,9 @@ with numbered Ray touch-points: data by reference from the object store, resume 
 ``ray.train.get_checkpoint()`` or rank 0's newer local commit (every rank from the same epoch),
 DDP through ``prepare_model`` and a ``DistributedSampler`` share reshuffled every epoch, a
 per-epoch ``ray.train.report`` with rank 0's checkpoint, and ``FailureConfig`` retries. Ray
-Train run names carry the pipeline's parent run id, so runs sharing a storage path never meet. Rank 0 owns the MLflow child run (tags ``rarn.search_run_id`` and
-``rarn.genotype_sha`` point back to the search) and logs the selected model with its sha256.
+Train run names carry the pipeline's parent run id, so runs sharing a storage path never meet.
+Rank 0 owns the MLflow child run (tags ``rarn.search_run_id`` and ``rarn.genotype_sha`` point
+back to the search) and logs the selected model with its sha256.
 """
 
 from __future__ import annotations
