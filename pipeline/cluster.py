@@ -20,10 +20,11 @@ is the CLI's exit 2):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +121,14 @@ def check_resources(
             "nodes join" for d in short]  # fmt: skip
 
 
-def _read_probe(path: str) -> str | None:
-    try:
-        return Path(path).read_text()
-    except OSError:
-        return None
+def _read_probes(paths: list[str]) -> list[str | None]:
+    out = []
+    for path in paths:
+        try:
+            out.append(Path(path).read_text())
+        except OSError:
+            out.append(None)
+    return out
 
 
 def _existing(path: Path) -> Path:
@@ -133,28 +137,34 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _nodes_missing(path: Path, nodes: Sequence[Node]) -> list[str]:
-    """IPs of the nodes that do not see a probe file written beside ``path``."""
+def _unseen(paths: Mapping[str, Path], nodes: Sequence[Node]) -> dict[str, list[str]]:
+    """For each named path, the IPs of the nodes that do not see a probe file written beside it
+    (one zero-CPU task per node reads them all; the probes are removed afterwards)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as On
 
-    token = secrets.token_hex(16)
+    probes: dict[str, tuple[str, str]] = {}  # key -> (probe file, its token)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".rarn-probe-", dir=_existing(path))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot write there ({e})") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(token)
-        read = ray.remote(num_cpus=0)(_read_probe)
-        on = NodeAffinitySchedulingStrategy
-        refs = [read.options(scheduling_strategy=on(n.node_id, soft=False)).remote(probe)
+        for key, path in paths.items():
+            try:
+                fd, probe = tempfile.mkstemp(prefix=".rarn-probe-", dir=_existing(path))
+            except OSError as e:
+                raise ConfigError(f"{key} {path}: cannot write there ({e})") from None
+            probes[key] = (probe, secrets.token_hex(16))
+            with os.fdopen(fd, "w") as f:
+                f.write(probes[key][1])
+        files = [probe for probe, _ in probes.values()]
+        read = ray.remote(num_cpus=0)(_read_probes)
+        refs = [read.options(scheduling_strategy=On(n.node_id, soft=False)).remote(files)
                 for n in nodes]  # fmt: skip
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_PROBE_TIMEOUT_S)
-        seen = [ray.get(r) if r in ready else None for r in refs]
+        seen = [ray.get(r) if r in ready else [None] * len(files) for r in refs]
     finally:
-        os.unlink(probe)
-    return [n.ip for n, s in zip(nodes, seen) if s != token]
+        for probe, _ in probes.values():
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    return {key: [n.ip for n, s in zip(nodes, seen) if s[i] != token]
+            for i, (key, (_, token)) in enumerate(probes.items())}  # fmt: skip
 
 
 def _check_multi_node(cfg: Config, nodes: Sequence[Node], *, uri: str, run_dir: Path,
@@ -169,12 +179,11 @@ def _check_multi_node(cfg: Config, nodes: Sequence[Node], *, uri: str, run_dir: 
     paths = {"run_dir": run_dir}
     if not is_uri(storage_path):
         paths["tune.storage_path"] = Path(storage_path).resolve()
-    for key, path in paths.items():
-        missing = _nodes_missing(path, nodes)
+    for key, missing in _unseen(paths, nodes).items():
         if missing:
             errors.append(
-                f"{key} {path} is on node-local storage (not seen from {', '.join(missing)}): "
-                "put it on storage every node mounts at the same path"
+                f"{key} {paths[key]} is on node-local storage (not seen from "
+                f"{', '.join(missing)}): put it on storage every node mounts at the same path"
                 + (", or use s3://..." if key != "run_dir" else "")
             )
     if errors:

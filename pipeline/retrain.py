@@ -3,11 +3,13 @@
 One ``TorchTrainer`` per genotype (DDP over ``tune.retrain_workers`` workers, gloo on CPU, NCCL
 on GPU), each launched from a zero-CPU Ray task so several genotypes train concurrently when the
 cluster has room. The worker loop is a thin adapter around :func:`rarn.robust.retrain.run_retrain`
-with numbered Ray touch-points: data from the object store, resume from
-``ray.train.get_checkpoint()`` (or the newer local commit), DDP through ``prepare_model`` and a
-per-rank data shard, a per-epoch ``ray.train.report`` with rank 0's checkpoint, and
-``FailureConfig`` retries. Rank 0 owns the MLflow child run (tags ``rarn.search_run_id`` and
-``rarn.genotype_sha`` point back to the search) and logs the selected model with its sha256.
+with numbered Ray touch-points: data by reference from the object store, resume from
+``ray.train.get_checkpoint()`` or rank 0's newer local commit (every rank from the same epoch),
+DDP through ``prepare_model`` and a ``DistributedSampler`` share reshuffled every epoch, a
+per-epoch ``ray.train.report`` with rank 0's checkpoint, and ``FailureConfig`` retries. Ray
+Train run names carry the pipeline's parent run id, so runs sharing a storage path never meet.
+Rank 0 owns the MLflow child run (tags ``rarn.search_run_id`` and ``rarn.genotype_sha`` point
+back to the search) and logs the selected model with its sha256.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,16 +97,18 @@ def retrain_loop(config: dict[str, Any]) -> None:
     store, run = job.store(rank), (job.open_run() if rank == 0 else None)
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
-        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
-        if run is not None:
+        checkpoint = None
+        if rank == 0:  # [3] Every rank reports; rank 0 commits and attaches its checkpoint.
+            ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
             run.log_metrics(metrics, step=epoch)
-        # [3] Every rank reports; rank 0 attaches its checkpoint.
-        checkpoint = ray.train.Checkpoint.from_directory(str(ckpt)) if rank == 0 else None
+            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt))
         ray.train.report(dict(metrics), checkpoint=checkpoint)
 
     with run.failing_on_error() if run is not None else contextlib.nullcontext():
-        # [2] Resume from Ray Train's checkpoint (retry/restore) or the newer local commit.
-        progress = store.restore(ray.train.get_checkpoint(), what=f"retraining {job.key} r{rank}")
+        # [2] Resume from Ray Train's checkpoint (retry/restore) or rank 0's newer local commit:
+        # every rank from the same epoch.
+        source = _resume_source(job, rank, ray.train.get_checkpoint())
+        progress = store.restore(source, what=f"retraining {job.key} r{rank}")
         store.record_attempt(
             run.resumed(progress) if run else int((progress or {}).get("epoch", 0))
         )
@@ -117,6 +121,44 @@ def retrain_loop(config: dict[str, Any]) -> None:
         if run is not None:
             example = torch.stack([bundle.test[i][0] for i in range(min(2, len(bundle.test)))])
             _log_result(job, run, result, example)
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """A committed folder, handed to :meth:`TrialStore.restore` like Ray's checkpoint."""
+
+    path: Path
+
+    @contextlib.contextmanager
+    def as_directory(self) -> Iterator[str]:
+        yield str(self.path)
+
+
+def _epoch_of(checkpoint: Any) -> int:
+    with checkpoint.as_directory() as d:
+        try:
+            return int(json.loads((Path(d) / PROGRESS).read_text())["epoch"])
+        except (OSError, ValueError, KeyError):
+            return -1
+
+
+def _resume_source(job: RetrainJob, rank: int, reported: Any) -> Any:
+    """Where a rank resumes from: the newer of Ray Train's checkpoint and rank 0's last commit.
+
+    Only rank 0 commits (in ``<run_dir>``, shared by every node), and every rank resumes from
+    the same commit: ranks that resumed from different epochs would run different numbers of
+    steps, and the last all-reduce of the shorter one would wait forever (seen with a worker
+    node killed between rank 0's commit and the others' reports). DDP keeps the ranks' weights
+    and optimiser states equal, so rank 0's checkpoint is every rank's.
+    """
+    if rank == 0:  # TrialStore.restore also looks at rank 0's own commits
+        return reported
+    local = job.store(0).latest()
+    if local is None:
+        return reported
+    if reported is None or _epoch_of(_Commit(local)) >= _epoch_of(reported):
+        return _Commit(local)
+    return reported
 
 
 def _log_result(job: RetrainJob, run: ChildRun, result: Any, example: Any) -> None:

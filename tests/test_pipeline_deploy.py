@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,15 @@ def test_cluster_launcher_config_passes_rays_validation():
     head = " ".join(cfg["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head and "RAY_AUTH_MODE=token" in head
     assert "RAY_AUTH_MODE=token" in " ".join(cfg["worker_start_ray_commands"])
+    # Every node's `ray start` carries the tracking server, so drivers and trials on any node
+    # log to it (not to an sqlite file in some working directory).
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        started = " ".join(cfg[key])
+        uri = started.split("MLFLOW_TRACKING_URI=", 1)[1].split(";")[0].split()[0]
+        assert uri.startswith(("http://", "https://")), (key, uri)
+    # run_dir lives on a file system mounted at the same path on every node (host and container).
+    assert "/mnt/shared" in " ".join(cfg["initialization_commands"])
+    assert "-v /mnt/shared:/mnt/shared" in cfg["docker"]["run_options"]
 
 
 def test_rayjob_manifest_runs_the_pipeline_entry_point():
@@ -61,10 +72,23 @@ def test_rayjob_manifest_runs_the_pipeline_entry_point():
     for group in workers:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) >= 1
-    env = {e["name"]: e for e in head["env"]}
-    assert env["RAY_AUTH_MODE"]["value"] == "token" and "MLFLOW_TRACKING_URI" in env
-    for name in ("RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
-        assert "secretKeyRef" in env[name]["valueFrom"] and "value" not in env[name]
+    # Token auth through KubeRay's authOptions: the operator gives RAY_AUTH_MODE and the token
+    # (from the Secret, never a literal) to every Ray container *and* the submitter pod; raw env
+    # vars on the containers would leave `ray job submit` without the token.
+    auth = spec["rayClusterSpec"]["authOptions"]
+    assert (
+        auth["mode"] == "token" and auth["secretName"] and "token" not in {"auth_token"} & set(auth)
+    )
+    containers = [head] + [c for g in workers for c in g["template"]["spec"]["containers"]]
+    for c in containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env)  # authOptions sets them
+        assert env["MLFLOW_TRACKING_URI"]["value"].startswith(("http://", "https://"))
+        assert "secretKeyRef" in env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]
+        assert "value" not in env["MLFLOW_TRACKING_PASSWORD"]
+        mounts = {m["mountPath"] for m in c["volumeMounts"]}
+        assert any(cfg.run_dir.startswith(m + "/") for m in mounts), (c["name"], mounts)
+    assert Path(cfg.run_dir).is_absolute() and cfg.tune.cluster == "multi-node"
 
 
 @pytest.mark.parametrize("name", ["default", "smoke", "cifar10", "cifar10_subset"])
@@ -87,3 +111,27 @@ def test_cifar10_subset_config_reads_the_shared_file(monkeypatch):
     bundle = load_dataset(cfg.data)
     assert (len(bundle.train), len(bundle.test)) == (cfg.data.limit, cfg.data.test_limit)
     assert bundle.in_channels == 3 and bundle.image_size == 32
+
+
+def test_dockerfile_builds_on_rays_image_with_a_cached_dependency_layer():
+    """``rayproject/ray:<pinned ray>-py311`` (GPU: a build arg), the dependencies installed from
+    pyproject.toml alone before any code is copied, and a non-root user at the end."""
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    base = next(ln for ln in lines if ln.startswith("ARG BASE=")).split("=", 1)[1]
+    assert base == f"rayproject/ray:{ray.__version__}-py311"
+    assert next(ln for ln in lines if ln.startswith("FROM")) == "FROM ${BASE}"
+    at = {key: next(i for i, ln in enumerate(lines) if key in ln)
+          for key in ("pyproject.toml ./", "pip install --no-cache-dir -r", "rarn ./rarn",
+                      "pipeline ./pipeline", "--no-deps .")}  # fmt: skip
+    assert at["pyproject.toml ./"] < at["pip install --no-cache-dir -r"] < at["rarn ./rarn"]
+    assert at["rarn ./rarn"] < at["--no-deps ."] and at["pipeline ./pipeline"] < at["--no-deps ."]
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users[-1] not in ("root", "0")
+    # The dependency layer's requirement list is exactly pyproject's (same command, run here).
+    command = next(ln for ln in lines if "tomllib" in ln).split('python -c "', 1)[1]
+    code = command.split('" > /tmp/requirements.txt', 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11, as in the image
+    wanted = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert out.returncode == 0 and out.stdout.split("\n")[:-1] == wanted, out.stderr

@@ -1,0 +1,199 @@
+"""The pipeline on a real three-node Ray cluster (:mod:`netns_cluster`): a head with no CPUs
+(the driver only) and two one-CPU worker nodes in network namespaces, an MLflow server on the
+head, ``shared/`` as the storage every node mounts. Every job is submitted from the host with
+``ray job submit --working-dir .``, as a user would.
+
+What is checked, one cluster for the module, tests in order:
+
+1. a job whose ``run_dir`` is node-local (the default, inside the job's working directory on the
+   head) and whose tracking store is an sqlite file is refused before any trial (exit 2), naming
+   the nodes that cannot see the run directory;
+2. run a, the smoke pipeline with ``run_dir`` and ``tune.storage_path`` on shared storage: its
+   two search trials run on both worker nodes; its retraining (two Ray Train workers, one per
+   worker node) loses a node after its first epoch and resumes from the last epoch once the
+   node is back; the champion's lineage is on the MLflow server;
+3. run b, into the same ``tune.storage_path``: killing the worker node that runs a trial (SIGKILL
+   on all its processes) resumes that trial on the other node from its last checkpoint; then
+   SIGKILL of the driver, and ``--resume`` as a new job continues from the shared storage, the
+   trial from its last committed epoch; runs a and b each have their own Tune experiment.
+
+Skips, with the reason, where namespaces cannot be made (not root, no ``ip``/``unshare``).
+Run the module alone: it needs about 2.5 GB and both cores for a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from netns_cluster import ClusterUnavailable, NetnsCluster, unavailable_reason
+
+from pipeline.tracking import Tracking
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+SEARCH = ["--config", "configs/smoke.yaml", "--stages", "search"]
+LONG_T01 = "tune.param_space={search.epochs: [1, 24]}"  # t00: 1 epoch; t01 runs long enough
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"no three-node test cluster here: {reason}")
+    try:
+        c = NetnsCluster.up()
+    except ClusterUnavailable as e:
+        pytest.skip(f"no three-node test cluster here: {e}")
+    yield c
+    c.down()
+
+
+def _finish(cluster: NetnsCluster, proc: subprocess.Popen, job: str, timeout: float) -> str:
+    """Wait for a submitted job; returns its final status (the logs go into the assertion)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"job {job} still {cluster.job_status(job)} after {timeout} s:\n"
+                    + _logs(cluster, job))  # fmt: skip
+    return cluster.job_status(job)
+
+
+def _logs(cluster: NetnsCluster, job: str) -> str:
+    return cluster.job_logs(job)[-5000:]
+
+
+def _epoch(trial: Path) -> int:
+    try:
+        name = (trial / "LATEST").read_text().strip()
+        return json.loads((trial / name / "progress.json").read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def _starts(trial: Path) -> list[int]:
+    lines = (trial / "attempts.jsonl").read_text().splitlines()
+    return [json.loads(ln)["start_epoch"] for ln in lines]
+
+
+def _node_ips(experiment: Path, key: str) -> list[str]:
+    """The node of every result Tune recorded for trial ``key``, in order."""
+    lines = (experiment / key / "result.json").read_text().splitlines()
+    return [json.loads(ln)["node_ip"] for ln in lines if ln.strip()]
+
+
+def _wait_for(cond, what: str, timeout: float = 240.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _experiment(storage: Path, run: Path) -> Path:
+    parent = json.loads((run / "state.json").read_text())["parent_run_id"]
+    return storage / f"search-{parent[:12]}"
+
+
+def test_node_local_run_dir_and_sqlite_tracking_are_refused(cluster):
+    db = cluster.shared / "local.db"
+    job = "refused"
+    p = cluster.submit(*SEARCH, f"tracking.tracking_uri=sqlite:///{db}", job_id=job)
+    assert _finish(cluster, p, job, 300) == "FAILED"
+    logs = _logs(cluster, job)
+    assert "on a multi-node cluster (3 node(s)" in logs, logs
+    assert "is a file on one node" in logs and "run_dir" in logs and "node-local" in logs
+    workers = [cluster.nodes[w].ip for w in ("w1", "w2")]
+    assert all(ip in logs for ip in workers) and cluster.head.ip not in logs.split("not seen")[1]
+    assert "Ray Tune" not in logs and not db.exists()  # refused before any trial
+
+
+def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cluster):
+    """Run a: the smoke pipeline, retrained by two Ray Train workers (one per worker node); w2
+    dies after the first retraining epoch and comes back: the worker group resumes."""
+    run, storage = cluster.shared / "runs/a", cluster.shared / "ray"
+    job = "smoke-a"
+    p = cluster.submit("--config", "configs/smoke.yaml", f"run_dir={run}",
+                       f"tune.storage_path={storage}", "tune.retrain_workers=2",
+                       "retrain.epochs=6", job_id=job)  # fmt: skip
+    _wait_for(lambda: list(run.glob("retrain/*/rank0")), "the retraining", 400)
+    rank0 = next(run.glob("retrain/*/rank0"))
+    _wait_for(lambda: _epoch(rank0) >= 1, "the retraining's first epoch")
+    cluster.kill_node("w2")
+    at_kill = _epoch(rank0)
+    cluster.start_node("w2")  # the two-worker group needs both nodes again
+    assert _finish(cluster, p, job, 600) == "SUCCEEDED", _logs(cluster, job)
+    assert "models:/rarn-smoke@champion" in cluster.job_logs(job)
+    starts = _starts(rank0)
+    assert starts[0] == 0 and len(starts) >= 2 and at_kill <= starts[1] <= at_kill + 1, starts
+
+    experiment = _experiment(storage, run)
+    nodes = {key: set(_node_ips(experiment, key)) for key in ("t00", "t01")}
+    workers = {cluster.nodes[w].ip for w in ("w1", "w2")}
+    assert nodes["t00"] | nodes["t01"] == workers, nodes  # both worker nodes ran a trial
+    client = Tracking(cluster.tracking_uri, "", "").client()
+    mv = client.get_model_version_by_alias("rarn-smoke", "champion")
+    retrain = client.get_run(mv.tags["rarn.retrain_run_id"])
+    search = client.get_run(mv.tags["rarn.search_run_id"])
+    assert retrain.data.tags["rarn.search_run_id"] == search.info.run_id
+    assert search.info.status == retrain.info.status == "FINISHED"
+    cluster.wait_alive(3)
+
+
+def _driver_pids(cluster: NetnsCluster, marker: str) -> list[int]:
+    """The driver of the job whose arguments contain ``marker`` (in the head's namespace)."""
+    pids = []
+    for pid in cluster.pids_on("head"):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if comm.startswith("python") and "pipeline/run.py" in args and marker in " ".join(args):
+            pids.append(pid)
+    return pids
+
+
+def test_node_loss_then_driver_loss_then_resume(cluster):
+    """Run b, into run a's ``tune.storage_path``: t01's worker node dies after two epochs (t01
+    resumes on the other node), then the driver is SIGKILLed, then ``--resume`` finishes."""
+    run, storage = cluster.shared / "runs/b", cluster.shared / "ray"
+    t01 = run / "search/trials/t01"
+    args = [*SEARCH, f"run_dir={run}", f"tune.storage_path={storage}", LONG_T01]
+    p = cluster.submit(*args, job_id="node-loss")
+    _wait_for(lambda: _epoch(t01) >= 2, "t01's second epoch", 400)
+    experiment = _experiment(storage, run)
+    victim_ip = _node_ips(experiment, "t01")[-1]
+    victim = next(n for n, node in cluster.nodes.items() if node.ip == victim_ip)
+    assert victim != "head"
+    cluster.kill_node(victim)
+    at_node_loss = _epoch(t01)
+    # t01 resumed on the other node (the victim is still down) and reported from there ...
+    _wait_for(lambda: len(_starts(t01)) >= 2 and len(_node_ips(experiment, "t01")) > at_node_loss,
+              "t01's first report after the node loss")  # fmt: skip
+    ips = _node_ips(experiment, "t01")
+    assert ips[0] == victim_ip and ips[-1] != victim_ip, ips  # resumed elsewhere
+    cluster.start_node(victim)
+    # ... now the driver dies.
+    (driver,) = _driver_pids(cluster, f"run_dir={run}")
+    os.kill(driver, signal.SIGKILL)
+    assert _finish(cluster, p, "node-loss", 120) == "FAILED"
+    at_driver_loss = _epoch(t01)
+    p = cluster.submit(*args, "--resume", job_id="resumed")
+    assert _finish(cluster, p, "resumed", 600) == "SUCCEEDED", _logs(cluster, "resumed")
+
+    starts = _starts(t01)  # each attempt started from the last committed epoch, never from 0
+    assert starts[0] == 0 and starts[1] == at_node_loss >= 2, (starts, at_node_loss)
+    assert len(starts) == 3 and at_driver_loss <= starts[2] <= at_driver_loss + 1, starts
+    state = json.loads((run / "state.json").read_text())
+    assert state["search"]["done"] and state["search"]["selected"]
+    # Every run that shares the storage path has its own Tune experiment: no collision.
+    runs = [r for r in (cluster.shared / "runs").iterdir() if (r / "state.json").is_file()]
+    experiments = {e.name for e in storage.glob("search-*")}
+    assert experiments == {_experiment(storage, r).name for r in runs} and len(runs) >= 1
+    cluster.wait_alive(3)
