@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from trial_files import committed_epoch as _epoch
 
 from pipeline.env import env_defaults
 from pipeline.tracking import Tracking
@@ -162,14 +163,6 @@ def _plain_env(tmp: Path) -> dict[str, str]:
     drop = set(env_defaults(testing=True)) | {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}
     env = {k: v for k, v in os.environ.items() if k not in drop}
     return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
-
-
-def _epoch(trial: Path) -> int:
-    try:
-        name = (trial / "LATEST").read_text().strip()
-        return json.loads((trial / name / "progress.json").read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
 
 
 @pytest.mark.slow

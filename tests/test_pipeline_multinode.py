@@ -32,6 +32,8 @@ from pathlib import Path
 
 import pytest
 from netns_cluster import ClusterUnavailable, NetnsCluster, unavailable_reason
+from trial_files import committed_epoch as _epoch
+from trial_files import start_epochs as _starts
 
 from pipeline.tracking import Tracking
 
@@ -66,19 +68,6 @@ def _finish(cluster: NetnsCluster, proc: subprocess.Popen, job: str, timeout: fl
 
 def _logs(cluster: NetnsCluster, job: str) -> str:
     return cluster.job_logs(job)[-5000:]
-
-
-def _epoch(trial: Path) -> int:
-    try:
-        name = (trial / "LATEST").read_text().strip()
-        return json.loads((trial / name / "progress.json").read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
-def _starts(trial: Path) -> list[int]:
-    lines = (trial / "attempts.jsonl").read_text().splitlines()
-    return [json.loads(ln)["start_epoch"] for ln in lines]
 
 
 def _node_ips(experiment: Path, key: str) -> list[str]:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from trial_files import committed_epoch as _epoch
+from trial_files import start_epochs as _starts
 
 from pipeline.tracking import Tracking
 
@@ -42,19 +44,6 @@ def _wait(cond, proc: subprocess.Popen, timeout: float, what: str) -> None:
         assert proc.poll() is None, f"driver exited early ({proc.returncode}) waiting for {what}"
         assert time.monotonic() - t0 < timeout, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-def _epoch(trial: Path) -> int:
-    try:
-        name = (trial / "LATEST").read_text().strip()
-        return json.loads((trial / name / "progress.json").read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
-def _starts(trial: Path) -> list[int]:
-    lines = (trial / "attempts.jsonl").read_text().splitlines()
-    return [json.loads(ln)["start_epoch"] for ln in lines]
 
 
 def _attempts(trial: Path) -> list[int]:
