@@ -106,7 +106,8 @@ def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cl
     dies after the first retraining epoch and comes back: the worker group resumes."""
     run, storage = cluster.shared / "runs/a", cluster.shared / "ray"
     job = "smoke-a"
-    p = cluster.submit("--config", "configs/smoke.yaml", f"run_dir={run}",
+    # --force-promote: the chance-level smoke model earns no promotion (docs/registry.md)
+    p = cluster.submit("--config", "configs/smoke.yaml", "--force-promote", f"run_dir={run}",
                        f"tune.storage_path={storage}", "tune.retrain_workers=2",
                        "retrain.epochs=6", job_id=job)  # fmt: skip
     _wait_for(lambda: list(run.glob("retrain/*/rank0")), "the retraining", 400)
