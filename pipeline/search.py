@@ -115,7 +115,10 @@ def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None)
     if result is None:
         return
     decodings = {m: g.sha256()[:12] for m, g in result.genotypes.items()}
-    run.set_tags({"rarn.genotypes": json.dumps(decodings)})
+    collapse = {"rarn.collapsed": str(bool(result.collapsed))}
+    if result.collapsed:  # the detector's verdict on the final genotype (rarn.nas.collapse)
+        collapse["rarn.collapse_reason"] = result.collapse_reason or ""
+    run.set_tags({"rarn.genotypes": json.dumps(decodings)} | collapse)
     final = result.final
     moments = {f"final_{k}": final[k] for k in ("mu_F", "sigma_F") if k in final}
     run.log_metrics(moments, step=int(final.get("epoch", 0)))
