@@ -34,6 +34,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.checkpoints import PROGRESS, TrialStore
+
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
 NODE_ENV = {
@@ -53,6 +55,16 @@ NODE_ENV = {
     "PYTHONUNBUFFERED": "1",
     "LANG": "C.UTF-8",
 }
+
+
+def committed_epoch(trial: Path) -> int:
+    """The last epoch a trial (or a retraining's rank 0) committed in its folder; 0 before the
+    first (what the tests wait on before killing something)."""
+    latest = TrialStore(trial).latest()
+    try:
+        return json.loads((latest / PROGRESS).read_text())["epoch"] if latest else 0
+    except (OSError, ValueError):  # a commit replaced while reading it
+        return 0
 
 
 class ClusterUnavailable(RuntimeError):

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from netns_cluster import committed_epoch
 
 from pipeline.env import env_defaults
 from pipeline.tracking import Tracking
@@ -164,14 +165,6 @@ def _plain_env(tmp: Path) -> dict[str, str]:
     return env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
 
 
-def _epoch(trial: Path) -> int:
-    try:
-        name = (trial / "LATEST").read_text().strip()
-        return json.loads((trial / name / "progress.json").read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
 @pytest.mark.slow
 def test_plain_driver_listens_on_loopback_and_stops_on_sigterm(tmp_path, reaper):
     """``python pipeline/run.py`` with none of the test env: every listener on loopback; a real
@@ -187,7 +180,7 @@ def test_plain_driver_listens_on_loopback_and_stops_on_sigterm(tmp_path, reaper)
     reaper.track_tree(p.pid)
     t01 = tmp_path / "run/search/trials/t01"
     t0 = time.monotonic()
-    while _epoch(t01) < 1:
+    while committed_epoch(t01) < 1:
         assert p.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() - t0 < 240, "t01 never committed an epoch"
         time.sleep(0.2)
