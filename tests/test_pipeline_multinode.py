@@ -37,7 +37,7 @@ from pipeline.tracking import Tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 SEARCH = ["--config", "configs/smoke.yaml", "--stages", "search"]
-LONG_T01 = "tune.param_space={search.epochs: [1, 24]}"  # t00: 1 epoch; t01 runs long enough
+LONG_T01 = "tune.param_space={search.epochs: [1, 7]}"  # t00: 1 epoch; t01 runs long enough
 
 
 @pytest.fixture(scope="module")
