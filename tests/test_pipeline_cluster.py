@@ -27,7 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from trial_files import committed_epoch as _epoch
+from trial_files import committed_epoch
 
 from pipeline.env import env_defaults
 from pipeline.tracking import Tracking
@@ -180,7 +180,7 @@ def test_plain_driver_listens_on_loopback_and_stops_on_sigterm(tmp_path, reaper)
     reaper.track_tree(p.pid)
     t01 = tmp_path / "run/search/trials/t01"
     t0 = time.monotonic()
-    while _epoch(t01) < 1:
+    while committed_epoch(t01) < 1:
         assert p.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() - t0 < 240, "t01 never committed an epoch"
         time.sleep(0.2)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from trial_files import committed_epoch as _epoch
+from trial_files import committed_epoch
 from trial_files import start_epochs as _starts
 
 from pipeline.tracking import Tracking
@@ -87,30 +87,32 @@ def test_sigint_then_sigkill_then_resume(tmp_path, reaper):
     # 1. SIGINT once t00 has finished and t01 has a checkpoint: Tune saves its state, exit 130.
     p = _driver(tmp_path)
     reaper.track_tree(p.pid)
-    _wait(lambda: (t00 / "genotype.json").is_file() and _epoch(t01) >= 1, p, 240, "t00 done")
+    _wait(
+        lambda: (t00 / "genotype.json").is_file() and committed_epoch(t01) >= 1, p, 240, "t00 done"
+    )
     time.sleep(2.0)  # let Tune record t00 as TERMINATED
-    assert _epoch(t01) < EPOCHS, "t01 finished too early for the test"
+    assert committed_epoch(t01) < EPOCHS, "t01 finished too early for the test"
     listening = _listening_addresses(reaper.track_tree(p.pid))
     assert listening and listening <= LOOPBACK, listening  # every Ray listener on loopback
     p.send_signal(signal.SIGINT)
     assert p.wait(timeout=120) == 130
-    at_sigint = _epoch(t01)
+    at_sigint = committed_epoch(t01)
     # 2. --resume, then SIGKILL once t01 has made progress: no state saved on the way out.
     p = _driver(tmp_path, "--resume")
     # A new attempt must have started (attempts.jsonl) and advanced: a late write of the
     # interrupted attempt alone would otherwise satisfy the progress check.
     _wait(
-        lambda: len(_attempts(t01)) >= 2 and _epoch(t01) > at_sigint,
+        lambda: len(_attempts(t01)) >= 2 and committed_epoch(t01) > at_sigint,
         p,
         240,
         "t01 progress after the first resume",
     )
-    assert _epoch(t01) < EPOCHS, "t01 finished too early for the test"
+    assert committed_epoch(t01) < EPOCHS, "t01 finished too early for the test"
     reaper.track_tree(p.pid)  # the driver, its Ray processes and workers, by PID
     p.kill()
     p.wait(timeout=30)
     reaper.kill_all()  # the orphans a SIGKILLed driver leaves behind (ENV.md §5)
-    at_sigkill = _epoch(t01)
+    at_sigkill = committed_epoch(t01)
     # 3. --resume to the end.
     p = _driver(tmp_path, "--resume")
     reaper.track_tree(p.pid)

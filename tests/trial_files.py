@@ -1,21 +1,24 @@
-"""Reading a search trial's own files (pipeline.checkpoints.TrialStore) from the tests."""
+"""Reading a search trial's (or a retraining rank's) own commit files from the tests."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from pipeline.checkpoints import PROGRESS, TrialStore
+
 
 def committed_epoch(trial: Path) -> int:
-    """The epoch of the trial's latest commit (0 before the first)."""
+    """The last epoch a trial (or a retraining's rank 0) committed in its folder; 0 before the
+    first (what the tests wait on before killing something)."""
+    latest = TrialStore(trial).latest()
     try:
-        name = (trial / "LATEST").read_text().strip()
-        return json.loads((trial / name / "progress.json").read_text())["epoch"]
-    except (OSError, ValueError):
+        return json.loads((latest / PROGRESS).read_text())["epoch"] if latest else 0
+    except (OSError, ValueError):  # a commit replaced while reading it
         return 0
 
 
 def start_epochs(trial: Path) -> list[int]:
-    """The epoch each attempt of the trial started from, in order."""
+    """The epoch each attempt of the trial started from (``attempts.jsonl``), in order."""
     lines = (trial / "attempts.jsonl").read_text().splitlines()
     return [json.loads(ln)["start_epoch"] for ln in lines]
