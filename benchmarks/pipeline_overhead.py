@@ -75,6 +75,7 @@ def cluster_benchmark() -> dict:
     t0 = time.perf_counter()
     cluster = NetnsCluster.up()
     up = time.perf_counter() - t0
+    job = None
     try:
         _say("[bench] smoke pipeline, ray job submit to the cluster")
         run = cluster.shared / "runs/bench"
@@ -85,6 +86,8 @@ def cluster_benchmark() -> dict:
         submitted = time.perf_counter() - t0
         status = cluster.job_status("bench")
     finally:
+        if job is not None and job.poll() is None:
+            job.kill()  # the submit client, when the job did not end in time
         t0 = time.perf_counter()
         cluster.down()
         down = time.perf_counter() - t0
