@@ -9,6 +9,12 @@ at a time. Prints one JSON line; progress goes to stderr.
 
     python benchmarks/pipeline_overhead.py                 # ~ minutes on 2 CPUs
     python benchmarks/pipeline_overhead.py --epochs 1 --steps 4  # quick look
+    python benchmarks/pipeline_overhead.py --cluster       # the three-node cluster (root)
+
+``--cluster`` instead times the smoke pipeline (configs/smoke.yaml, all stages) run locally
+(``python pipeline/run.py``, its own loopback Ray) and submitted with ``ray job submit`` to the
+three-node test cluster of ``tests/netns_cluster.py`` (shared run_dir and storage, MLflow server
+on the head), and the time that cluster takes to come up and to go down.
 
 The ratio's goal (<= 1.10) is for a multi-minute job: the Tune stage adds a roughly fixed cost
 (worker start, imports, MLflow run), reported as ``fixed_overhead_s``.
@@ -46,12 +52,69 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def cluster_benchmark() -> dict:
+    """Smoke pipeline locally vs submitted to the three-node cluster; cluster up/down times."""
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from netns_cluster import NetnsCluster, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        return {"benchmark": "pipeline_overhead_cluster", "skipped": reason}
+    with tempfile.TemporaryDirectory() as tmp:
+        _say("[bench] smoke pipeline, local Ray instance")
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        env.pop("RAY_ADDRESS", None)
+        cmd = [sys.executable, str(ROOT / "pipeline/run.py"), "--config",
+               str(ROOT / "configs/smoke.yaml"), "--quiet", f"run_dir={tmp}/local"]  # fmt: skip
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=tmp, env=env, check=True, capture_output=True, timeout=1200)
+        local = time.perf_counter() - t0
+    _say("[bench] three-node cluster: up")
+    t0 = time.perf_counter()
+    cluster = NetnsCluster.up()
+    up = time.perf_counter() - t0
+    job = None
+    try:
+        _say("[bench] smoke pipeline, ray job submit to the cluster")
+        run = cluster.shared / "runs/bench"
+        t0 = time.perf_counter()
+        job = cluster.submit("--config", "configs/smoke.yaml", f"run_dir={run}",
+                             f"tune.storage_path={cluster.shared}/ray", job_id="bench")  # fmt: skip
+        job.wait(timeout=1200)
+        submitted = time.perf_counter() - t0
+        status = cluster.job_status("bench")
+    finally:
+        if job is not None and job.poll() is None:
+            job.kill()  # the submit client, when the job did not end in time
+        t0 = time.perf_counter()
+        cluster.down()
+        down = time.perf_counter() - t0
+    return {
+        "benchmark": "pipeline_overhead_cluster",
+        "config": "smoke.yaml",
+        "local_s": round(local, 1),
+        "cluster_submitted_s": round(submitted, 1),
+        "cluster_job_status": status,
+        "ratio": round(submitted / local, 2),
+        "cluster_up_s": round(up, 1),
+        "cluster_down_s": round(down, 1),
+        "nodes": "head (0 CPU) + 2 workers (1 CPU each)",
+        "cpus": os.cpu_count(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "default.yaml"))
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--steps", type=int, default=0, help="max steps per epoch (0: full D_T)")
+    p.add_argument("--cluster", action="store_true", help="the three-node cluster benchmark")
     args = p.parse_args()
+    if args.cluster:
+        print(json.dumps(cluster_benchmark()))
+        return
     cfg = load_config(args.config, [f"search.epochs={args.epochs}",
                                     f"search.max_steps_per_epoch={args.steps}",
                                     f"search.warmup_epochs={min(1, args.epochs - 1)}"])  # fmt: skip

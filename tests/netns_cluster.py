@@ -14,6 +14,8 @@ and ``shared/``, the cluster's shared storage (as an NFS mount would be). A path
 * Each node's processes descend from one recorded ``unshare`` process (PID and start time, so a
   reused PID is never killed); SIGKILL on it takes the whole node down: "a node died".
 * Jobs are submitted from the host with ``ray job submit --address http://HEAD_IP:8265``.
+* Where ``moto_server`` is installed (``moto[server]``, the test extra), an S3 server runs on
+  ``HEAD_IP:5555`` with a bucket ``rarn`` (:attr:`NetnsCluster.s3`, else None).
 
 :func:`unavailable_reason` names what is missing (not root, no ``ip``/``unshare``) so the tests
 can skip with it; :meth:`NetnsCluster.up` tears down what it built when it fails.
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +53,10 @@ NODE_ENV = {
     # The nodes share the host's hostname, which resolves to 127.0.0.1: without this, gloo
     # (DDP on CPU) advertises loopback and ranks on two nodes cannot connect.
     "GLOO_SOCKET_IFNAME": "eth0",
+    "RAY_JOB_STOP_WAIT_TIME_S": "30",  # `ray job stop`: SIGTERM, then SIGKILL after this (3 s)
+    "AWS_ACCESS_KEY_ID": "testing",  # the moto S3 server accepts any credentials
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
     "PYTHONUNBUFFERED": "1",
     "LANG": "C.UTF-8",
 }
@@ -111,6 +118,7 @@ class NetnsCluster:
     subnet: str  # "10.213.X"
     nodes: dict[str, Node] = field(default_factory=dict)
     bridge: str = ""
+    s3: str | None = None  # the moto S3 endpoint (http://HEAD_IP:5555), when moto is installed
 
     # -- addresses ------------------------------------------------------------------------------
 
@@ -153,6 +161,9 @@ class NetnsCluster:
                 cluster.start_node(f"w{i + 1}")
             cluster.wait_alive(len(cluster.nodes), timeout)
             cluster._wait_http(cluster.tracking_uri + "/health", timeout, "mlflow")
+            if cluster.s3:
+                cluster._wait_http(cluster.s3, timeout, "moto")
+                urllib.request.urlopen(urllib.request.Request(f"{cluster.s3}/rarn", method="PUT"))
         except TimeoutError as e:
             logs = "\n".join(f"--- {n}:\n{cluster.logs(n)[-1500:]}" for n in cluster.nodes)
             cluster.down()
@@ -225,6 +236,10 @@ class NetnsCluster:
         node = self.nodes[name]
         if name == "head" and not node.procs:
             self._start_mlflow()
+            moto = os.environ.get("RARN_MOTO_SERVER") or shutil.which("moto_server", path=str(BIN))
+            if moto:
+                self._spawn(node, [moto, "-H", node.ip, "-p", "5555"], "moto", {})
+                self.s3 = f"http://{node.ip}:5555"
         argv = ["ray", "start", "--block", f"--node-ip-address={node.ip}",
                 f"--num-cpus={node.cpus}", "--object-store-memory=200000000",
                 "--disable-usage-stats"]  # fmt: skip
@@ -319,6 +334,19 @@ class NetnsCluster:
         log = open(self.base / "logs" / f"{job_id}.submit.log", "w")  # noqa: SIM115
         return subprocess.Popen(cmd, cwd=self.project(), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def stop_job(self, job_id: str) -> None:
+        """``ray job stop``: Ray sends the driver SIGTERM (SIGKILL after 30 s here)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        subprocess.run([str(BIN / "ray"), "job", "stop", "--address", self.dashboard, job_id],
+                       env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
+                       timeout=120, check=True)  # fmt: skip
+
+    def s3_keys(self, bucket: str, prefix: str) -> list[str]:
+        """Object keys under ``prefix`` in the moto S3 server."""
+        url = f"{self.s3}/{bucket}?list-type=2&max-keys=1000&prefix={prefix}"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return re.findall(r"<Key>([^<]+)</Key>", r.read().decode())
 
     def job_status(self, job_id: str) -> str:
         with urllib.request.urlopen(f"{self.dashboard}/api/jobs/{job_id}", timeout=10) as r:

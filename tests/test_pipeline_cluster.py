@@ -351,3 +351,18 @@ def test_ddp_ranks_take_a_reshuffled_distributed_sampler_share_each_epoch():
     e2 = epoch(0, 2)
     assert set(e2) != set(e1[0])  # rank 0 sees other samples in the next epoch
     assert epoch(0, 1) == e1[0]  # the same epoch, the same order (resume)
+
+
+def test_every_entry_point_gets_the_quiet_defaults_before_mlflow_is_imported(tmp_path):
+    """``python -m pipeline.registry`` (MLflow at import) as well as the CLI: the package sets
+    the quiet defaults first; the loopback ones only where a driver starts its own Ray."""
+    code = (
+        "import os, sys; import pipeline.registry\n"
+        "assert 'mlflow' in sys.modules\n"
+        "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['RAY_USAGE_STATS_ENABLED'],"
+        " os.environ.get('RAY_AUTH_MODE'))"
+    )
+    env = {k: v for k, v in _plain_env(tmp_path).items() if k != "RAY_AUTH_MODE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)  # fmt: skip
+    assert out.stdout.split() == ["true", "0", "None"]

@@ -15,7 +15,10 @@ What is checked, one cluster for the module, tests in order:
 3. run b, into the same ``tune.storage_path``: killing the worker node that runs a trial (SIGKILL
    on all its processes) resumes that trial on the other node from its last checkpoint; then
    SIGKILL of the driver, and ``--resume`` as a new job continues from the shared storage, the
-   trial from its last committed epoch; runs a and b each have their own Tune experiment.
+   trial from its last committed epoch; runs a and b each have their own Tune experiment;
+4. run c, Tune's state in S3 (moto, ``s3://rarn/ray?endpoint_override=...``): ``ray job stop``
+   (SIGTERM) mid-search ends the driver with the resume hint, and ``--resume`` restores the
+   experiment from the bucket (skipped where ``moto_server`` is not installed).
 
 Skips, with the reason, where namespaces cannot be made (not root, no ``ip``/``unshare``).
 Run the module alone: it needs about 2.5 GB and both cores for a few minutes.
@@ -187,3 +190,31 @@ def test_node_loss_then_driver_loss_then_resume(cluster):
     experiments = {e.name for e in storage.glob("search-*")}
     assert experiments == {_experiment(storage, r).name for r in runs} and len(runs) >= 1
     cluster.wait_alive(3)
+
+
+def test_s3_storage_survives_ray_job_stop_and_resumes(cluster):
+    """Run c keeps Tune's state in S3 (moto on the head, ``?endpoint_override=``): ``ray job
+    stop`` mid-search (SIGTERM) ends the driver like Ctrl-C, and ``--resume`` restores the
+    experiment from the bucket: the finished trial is not rerun, the other continues."""
+    if not cluster.s3:
+        pytest.skip("moto_server is not installed (pip install 'moto[server]'): no S3 server")
+    run = cluster.shared / "runs/c"
+    t00, t01 = run / "search/trials/t00", run / "search/trials/t01"
+    storage = f"s3://rarn/ray?endpoint_override={cluster.s3}&scheme=http"
+    args = [*SEARCH, f"run_dir={run}", f"tune.storage_path={storage}", LONG_T01]
+    p = cluster.submit(*args, job_id="s3-stopped")
+    _wait_for(lambda: committed_epoch(t00) == 1 and committed_epoch(t01) >= 2, "t01's 2nd epoch")
+    time.sleep(2.0)  # let Tune record t00 as finished
+    cluster.stop_job("s3-stopped")
+    assert _finish(cluster, p, "s3-stopped", 120) == "STOPPED"
+    logs = cluster.job_logs("s3-stopped")
+    assert "interrupted; continue with:" in logs and "--resume" in logs, logs[-3000:]
+    at_stop = committed_epoch(t01)
+    p = cluster.submit(*args, "--resume", job_id="s3-resumed")
+    assert _finish(cluster, p, "s3-resumed", 600) == "SUCCEEDED", _logs(cluster, "s3-resumed")
+    assert _starts(t00) == [0]  # restored from the bucket: the finished trial was not rerun
+    starts = _starts(t01)
+    assert starts[0] == 0 and len(starts) == 2 and 2 <= starts[1] <= at_stop + 1, starts
+    parent = json.loads((run / "state.json").read_text())["parent_run_id"]
+    keys = cluster.s3_keys("rarn", f"ray/search-{parent[:12]}/")
+    assert any(k.endswith("tuner.pkl") for k in keys), keys[:10]
