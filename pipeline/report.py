@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.state import RunState
+from pipeline.state import RunState, is_baseline
 from pipeline.tracking_uri import redact_uri
 
 __all__ = ["done_message", "summary"]
@@ -39,7 +39,8 @@ def _rows(state: RunState) -> list[tuple[str, ...]]:
     for i, o in enumerate(ranked, 1):
         ev, trial = state.eval_metrics(o.key), search.outcome(o.key) if search else None
         rows.append((
-            str(i), o.key, _overrides(trial.overrides if trial else {}), o.genotype_sha[:12],
+            str(i), o.key, "reference" if is_baseline(o.key) else _overrides(
+                trial.overrides if trial else {}), o.genotype_sha[:12],
             _fmt(ev.get("eval_clean_acc")), _fmt(ev.get("eval_worst_case_acc")),
             _fmt(ev.get("eval_pgd_acc")), _fmt(o.metrics.get("final_log_lipschitz_upper"), 2),
             o.search_run_id or "-", o.retrain_run_id or "-",

@@ -221,6 +221,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
         for stage in STAGES:  # the stage order
             if stage in stages:
                 getattr(pipe, stage)()
+        if cfg.study.variants and "evaluate" in stages:
+            pipe.study()
         if "retrain" in stages or "evaluate" in stages:
             pipe.register()
         end_pipeline_run(tracking, "FINISHED")

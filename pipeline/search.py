@@ -34,7 +34,7 @@ from pipeline.checkpoints import TrialStore
 from pipeline.state import TrialOutcome
 from pipeline.storage import join_storage
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
-from pipeline.trials import trial_points, with_overrides
+from pipeline.trials import VARIANT, trial_points, with_overrides
 from rarn.checkpoint import atomic_write
 from rarn.config import Config, ConfigError, config_to_dict
 from rarn.nas.genotype import Genotype
@@ -100,6 +100,8 @@ def _trial_run(job: SearchJob, key: str, cfg: Config, point: dict[str, Any]) -> 
     params = allowed_params({"search": config_to_dict(cfg.search)})
     params |= allowed_params({"constraint": config_to_dict(cfg.constraint)})
     tags = {"rarn.trial_overrides": json.dumps(point, sort_keys=True)}
+    if VARIANT in point:  # study mode: the variant's name (pipeline.trials)
+        tags["rarn.variant"] = str(point[VARIANT])
     return job.tracking.child_run("search", key, params=params, tags=tags)
 
 
@@ -120,7 +122,8 @@ def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None)
         collapse["rarn.collapse_reason"] = result.collapse_reason or ""
     run.set_tags({"rarn.genotypes": json.dumps(decodings)} | collapse)
     final = result.final
-    moments = {f"final_{k}": final[k] for k in ("mu_F", "sigma_F") if k in final}
+    keys = ("mu_F", "sigma_F", "log_lambda_faithful", "val_pgd_acc")
+    moments = {f"final_{k}": final[k] for k in keys if k in final}
     run.log_metrics(moments, step=int(final.get("epoch", 0)))
     run.end("FINISHED")
 

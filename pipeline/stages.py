@@ -97,14 +97,21 @@ class Pipeline:
         attach(tuner, level=self.verbose, reporter=progress_reporter(t.select_metric, self.verbose),
                callbacks=[digest_recorder(self._record_tune), trial_lines(self.echo)])  # fmt: skip
         n = len(trial_points(cfg))
-        self.echo(f"[search] Ray Tune: {n} trials, top {t.top_k} by {t.select_metric}")
+        chosen = "all (study)" if cfg.study.variants else f"top {t.top_k}"
+        self.echo(f"[search] Ray Tune: {n} trials, {chosen} by {t.select_metric}")
+        self.tracking.client().set_tag(
+            self.tracking.parent_run_id,
+            "rarn.select_metric",
+            f"{t.select_metric} ({t.select_mode})",
+        )
         with classic_output(self.verbose):
             results, interrupted = fit(tuner)
         self._record_tune(storage_digests(self.storage_path, experiment))  # Tune's final save
         if interrupted:  # Tune stopped on SIGINT and saved its state for Tuner.restore
             raise KeyboardInterrupt
         outcomes = collect_outcomes(results, cfg, self.tracking)
-        selected = select_top_k(outcomes, t.top_k, t.select_metric, t.select_mode)
+        k = len(outcomes) if cfg.study.variants else t.top_k  # a study retrains every genotype
+        selected = select_top_k(outcomes, k, t.select_metric, t.select_mode)
         for o in outcomes:
             if o.error:
                 self.echo(f"[search] trial {o.key} {o.overrides} errored: {o.error}")
@@ -124,9 +131,10 @@ class Pipeline:
         from rarn.nas.genotype import get_genotype
 
         common = {"cfg": self.cfg.retrain, "tracking": self.tracking, "run_dir": str(self.run_dir)}
+        references = [RetrainJob(n, g, **common) for n, g in self.baselines().items()]
         if self.cfg.retrain.genotype != "searched":
             g = get_genotype(self.cfg.retrain.genotype)
-            return [RetrainJob(Path(self.cfg.retrain.genotype).stem, g, **common)]
+            return [RetrainJob(Path(self.cfg.retrain.genotype).stem, g, **common), *references]
         search = self.state.search
         if search is None:
             raise PipelineError("retrain.genotype=searched, but no search has finished here")
@@ -134,7 +142,24 @@ class Pipeline:
         for key in search.selected:
             o = search.outcome(key)
             jobs.append(RetrainJob(key, o.genotype, search_run_id=o.search_run_id, **common))
-        return jobs
+        return [*jobs, *references]
+
+    def baselines(self) -> dict[str, Any]:
+        """The reference genotypes retrained beside the searched ones (``retrain.baselines``,
+        and ``random-<seed>`` per study seed), by key; they are ranked, never registered."""
+        from pipeline.state import BASELINE_PREFIX
+        from rarn.nas.genotype import get_genotype
+        from rarn.nas.variants import RANDOM_PREFIX, random_genotype, random_seed_of
+
+        names = list(self.cfg.retrain.baselines)
+        if self.cfg.study.variants and self.cfg.study.random_baseline:
+            names += [f"{RANDOM_PREFIX}{s}" for s in self.cfg.study.seeds if s not in names]
+        out = {}
+        for name in dict.fromkeys(names):
+            seed = random_seed_of(name)
+            g = get_genotype(name) if seed is None else random_genotype(seed, self.cfg.search.nodes)
+            out[BASELINE_PREFIX + name] = g
+        return out
 
     def retrain(self) -> None:
         from pipeline.retrain import run_retrain_stage
@@ -195,6 +220,16 @@ class Pipeline:
                 f"evaluation failed for {', '.join(failed)} (see above): nothing is registered "
                 "or promoted; fix the cause and rerun with --resume"
             )
+
+    # -- study mode -----------------------------------------------------------------------------
+
+    def study(self) -> None:
+        """Study mode: the per-variant table (mean ± std over seeds) of every evaluated model,
+        written to ``<run_dir>/study/`` and the parent run's ``study/`` artifacts."""
+        from pipeline.study import write_study
+
+        text = write_study(self.cfg, self.state, self.run_dir, self.tracking)
+        self.echo(f"[study] {self.run_dir / 'study'} (mean ± std over seeds)\n{text}")
 
     # -- registry -------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from rarn.checkpoint import atomic_write
 from rarn.nas.genotype import Genotype
 
 __all__ = [
+    "BASELINE_PREFIX",
     "EvalOutcome",
     "Registration",
     "RetrainOutcome",
@@ -31,13 +32,22 @@ __all__ = [
     "SearchState",
     "StateError",
     "TrialOutcome",
+    "is_baseline",
 ]
 
 STATE_FILE = "state.json"
+BASELINE_PREFIX = "ref-"
+"""Keys of reference networks (``retrain.baselines``): ranked beside the searched ones, never
+the run's champion."""
 
 
 class StateError(ValueError):
     """``state.json`` cannot be read as a run state (the message names the file)."""
+
+
+def is_baseline(key: str) -> bool:
+    """A reference network's key (``ref-<name>``), not a searched or configured genotype."""
+    return key.startswith(BASELINE_PREFIX)
 
 
 @dataclass
@@ -175,7 +185,7 @@ class RunState:
             m = o.metrics
             return (False, True, m.get("final_val_robust_acc", 0.0), m.get("final_val_acc", 0.0))
 
-        ok = [o for o in self.retrained() if o.model_uri]
+        ok = [o for o in self.retrained() if o.model_uri and not is_baseline(o.key)]
         return max(ok, key=score) if ok else None
 
     # -- state.json -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from rarn.config.build import (
     config_to_dict,
     expand_param_space,
     set_dotted,
+    study_points,
     with_overrides,
 )
 from rarn.config.files import (
@@ -52,6 +53,7 @@ from rarn.config.schema import (
     Schedule,
     SearchConfig,
     SelectMode,
+    StudyConfig,
     Threshold,
     TrackingConfig,
     TrainMethod,
@@ -73,6 +75,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "set_dotted",
+    "study_points",
     "with_overrides",
     "expand_param_space",
     "MAX_TRIALS",
@@ -84,6 +87,7 @@ __all__ = [
     "RetrainConfig",
     "EvaluationConfig",
     "TuneConfig",
+    "StudyConfig",
     "TrackingConfig",
     "Range",
     "Augment",

@@ -28,6 +28,7 @@ __all__ = [
     "config_to_dict",
     "expand_param_space",
     "set_dotted",
+    "study_points",
     "with_overrides",
 ]
 
@@ -215,6 +216,8 @@ def expand_param_space(cfg: Config) -> list[dict[str, Any]]:
     Raises:
         ConfigError: more than :data:`MAX_TRIALS` points (checked before expanding).
     """
+    if cfg.study.variants:
+        return [point for _, point in study_points(cfg)]
     t = cfg.tune
     keys = sorted(t.param_space)
     sizes = [len(t.param_space[k]) for k in keys]
@@ -236,10 +239,33 @@ def expand_param_space(cfg: Config) -> list[dict[str, Any]]:
     return points
 
 
+def study_points(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
+    """Study mode's trials: ``(variant, point)`` for every variant x seed of ``cfg.study``, in
+    that order; the point is the variant's overrides with ``search.seed`` set.
+
+    Raises:
+        ConfigError: more than :data:`MAX_TRIALS` trials.
+    """
+    from rarn.nas.variants import variant_overrides
+
+    s = cfg.study
+    n = len(s.variants) * len(s.seeds)
+    if n > MAX_TRIALS:
+        raise ConfigError(
+            f"study: {len(s.variants)} variants x {len(s.seeds)} seeds is {n} trials; at most "
+            f"{MAX_TRIALS} allowed"
+        )
+    return [
+        (v, {**variant_overrides(v, s.define), "search.seed": seed})
+        for v in s.variants
+        for seed in s.seeds
+    ]
+
+
 def _check_trials(cfg: Config) -> None:
     """Every trial point must make a valid config (each built without the grid: no recursion)."""
     points = expand_param_space(cfg)
-    if not cfg.tune.param_space:  # only repeats: just the shifted seeds
+    if not cfg.tune.param_space and not cfg.study.variants:  # only repeats: the shifted seeds
         last = cfg.search.seed + cfg.tune.num_samples - 1
         if last not in SEED:
             raise ConfigError(
@@ -248,6 +274,7 @@ def _check_trials(cfg: Config) -> None:
         return
     base = config_to_dict(cfg)
     base["tune"] |= {"param_space": {}, "num_samples": 1}
+    base["study"] |= {"variants": []}
     for point in points:
         values = copy.deepcopy(base)
         try:
@@ -255,4 +282,5 @@ def _check_trials(cfg: Config) -> None:
                 set_dotted(values, dotted, value)
             _build(Config, values)
         except ConfigError as e:
-            raise ConfigError(f"tune.param_space: {e} (trial {point})") from None
+            where = "study" if cfg.study.variants else "tune.param_space"
+            raise ConfigError(f"{where}: {e} (trial {point})") from None

@@ -21,6 +21,7 @@ from rarn.config.schema import (
     EvaluationConfig,
     RetrainConfig,
     SearchConfig,
+    StudyConfig,
     TrackingConfig,
     TuneConfig,
 )
@@ -80,11 +81,47 @@ def _retrain(r: RetrainConfig) -> None:
     if g not in GENOTYPES and g != "searched" and not is_file:
         names = [*GENOTYPES, "searched", "a path to a genotype .json file"]
         raise choice_error("retrain.genotype", g, names)
+    _baselines(r.baselines)
     if r.val_fraction > 0 and r.val_steps < 1:
         raise ConfigError(
             f"retrain.val_steps: {r.val_steps} not allowed; must be >= 1 when "
             f"retrain.val_fraction > 0 (the selection attack)"
         )
+
+
+def _baselines(names: tuple[str, ...]) -> None:
+    from rarn.nas.genotype import GENOTYPES
+    from rarn.nas.variants import random_seed_of
+
+    for i, name in enumerate(names):
+        if name not in GENOTYPES and random_seed_of(name) is None:
+            raise choice_error(f"retrain.baselines[{i}]", name, [*GENOTYPES, "random-<seed>"])
+    if len(set(names)) < len(names):
+        raise ConfigError(f"retrain.baselines: {list(names)!r} repeats a name")
+
+
+def _study(s: StudyConfig) -> None:
+    from rarn.nas.variants import variant_overrides
+
+    for name, overrides in s.define.items():
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"study.define.{name}: expected a mapping of dotted overrides")
+        for key in overrides:
+            if not isinstance(key, str) or key.split(".")[0] not in TRIAL_SECTIONS:
+                raise ConfigError(
+                    f"study.define.{name}: {key!r} not allowed; only "
+                    f"{' and '.join(TRIAL_SECTIONS)} keys vary between variants"
+                )
+    for i, name in enumerate(s.variants):
+        try:
+            variant_overrides(name, s.define)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"study.variants[{i}]: {e.args[0]}") from None
+    for key, values in (("variants", s.variants), ("seeds", s.seeds)):
+        if len(set(values)) < len(values):
+            raise ConfigError(f"study.{key}: {list(values)!r} repeats a value")
+    if s.variants and not s.seeds:
+        raise ConfigError("study.seeds: [] not allowed; a study needs at least one seed")
 
 
 def _evaluation(e: EvaluationConfig) -> None:
@@ -126,6 +163,17 @@ def _tracking(t: TrackingConfig) -> None:
 def _config(c: Config) -> None:
     if not c.run_dir:
         raise ConfigError("run_dir: '' not allowed; give the run a folder")
+    if c.study.variants and (c.tune.param_space or c.tune.num_samples > 1):
+        raise ConfigError(
+            "tune.param_space / tune.num_samples: not allowed with study.variants (the study's "
+            "trials are its variants x study.seeds); remove them"
+        )
+    robust = c.search.robust_eval_every > 0
+    if c.tune.select_metric == "val_pgd_acc" and not robust:
+        raise ConfigError(
+            "tune.select_metric: val_pgd_acc needs search.robust_eval_every >= 1 (it is never "
+            "measured with 0)"
+        )
     if c.tune.scheduler == "asha" and c.tune.grace_period > c.search.epochs:
         raise ConfigError(
             f"tune.grace_period: {c.tune.grace_period} not allowed; ASHA needs it <= "
@@ -140,6 +188,7 @@ _RULES: dict[type, Callable[[Any], None]] = {
     RetrainConfig: _retrain,
     EvaluationConfig: _evaluation,
     TuneConfig: _tune,
+    StudyConfig: _study,
     TrackingConfig: _tracking,
     Config: _config,
 }

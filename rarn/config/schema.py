@@ -36,6 +36,7 @@ __all__ = [
     "Schedule",
     "SearchConfig",
     "SelectMode",
+    "StudyConfig",
     "Threshold",
     "TrackingConfig",
     "TrainMethod",
@@ -162,6 +163,13 @@ class SearchConfig:
     # DARTS+ remedy (Liang et al. 2019, arXiv:1909.06035): freeze the architecture once the
     # decoded normal cell's parameter-free share reaches this after an epoch (0: off).
     arch_stop_param_free: Annotated[float, Range(0, 1)] = 0.0
+    # The supernet's robustness on D_V (median architecture, eval mode): PGD accuracy
+    # `val_pgd_acc`, the pipeline's default selection metric (tune.select_metric). Measured on the
+    # first, every k-th and the last epoch; the epochs between carry the last value (0: never).
+    robust_eval_every: Annotated[int, Range(0, 10_000)] = 1
+    robust_eval_n: Annotated[int, Range(1, 1_000_000)] = 256  # first n images of D_V
+    robust_eval_steps: Annotated[int, ITERATIONS] = 5  # PGD steps, step size 2.5 eps / steps
+    robust_eval_eps: Annotated[float, PIXELS] = 8 / 255  # set it to the retraining's threat model
     decode: DecodeRule = "median"  # one rule for every op (docs/method.md: Decoding)
     decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
     fused: bool = True  # fused supernet forward (same maths as the per-edge reference)
@@ -193,6 +201,10 @@ class RetrainConfig:
     """Adversarial retraining of a discrete genotype (spec §4)."""
 
     genotype: str = "RACL"  # a bundled genotype, "searched", or a path to a genotype JSON file
+    # Reference networks retrained and evaluated beside `genotype` at the same budget, ranked in
+    # the summary but never registered: bundled genotypes (RACL, DARTS_V2, PC_DARTS, ...) or
+    # random-<seed> (a uniform genotype, rarn.nas.variants.random_genotype).
+    baselines: tuple[str, ...] = ()
     epochs: Annotated[int, EPOCHS] = 100
     batch_size: Annotated[int, BATCH] = 128
     init_channels: Annotated[int, CHANNELS] = 36
@@ -260,7 +272,7 @@ class TuneConfig:
     grace_period: Annotated[int, EPOCHS] = 1  # ASHA: epochs before a trial may stop
     max_failures: Annotated[int, Range(0, 100)] = 2
     top_k: Annotated[int, Range(1, 256)] = 1
-    select_metric: str = "val_acc"
+    select_metric: str = "val_pgd_acc"  # the supernet's PGD accuracy on D_V (search.robust_eval_*)
     select_mode: SelectMode = "max"
     retrain_workers: Annotated[int, Range(1, 1_024)] = 1
     retrain_use_gpu: bool = False
@@ -269,6 +281,23 @@ class TuneConfig:
     # Multi-node checks (tracking server, run_dir/storage seen by every node): "auto" when the
     # joined cluster has more than one node alive, "multi-node" always (workers joining later).
     cluster: Literal["auto", "multi-node"] = "auto"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Study mode: named search variants x seeds, every genotype retrained and evaluated alike.
+
+    With ``variants`` set, the search trials are the variants (``rarn.nas.variants.VARIANTS``
+    names, or names of ``define``) times ``seeds`` (``tune.param_space`` must then be empty);
+    every finished trial is retrained (``tune.top_k`` does not apply), ``random-<seed>``
+    genotypes join them when ``random_baseline`` is set, and the pipeline writes the per-variant
+    table (mean and std over seeds) as Parquet, a plot and MLflow artifacts (docs/constraint.md).
+    """
+
+    variants: tuple[str, ...] = ()
+    define: dict[str, dict] = field(default_factory=dict)  # own variants: name -> dotted overrides
+    seeds: tuple[Annotated[int, SEED], ...] = (0, 1, 2)
+    random_baseline: bool = True
 
 
 @dataclass(frozen=True)
@@ -289,5 +318,6 @@ class Config:
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run_dir: str = "runs/default"

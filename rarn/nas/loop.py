@@ -21,13 +21,21 @@ from typing import Any, Protocol
 import torch
 
 from rarn.config import ConstraintConfig, SearchConfig
+from rarn.models.common import eval_mode
 from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
 from rarn.nas.decode import DECODERS
 from rarn.nas.genotype import Genotype, parametric_share
 from rarn.nas.search import CHECKPOINT, RACLSearch
 from rarn.robust.loop import Diverged, check_finite
 
-__all__ = ["SearchCallback", "SearchData", "SearchDiverged", "SearchResult", "run_search"]
+__all__ = [
+    "SearchCallback",
+    "SearchData",
+    "SearchDiverged",
+    "SearchResult",
+    "run_search",
+    "supernet_pgd_accuracy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +179,8 @@ def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
         metrics["grad_norm"] = tally.sums["grad_norm"] / tally.penalty_steps
     metrics.update(s.evaluate(make_loader(data.val, 2 * cfg.batch_size, shuffle=False)))
     metrics.update(_bound_metrics(s, tally))
+    metrics["log_lambda_faithful"] = s.faithful_log_bound()
+    metrics.update(_robustness(s, data, epoch))
     genotype = s.decode()
     report = _collapse(s, genotype)
     metrics.update(report.metrics())
@@ -183,6 +193,45 @@ def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
         epoch_time=time.perf_counter() - t0,
     )
     return metrics
+
+
+def _robustness(s: RACLSearch, data: SearchData, epoch: int) -> dict[str, float]:
+    """``val_pgd_acc``: the supernet's PGD accuracy on the first ``robust_eval_n`` images of D_V
+    (median architecture, eval mode), on the first, every k-th and the last epoch; the epochs
+    between carry the last value, so every report has it (Ray Tune wants its metric in each)."""
+    cfg = s.cfg
+    if cfg.robust_eval_every == 0:
+        return {}
+    last = s.history[-1].get("val_pgd_acc") if s.history else None
+    due = (epoch + 1) % cfg.robust_eval_every == 0 or epoch + 1 == cfg.epochs
+    if last is not None and not due:
+        return {"val_pgd_acc": last}
+    return {"val_pgd_acc": supernet_pgd_accuracy(s, data.val)}
+
+
+def supernet_pgd_accuracy(s: RACLSearch, dataset: Any) -> float:
+    """PGD-``robust_eval_steps`` accuracy (L-inf ``robust_eval_eps``, step 2.5 eps / steps,
+    random start from a generator seeded by the search seed) of the supernet on the first
+    ``robust_eval_n`` images of ``dataset``."""
+    from rarn.data import make_loader
+    from rarn.robust.attacks import get_attack
+
+    cfg, pgd = s.cfg, get_attack("pgd")
+    eps, steps = cfg.robust_eval_eps, cfg.robust_eval_steps
+    gen = torch.Generator(device=s.device).manual_seed(cfg.seed + 3)
+    correct = seen = 0
+    for x, y in make_loader(dataset, 2 * cfg.batch_size, shuffle=False):
+        x, y = (
+            x[: cfg.robust_eval_n - seen].to(s.device),
+            y[: cfg.robust_eval_n - seen].to(s.device),
+        )
+        x_adv = pgd(s.model, x, y, eps=eps, step_size=2.5 * eps / steps, steps=steps, generator=gen)
+        with torch.no_grad(), eval_mode(s.model):
+            correct += int((s.model(x_adv).argmax(1) == y).sum())
+        seen += len(y)
+        if seen >= cfg.robust_eval_n:
+            break
+    return correct / max(seen, 1)
 
 
 def _collapse(s: RACLSearch, genotype: Genotype) -> CollapseReport:

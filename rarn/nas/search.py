@@ -42,6 +42,7 @@ from rarn.nas.constraint import (
     BoundInputs,
     ChanceConstraint,
     delta_moments,
+    log_bound,
     monte_carlo_moments,
     satisfaction_probability,
 )
@@ -99,9 +100,10 @@ class RACLSearch:
 
     # -- pieces -------------------------------------------------------------------------------
 
-    def bound_inputs(self, n_iters: int = 1) -> BoundInputs:
-        """Per-op log-constants of the current weights (power iteration advances ``n_iters``)."""
-        lam = self.model.lipschitz(n_iters=n_iters)
+    def bound_inputs(self, n_iters: int = 1, update: bool = True) -> BoundInputs:
+        """Per-op log-constants of the current weights (power iteration advances ``n_iters``;
+        ``update=False`` leaves the estimator's vectors as they are)."""
+        lam = self.model.lipschitz(n_iters=n_iters, update=update)
         n_cells = self._shape[0]
         fixed = lam[self._n_ops :]
         # stem + classifier; per cell the larger of its two preprocessing constants
@@ -126,6 +128,14 @@ class RACLSearch:
             return delta_moments(arch.mu(), sigma, inputs, c.bound, c.mixture)
         draws = arch.sample(self.sample_gen, n=c.mc_samples)
         return monte_carlo_moments(draws, inputs, c.bound, c.mixture)
+
+    def faithful_log_bound(self) -> float:
+        """The spec's bound (product over cells, every op, delta-method mean) of the current
+        median architecture, whatever this search's own ``constraint`` config says: the one
+        ``ln lambda_F`` that compares searches of different variants. Changes nothing."""
+        with torch.no_grad():
+            inputs = self.bound_inputs(1, update=False)
+            return float(log_bound(self.model.arch.mu(), inputs, "product", "all"))
 
     def _arch_logits(self) -> ArchSample:
         return (

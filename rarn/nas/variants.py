@@ -1,0 +1,99 @@
+"""Named search variants for study mode, and the random-genotype baseline.
+
+A variant is a set of dotted ``search.``/``constraint.`` overrides on the config it runs in, so a
+study compares variants that differ in exactly what their overrides say (the data, the supernet's
+size and the budget are the config's). ``racl`` is the config itself.
+
+The random baseline (``random-<seed>``) is what the DARTS literature compares against (Li and
+Talwalkar 2019, arXiv:1902.07638; Yu et al. 2020, arXiv:1902.08142): a genotype drawn uniformly
+from the same space as the decoder's output (two distinct inputs per node, one op per edge, never
+``none``). A search that does not beat it at equal retraining budget has found nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from rarn.nas.genotype import Genotype
+from rarn.nas.ops import PRIMITIVES
+
+__all__ = ["RANDOM_PREFIX", "VARIANTS", "random_genotype", "random_seed_of", "variant_overrides"]
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    # the config as it is (the shipped default: faithful bound, CE-balanced constraint)
+    "racl": {},
+    # the earlier default: bound over the convolutions only, per-node mean, no CE balance
+    "racl_parametric": {
+        "constraint.mixture": "parametric",
+        "constraint.bound": "node_mean",
+        "constraint.kappa": 0.05,
+        "constraint.balance": "none",
+    },
+    # log-normal search with the gradient-norm term, without the chance constraint
+    "constraint_off": {"constraint.enabled": False},
+    # plain PC-DARTS: deterministic architecture, no constraint, no gradient-norm term
+    "pcdarts_plain": {
+        "constraint.enabled": False,
+        "search.sampling": False,
+        "search.grad_norm_weight": 0.0,
+    },
+    # RACL with the DARTS+ remedy: freeze the architecture once half the normal cell is
+    # parameter-free (Liang et al. 2019, arXiv:1909.06035)
+    "racl_darts_plus": {"search.arch_stop_param_free": 0.5},
+}
+"""Variant name -> overrides (``search.``/``constraint.`` keys only)."""
+
+RANDOM_PREFIX = "random-"
+_RANDOM = re.compile(r"random-(\d{1,10})")
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def variant_overrides(name: str, define: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+    """The overrides of a variant: one of ``define`` (the config's own) or of :data:`VARIANTS`.
+
+    Raises:
+        KeyError: an unknown name (the message lists the known ones).
+        ValueError: a name that cannot be a folder and run name (lower-case, digits, ``_``).
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"variant name {name!r}: use lower-case letters, digits and _ (at most 40), "
+            "starting with a letter"
+        )
+    own = dict(define or {})
+    if name in own:
+        return dict(own[name])
+    if name in VARIANTS:
+        return dict(VARIANTS[name])
+    known = sorted({*VARIANTS, *own})
+    raise KeyError(f"unknown variant {name!r}; known: {', '.join(known)} (or define it)")
+
+
+def random_seed_of(name: str) -> int | None:
+    """``random-<seed>`` -> seed; anything else -> None."""
+    m = _RANDOM.fullmatch(name) if isinstance(name, str) else None
+    return int(m.group(1)) if m else None
+
+
+def random_genotype(seed: int, nodes: int = 4) -> Genotype:
+    """A genotype drawn uniformly: per node two distinct earlier inputs, an op each (no ``none``).
+
+    Deterministic in ``seed`` (its own ``torch.Generator``), on every platform.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    ops = [p for p in PRIMITIVES if p != "none"]
+
+    def cell() -> tuple[tuple[str, int], ...]:
+        edges = []
+        for i in range(nodes):
+            inputs = torch.randperm(i + 2, generator=gen)[:2].sort().values.tolist()
+            for j in inputs:
+                edges.append((ops[int(torch.randint(len(ops), (1,), generator=gen))], int(j)))
+        return tuple(edges)
+
+    concat = tuple(range(2, nodes + 2))
+    return Genotype(cell(), concat, cell(), concat)

@@ -1,0 +1,274 @@
+"""Study mode (issue 12 item 6) and the robustness-aware selection metric (item 8).
+
+The library side (variants, random genotypes, the study tables, ``val_pgd_acc``) runs in
+seconds; one slow test runs a two-variant study through the whole pipeline on the smoke config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.trials import overrides_of, trial_points
+from rarn.config import ConfigError, DataConfig, SearchConfig, config_from_dict, load_config
+from rarn.data import load_dataset
+from rarn.models.darts import build_network
+from rarn.nas.genotype import GENOTYPES
+from rarn.nas.loop import SearchData, run_search, supernet_pgd_accuracy
+from rarn.nas.search import RACLSearch
+from rarn.nas.variants import VARIANTS, random_genotype, random_seed_of
+from rarn.study import RUN_SCHEMA, run_row, runs_table, summarise, to_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = SearchConfig(epochs=3, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
+                    max_steps_per_epoch=2, robust_eval_n=16, robust_eval_steps=2,
+                    robust_eval_eps=0.1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data():
+    return SearchData.from_bundle(load_dataset(DataConfig(name="digits", limit=200)), 0.5, 0)
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_study_trials_are_variants_times_seeds_with_stable_keys():
+    cfg = config_from_dict({"study": {"variants": ["racl", "pcdarts_plain"], "seeds": [3, 4]}})
+    points = trial_points(cfg)
+    assert [p["key"] for p in points] == [
+        "racl-s3",
+        "racl-s4",
+        "pcdarts_plain-s3",
+        "pcdarts_plain-s4",
+    ]
+    plain = overrides_of(points[2])
+    assert plain == {**VARIANTS["pcdarts_plain"], "search.seed": 3}  # no key, no variant name
+    assert points[2]["variant"] == "pcdarts_plain"
+
+
+def test_own_variants_are_defined_in_the_config():
+    cfg = config_from_dict(
+        {
+            "study": {
+                "variants": ["mine"],
+                "seeds": [0],
+                "define": {"mine": {"constraint.eta": 0.95}},
+            }
+        }
+    )
+    assert overrides_of(trial_points(cfg)[0]) == {"constraint.eta": 0.95, "search.seed": 0}
+
+
+@pytest.mark.parametrize(
+    "study, names",
+    [
+        ({"variants": ["nope"]}, "study.variants[0]"),
+        ({"variants": ["Bad-Name"]}, "study.variants[0]"),
+        ({"variants": ["racl", "racl"]}, "study.variants"),
+        ({"variants": ["racl"], "seeds": []}, "study.seeds"),
+        ({"variants": ["x"], "define": {"x": {"retrain.epochs": 1}}}, "study.define.x"),
+        ({"variants": ["x"], "define": {"x": {"search.epochs": 0}}}, "search.epochs"),
+    ],
+)
+def test_bad_study_is_a_config_error_naming_the_key(study, names):
+    with pytest.raises(ConfigError, match=names.replace("[", r"\[").replace("]", r"\]")):
+        config_from_dict({"study": study})
+
+
+def test_study_and_param_space_do_not_mix():
+    with pytest.raises(ConfigError, match="tune.param_space"):
+        config_from_dict(
+            {"study": {"variants": ["racl"]}, "tune": {"param_space": {"search.lr": [0.1]}}}
+        )
+
+
+def test_selection_by_val_pgd_acc_needs_the_robust_evaluation():
+    assert config_from_dict({}).tune.select_metric == "val_pgd_acc"
+    with pytest.raises(ConfigError, match="robust_eval_every"):
+        config_from_dict({"search": {"robust_eval_every": 0}})
+    config_from_dict({"search": {"robust_eval_every": 0}, "tune": {"select_metric": "val_acc"}})
+
+
+def test_baselines_are_checked_at_load():
+    cfg = config_from_dict({"retrain": {"baselines": ["RACL", "random-7"]}})
+    assert cfg.retrain.baselines == ("RACL", "random-7")
+    for bad in (["nope"], ["RACL", "RACL"], ["random-x"]):
+        with pytest.raises(ConfigError, match="retrain.baselines"):
+            config_from_dict({"retrain": {"baselines": bad}})
+
+
+def test_shipped_study_configs_load():
+    for name in ("study_cifar10_subset", "study_cifar10"):
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        assert len(cfg.study.variants) >= 4 and len(cfg.study.seeds) >= 3
+        assert cfg.study.random_baseline
+        assert len(trial_points(cfg)) == len(cfg.study.variants) * len(cfg.study.seeds)
+
+
+# -- random genotypes --------------------------------------------------------------------------
+
+
+def test_random_genotype_is_seeded_valid_and_never_none():
+    g = random_genotype(5)
+    assert g == random_genotype(5) and g != random_genotype(6)
+    for cell in (g.normal, g.reduce):
+        assert all(op != "none" for op, _ in cell)
+        for node in range(4):
+            a, b = cell[2 * node][1], cell[2 * node + 1][1]
+            assert a != b and max(a, b) < node + 2  # two distinct earlier states
+    net = build_network(g, num_classes=10, in_channels=1, C=8, layers=3)
+    assert net(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    assert random_seed_of("random-12") == 12 and random_seed_of("RACL") is None
+
+
+def test_random_genotypes_cover_the_op_space():
+    ops = {op for s in range(20) for cell in (random_genotype(s).normal,) for op, _ in cell}
+    assert len(ops) == 7  # every op but none, over 20 draws (160 edges)
+
+
+# -- the search's robustness metric ------------------------------------------------------------
+
+
+def test_val_pgd_acc_is_reported_every_epoch_and_carried_between_measurements(data):
+    cfg = dataclasses.replace(TINY, epochs=4, robust_eval_every=3)
+    measured = []
+    import rarn.nas.loop as loop
+
+    real = loop.supernet_pgd_accuracy
+
+    def spy(s, dataset):
+        measured.append(s.epoch)
+        return real(s, dataset)
+
+    loop.supernet_pgd_accuracy = spy
+    try:
+        result = run_search(cfg, load_config(None).constraint, data)
+    finally:
+        loop.supernet_pgd_accuracy = real
+    assert measured == [0, 2, 3]  # first, every 3rd, last
+    accs = [h["val_pgd_acc"] for h in result.history]
+    assert accs[1] == accs[0] and all(0 <= a <= 1 for a in accs)
+    assert all(math.isfinite(h["log_lambda_faithful"]) for h in result.history)
+
+
+def test_supernet_pgd_accuracy_falls_with_eps(digits_net_trainer):
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    net, x, y = digits_net_trainer()  # ~97 % clean: the attack has something to take away
+    ds = TensorDataset(x[:128], y[:128])
+    cfg = dataclasses.replace(TINY, robust_eval_n=100, robust_eval_eps=1e-4)
+    s = SimpleNamespace(model=net, device=torch.device("cpu"), cfg=cfg)
+    clean = float((net(x[:100]).argmax(1) == y[:100]).float().mean())
+    tiny = supernet_pgd_accuracy(s, ds)
+    s.cfg = dataclasses.replace(s.cfg, robust_eval_eps=0.1, robust_eval_steps=5)
+    mid = supernet_pgd_accuracy(s, ds)
+    s.cfg = dataclasses.replace(s.cfg, robust_eval_eps=0.5)
+    large = supernet_pgd_accuracy(s, ds)
+    assert tiny == pytest.approx(clean, abs=0.02) and clean > 0.9
+    assert large < mid < tiny  # a check that could not fire would pass a constant
+    assert large < 0.1
+
+
+def test_faithful_bound_is_the_product_bound_whatever_the_variant():
+    base = load_config(None)
+    a = RACLSearch(TINY, base.constraint, num_classes=10, in_channels=1)
+    parametric = dataclasses.replace(base.constraint, mixture="parametric", bound="node_mean")
+    b = RACLSearch(TINY, parametric, num_classes=10, in_channels=1)
+    assert a.faithful_log_bound() == pytest.approx(b.faithful_log_bound(), rel=1e-6)
+    mu_f, _ = a.moments(a.bound_inputs(1, update=False))
+    assert a.faithful_log_bound() == pytest.approx(float(mu_f), rel=1e-6)
+    assert float(b.moments(b.bound_inputs(1, update=False))[0]) != pytest.approx(float(mu_f))
+
+
+# -- the tables --------------------------------------------------------------------------------
+
+
+def _rows():
+    rows = []
+    for seed, wc in enumerate((0.20, 0.30, 0.25)):
+        search = {"log_lambda_faithful": 100.0 + seed, "frac_satisfied": 0.25, "y": 0.1,
+                  "collapsed": 0.0, "collapse_param_free_share_normal": 0.25,
+                  "val_pgd_acc": 0.1, "val_acc": 0.4}  # fmt: skip
+        ev = {"eval_clean_acc": 0.5, "eval_pgd_acc": wc + 0.05, "eval_worst_case_acc": wc}
+        rows.append(run_row(variant="racl", seed=seed, key=f"racl-s{seed}",
+                            genotype=GENOTYPES["RACL"], search=search, evaluation=ev))  # fmt: skip
+    ev = {"eval_clean_acc": 0.4, "eval_pgd_acc": 0.2, "eval_worst_case_acc": 0.1}
+    rows.append(run_row(variant="random", seed=0, key="ref-random-0", genotype=random_genotype(0),
+                        search=None, evaluation=ev))  # fmt: skip
+    return rows
+
+
+def test_study_tables_have_mean_and_spread_per_variant():
+    runs = runs_table(_rows())
+    assert runs.schema.equals(RUN_SCHEMA) and runs.num_rows == 4
+    summary = summarise(runs, order=["racl", "random"])
+    by = {r["variant"]: r for r in summary.to_pylist()}
+    assert by["racl"]["n"] == 3
+    assert by["racl"]["worst_case_acc_mean"] == pytest.approx(0.25)
+    assert by["racl"]["worst_case_acc_std"] == pytest.approx(0.05)
+    assert by["racl"]["constraint_active_mean"] == pytest.approx(0.75)
+    assert by["random"]["worst_case_acc_std"] == 0.0  # one run
+    assert math.isnan(by["random"]["log_lambda_faithful_mean"])  # never searched
+    assert by["racl"]["ops_sep_conv_3x3_mean"] == 7  # RACL: 4 normal + 3 reduce
+    text = to_markdown(summary)
+    assert "| racl | 3 | 0.250 ± 0.050 |" in text and "| random | 1 |" in text
+
+
+def test_random_rows_carry_the_collapse_signals_of_their_genotype():
+    row = _rows()[-1]
+    g = random_genotype(0)
+    free = sum(op in ("skip_connect", "max_pool_3x3", "avg_pool_3x3") for op, _ in g.normal)
+    assert row["param_free_normal"] == free / 8
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.run import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = [
+        "--config", str(ROOT / "configs/smoke.yaml"), "--force-promote",
+        "tune.param_space={}", "study.variants=[racl,pcdarts_plain]", "study.seeds=[0]",
+        "retrain.baselines=[RACL]", "evaluation.checks=false",
+    ]  # fmt: skip
+    rc = main(args)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    study = tmp_path / "runs/smoke/study"
+    runs = pq.read_table(study / "runs.parquet")
+    assert sorted(runs.column("variant").to_pylist()) == [
+        "pcdarts_plain",
+        "racl",
+        "random",
+        "ref:RACL",
+    ]
+    assert all(v == v for v in runs.column("worst_case_acc").to_pylist())  # every model evaluated
+    summary = pq.read_table(study / "summary.parquet")
+    assert summary.column("variant").to_pylist()[:3] == ["racl", "pcdarts_plain", "random"]
+    assert "[study]" in out and "| racl | 1 |" in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    mv = client.get_model_version_by_alias("rarn-smoke", "champion")
+    assert not mv.tags["rarn.trial_key"].startswith("ref-")  # references are never registered
+    parent = mv.tags["rarn.parent_run_id"]
+    logged = {a.path for a in client.list_artifacts(parent, "study")}
+    assert logged == {
+        f"study/{f}" for f in ("runs.parquet", "summary.parquet", "summary.md", "study.png")
+    }
+    assert client.get_run(parent).data.tags["rarn.select_metric"] == "val_pgd_acc (max)"
+    trial = client.get_run(mv.tags["rarn.search_run_id"])
+    assert trial.data.tags["rarn.variant"] in ("racl", "pcdarts_plain")
+    assert "final_val_pgd_acc" in trial.data.metrics
