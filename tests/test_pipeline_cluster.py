@@ -354,10 +354,11 @@ def test_ddp_ranks_take_a_reshuffled_distributed_sampler_share_each_epoch():
 
 
 def test_every_entry_point_gets_the_quiet_defaults_before_mlflow_is_imported(tmp_path):
-    """``python -m pipeline.registry`` (MLflow at import) as well as the CLI: the package sets
-    the quiet defaults first; the loopback ones only where a driver starts its own Ray."""
+    """``python -m pipeline.registry`` and the modules that import MLflow (pipeline.tracking) as
+    well as the CLI: the package sets the quiet defaults first; the loopback ones only where a
+    driver starts its own Ray."""
     code = (
-        "import os, sys; import pipeline.registry\n"
+        "import os, sys; import pipeline.registry, pipeline.tracking\n"
         "assert 'mlflow' in sys.modules\n"
         "print(os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['RAY_USAGE_STATS_ENABLED'],"
         " os.environ.get('RAY_AUTH_MODE'))"
