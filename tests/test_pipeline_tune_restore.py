@@ -1,4 +1,4 @@
-"""``Tuner.restore`` pointing a trial at a Tune checkpoint that is gone (on the shared Ray instance).
+"""``Tuner.restore`` pointing a trial at a Tune checkpoint that is gone (shared Ray instance).
 
 After a driver SIGKILL, Tune's experiment snapshot on storage can lag behind the trial: it names
 a ``checkpoint_*`` folder that ``CheckpointConfig(num_to_keep=1)`` already deleted when the next
