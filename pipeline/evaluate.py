@@ -64,9 +64,13 @@ def summary_metrics(result: Any) -> dict[str, float]:
     return out
 
 
+_NOT_PROTOCOL = ("batch_size", "transfer", "transfer_n")  # change no number of the evaluation
+
+
 def protocol_sha256(ev: EvaluationConfig) -> str:
-    """sha256 of the evaluation settings that change its numbers (all but the batch size)."""
-    settings = {k: v for k, v in config_to_dict(ev).items() if k != "batch_size"}
+    """sha256 of the evaluation settings that change its numbers (all but the batch size and
+    the transfer matrix's, so that digests recorded before those existed still compare)."""
+    settings = {k: v for k, v in config_to_dict(ev).items() if k not in _NOT_PROTOCOL}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

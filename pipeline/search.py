@@ -4,7 +4,8 @@ The trainable is a thin adapter around :func:`rarn.nas.search.run_search`; its R
 numbered like Ray's own examples. Data reach the trials once through the object store
 (``tune.with_parameters``); every epoch reports metrics with a checkpoint (``tune.report``); a
 retried or restored trial resumes from ``tune.get_checkpoint()`` (or from its newer local commit
-after a driver SIGKILL, see :mod:`pipeline.checkpoints`); ``FailureConfig`` retries killed
+after a driver SIGKILL, see :mod:`pipeline.checkpoints`, also when the checkpoint Tune restores
+is gone from storage: :class:`LocalCommitFallback`); ``FailureConfig`` retries killed
 workers; ``Tuner.restore`` continues an interrupted experiment.
 
 The param space is expanded into explicit trial points with stable keys (``t00``, ``t01``, ...)
@@ -41,6 +42,7 @@ from rarn.nas.genotype import Genotype
 from rarn.nas.loop import SearchData, SearchResult, run_search
 
 __all__ = [
+    "LocalCommitFallback",
     "SearchJob",
     "build_tuner",
     "collect_outcomes",
@@ -93,6 +95,36 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
         result = run_search(cfg.search, cfg.constraint, data, callbacks=[report],
                             checkpoint_dir=store.work, device=device)  # fmt: skip
         _log_genotype(run, store.root / "genotype.json", result)
+
+
+class LocalCommitFallback:
+    """Mixin of the trainable's Tune class: a Tune checkpoint that is gone from storage is not
+    an error, the trial then resumes from its own newest commit.
+
+    After a driver SIGKILL, Tune's experiment snapshot can name a ``checkpoint_*`` folder that
+    ``CheckpointConfig(num_to_keep=1)`` already deleted when the next one arrived (the snapshot
+    is written after the deletion, and uploaded asynchronously). ``Tuner.restore`` then has the
+    trial actor run ``Trainable.restore`` on it, which raises "Could not recover from checkpoint
+    as it does not exist on storage anymore" before the trainable's code runs, on every retry.
+    The commit in the trial's stable folder (:class:`pipeline.checkpoints.TrialStore`) is the
+    authoritative copy, so the restore is skipped: ``tune.get_checkpoint()`` is None and
+    :meth:`TrialStore.restore` takes the local commit. Mixed in through ``__mixins__``, the hook
+    Ray's ``wrap_function`` offers for function trainables.
+    """
+
+    def restore(self, checkpoint_path: Any) -> None:
+        ckpt = getattr(checkpoint_path, "checkpoint", None)
+        if ckpt is not None and not _on_storage(ckpt):
+            log.warning("Tune's checkpoint %s is gone from storage; the trial resumes from its "
+                        "own newest commit", ckpt.path)  # fmt: skip
+            return
+        super().restore(checkpoint_path)  # type: ignore[misc]
+
+
+def _on_storage(ckpt: Any) -> bool:
+    import pyarrow.fs
+
+    return ckpt.filesystem.get_file_info(ckpt.path).type != pyarrow.fs.FileType.NotFound
 
 
 def _trial_run(job: SearchJob, key: str, cfg: Config, point: dict[str, Any]) -> ChildRun:
@@ -161,10 +193,9 @@ def build_tuner(
         verbose: Tune's verbosity (0 silent, 1 status table, 2 every result).
     """
     t = cfg.tune
-    trainable = tune.with_resources(
-        tune.with_parameters(search_trainable, data=data, job=job),
-        {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial},
-    )
+    fn = tune.with_parameters(search_trainable, data=data, job=job)
+    fn.__mixins__ = (LocalCommitFallback,)  # before with_resources, which may wrap fn
+    trainable = tune.with_resources(fn, {"cpu": t.cpus_per_trial, "gpu": t.gpus_per_trial})
     name = experiment_name(job)
     path = join_storage(storage_path, name)  # a URI's ?query stays at the end
     if resume and tune.Tuner.can_restore(path):

@@ -2,10 +2,10 @@
 
 :class:`Pipeline` runs one stage per method, skipping what ``state.json`` says is finished, and
 saves the state after each. The Ray Tune, Ray Train and MLflow work itself is in
-:mod:`pipeline.search`, :mod:`pipeline.retrain`, :mod:`pipeline.evaluate` and
-:mod:`pipeline.tracking` / :mod:`pipeline.model_store`; here the data set goes into Ray's
-object store once (``ray.put``) and the champion is registered. Those modules are imported
-inside the methods, so importing this one imports neither Ray nor MLflow.
+:mod:`pipeline.search`, :mod:`pipeline.retrain`, :mod:`pipeline.evaluate`,
+:mod:`pipeline.transfer` and :mod:`pipeline.tracking` / :mod:`pipeline.model_store`; here the
+data set goes into Ray's object store once (``ray.put``) and the champion is registered. Those
+modules are imported inside the methods, so importing this one imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -220,6 +220,41 @@ class Pipeline:
                 f"evaluation failed for {', '.join(failed)} (see above): nothing is registered "
                 "or promoted; fix the cause and rerun with --resume"
             )
+        if self.cfg.evaluation.transfer:
+            self.transfer()
+
+    def transfer(self) -> None:
+        """The transfer matrix of every evaluated model (``evaluation.transfer``), once two or
+        more are; redone only when the evaluated models change.
+
+        Its failure is reported and recorded (``--resume`` tries again), not raised: the
+        evaluations are saved already, and an optional artifact does not block the registry.
+        """
+        from pipeline.transfer import run_transfer_stage, transfer_attack
+
+        ev = self.cfg.evaluation
+        models = [r for r in self.state.retrained() if self.state.evaluate_done(r.key)]
+        models = [r for r in models if r.model_uri]
+        keys = [r.key for r in models]
+        if len(models) < 2:
+            return
+        if self.state.transfer_done(keys):
+            self.echo(f"[transfer] finished earlier: {self.state.transfer.path}")
+            return
+        p, n = transfer_attack(ev), ev.transfer_n or "all"
+        self.echo(f"[transfer] {len(keys)} x {len(keys)} models: PGD-{p['steps']} at eps "
+                  f"{p['eps']:g} on {n} test images")  # fmt: skip
+        outcome = run_transfer_stage(
+            models, self.tracking, self.data_ref(), ev, self.cfg.tune,
+            out_dir=self.run_dir / "evaluation",
+        )  # fmt: skip
+        self.state.transfer = outcome
+        self._save()
+        if outcome.error:
+            self.echo(f"[transfer] error: {outcome.error} (the evaluations are kept; --resume "
+                      "tries again)")  # fmt: skip
+        else:
+            self.echo(f"[transfer] {outcome.path}, {outcome.png}")
 
     # -- study mode -----------------------------------------------------------------------------
 

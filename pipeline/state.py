@@ -1,14 +1,16 @@
 """What each stage finished, as typed records, kept in ``<run_dir>/state.json``.
 
 ``--resume`` reads it to skip finished work: a search that finished, retrainings and evaluations
-that ended without an error. Every stage result is a dataclass (:class:`TrialOutcome`,
-:class:`RetrainOutcome`, :class:`EvalOutcome`); a stage that has not finished is ``None`` (the
-search, the registration) or absent from its mapping (retrainings, evaluations), never a
-placeholder. :meth:`RunState.save` writes the file atomically, so an interrupted driver leaves
+that ended without an error, the transfer matrix of the evaluated models. Every stage result is
+a dataclass (:class:`TrialOutcome`, :class:`RetrainOutcome`, :class:`EvalOutcome`,
+:class:`TransferOutcome`); a stage that has not finished is ``None`` (the search, the
+registration, the transfer matrix) or absent from its mapping (retrainings, evaluations), never
+a placeholder. :meth:`RunState.save` writes the file atomically, so an interrupted driver leaves
 the previous state or the new one.
 
-The JSON layout is that of earlier versions (``{}`` for a stage not finished), so run
-directories written by them resume too. This module imports neither Ray nor MLflow.
+The JSON layout is that of earlier versions (``{}`` for a stage not finished; a key they did not
+write, e.g. ``transfer``, reads as not finished), so run directories written by them resume
+too. This module imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "RunState",
     "SearchState",
     "StateError",
+    "TransferOutcome",
     "TrialOutcome",
     "is_baseline",
 ]
@@ -113,6 +116,19 @@ class EvalOutcome:
 
 
 @dataclass
+class TransferOutcome:
+    """The transfer matrix of the evaluated models (:mod:`pipeline.transfer`), or its error."""
+
+    models: list[str]  # source = target keys, in the order of the retrainings
+    path: str = ""  # <run_dir>/evaluation/transfer.parquet
+    png: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
 class SearchState:
     """A finished search: every trial's outcome and the keys selected for retraining."""
 
@@ -148,6 +164,7 @@ class RunState:
     retrain: dict[str, RetrainOutcome] = field(default_factory=dict)  # key -> outcome
     evaluate: dict[str, EvalOutcome] = field(default_factory=dict)  # key -> outcome
     registered: Registration | None = None
+    transfer: TransferOutcome | None = None  # None: no transfer matrix made here
     # Ray Tune's experiment files (relative path -> accepted sha256, newest first), recorded as
     # the run wrote them; --resume refuses files that are not among them (pipeline.tune_state).
     tune_files: dict[str, list[str]] = field(default_factory=dict)
@@ -165,6 +182,12 @@ class RunState:
     def evaluate_done(self, key: str) -> bool:
         o = self.evaluate.get(key)
         return o is not None and not o.error
+
+    def transfer_done(self, keys: list[str]) -> bool:
+        """A transfer matrix of exactly these models was made (a model evaluated later redoes
+        it)."""
+        t = self.transfer
+        return t is not None and not t.error and t.models == list(keys)
 
     def eval_metrics(self, key: str) -> dict[str, float]:
         """The evaluation's headline metrics of ``key`` (empty when not evaluated)."""
@@ -204,12 +227,13 @@ class RunState:
             "retrain": {k: o.to_dict() for k, o in self.retrain.items()},
             "evaluate": {k: o.to_dict() for k, o in self.evaluate.items()},
             "registered": {} if self.registered is None else dataclasses.asdict(self.registered),
+            "transfer": {} if self.transfer is None else self.transfer.to_dict(),
             "tune_files": {k: list(v) for k, v in self.tune_files.items()},
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunState:
-        s, reg = d.get("search") or {}, d.get("registered") or {}
+        s, reg, tr = d.get("search") or {}, d.get("registered") or {}, d.get("transfer") or {}
         search = None
         if s.get("done"):
             outcomes = [TrialOutcome.from_dict(o) for o in s["outcomes"]]
@@ -222,6 +246,7 @@ class RunState:
             retrain={k: RetrainOutcome(**o) for k, o in (d.get("retrain") or {}).items()},
             evaluate={k: EvalOutcome(**o) for k, o in (d.get("evaluate") or {}).items()},
             registered=Registration(**reg) if reg else None,
+            transfer=TransferOutcome(**tr) if tr else None,
             tune_files={k: list(v) for k, v in (d.get("tune_files") or {}).items()},
         )
 

@@ -256,6 +256,10 @@ class EvaluationConfig:
     check_n: Annotated[int, Range(1, 1_000_000)] = 256  # images of the masking checks
     black_box_queries: Annotated[int, Range(1, 1_000_000)] = 500  # the black-box (Square) check
     more_steps_factor: Annotated[int, Range(2, 100)] = 5  # PGD-k vs PGD-(factor * k)
+    # the transfer matrix (source x target, PGD of the suite) of every evaluated model, once at
+    # least two are: a Parquet table and a heatmap on the pipeline's parent run
+    transfer: bool = False
+    transfer_n: Annotated[int, Range(0, 1_000_000)] = 200  # its first n test images (0: all)
     seed: Annotated[int, SEED] = 0
 
 
