@@ -149,7 +149,6 @@ class TensorBatchLoader:
         shuffle: bool,
         generator: torch.Generator | None = None,
         drop_last: bool = False,
-        pin_memory: bool = False,
     ) -> None:
         resolved = _resolve(dataset)
         if resolved is None:
@@ -161,8 +160,8 @@ class TensorBatchLoader:
         self.shuffle = shuffle
         self.generator = generator
         self.drop_last = drop_last
+        self.pin_memory = False  # page-locked batches (make_loader's pin_memory)
         self._base, idx = resolved
-        self.pin_memory = pin_memory and self._base.x.device.type == "cpu"  # host data only
         self._index = None if idx is None else idx.to(self._base.x.device)
 
     def __len__(self) -> int:
@@ -181,7 +180,8 @@ class TensorBatchLoader:
             order = self._index[order]
         for k in range(len(self)):
             x, y = self._base.batch(order[k * self.batch_size : (k + 1) * self.batch_size])
-            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+            pin = self.pin_memory and x.device.type == "cpu"  # host data only
+            yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 
 
 def make_loader(
@@ -210,14 +210,11 @@ def make_loader(
         An iterable of ``(x, y)``: float32 (B, C, H, W) in [0, 1] and int64 (B,).
     """
     if _resolve(dataset) is not None:
-        return TensorBatchLoader(
-            dataset,
-            batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            drop_last=drop_last,
-            pin_memory=pin_memory,
+        loader = TensorBatchLoader(
+            dataset, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
         )
+        loader.pin_memory = pin_memory
+        return loader
     return DataLoader(
         dataset,
         batch_size=batch_size,
