@@ -173,6 +173,10 @@ class SearchConfig:
     decode: DecodeRule = "median"  # one rule for every op (docs/method.md: Decoding)
     decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
     fused: bool = True  # fused supernet forward (same maths as the per-edge reference)
+    # bf16 autocast of the network passes on CUDA (ignored on CPU); the bound, the chance
+    # constraint and the architecture distribution stay float32 (docs/method.md)
+    bf16: bool = False
+    channels_last: bool = False  # channels-last supernet and batches (any device)
     seed: Annotated[int, SEED] = 0
 
 

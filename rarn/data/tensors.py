@@ -160,6 +160,7 @@ class TensorBatchLoader:
         self.shuffle = shuffle
         self.generator = generator
         self.drop_last = drop_last
+        self.pin_memory = False  # page-locked batches (make_loader's pin_memory)
         self._base, idx = resolved
         self._index = None if idx is None else idx.to(self._base.x.device)
 
@@ -178,7 +179,9 @@ class TensorBatchLoader:
         if self._index is not None:
             order = self._index[order]
         for k in range(len(self)):
-            yield self._base.batch(order[k * self.batch_size : (k + 1) * self.batch_size])
+            x, y = self._base.batch(order[k * self.batch_size : (k + 1) * self.batch_size])
+            pin = self.pin_memory and x.device.type == "cpu"  # host data only
+            yield (x.pin_memory(), y.pin_memory()) if pin else (x, y)
 
 
 def make_loader(
@@ -188,6 +191,7 @@ def make_loader(
     shuffle: bool,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> TensorBatchLoader | DataLoader:
     """A re-iterable loader of ``(x, y)`` batches; ``len()`` is the number of batches.
 
@@ -198,16 +202,26 @@ def make_loader(
         shuffle: draw a new permutation from ``generator`` at every iteration (epoch).
         generator: source of the permutations (torch's global RNG when None).
         drop_last: drop the final incomplete batch.
+        pin_memory: page-locked batches, so that ``.to(cuda, non_blocking=True)`` copies
+            asynchronously while the GPU still works on the previous step (set it only when
+            training on CUDA: pinning needs a CUDA runtime and costs a host copy).
 
     Returns:
         An iterable of ``(x, y)``: float32 (B, C, H, W) in [0, 1] and int64 (B,).
     """
     if _resolve(dataset) is not None:
-        return TensorBatchLoader(
+        loader = TensorBatchLoader(
             dataset, batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
         )
+        loader.pin_memory = pin_memory
+        return loader
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=generator,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
     )
 
 

@@ -1,7 +1,8 @@
-"""Small model utilities shared by every room: the eval-mode context and the logit margin.
+"""Small model utilities shared by every room: the eval-mode context, the logit margin and the
+device's precision settings (bf16 autocast, float32 regions, cuDNN autotuning).
 
-They live with the models (not with the attacks) so that certification, attacks, training and
-evaluation can all use them without importing each other.
+They live with the models (not with the attacks) so that certification, attacks, training,
+the search and evaluation can all use them without importing each other.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["device_of", "eval_mode", "logit_margin"]
+__all__ = [
+    "autocast",
+    "device_of",
+    "enable_cudnn_autotune",
+    "eval_mode",
+    "full_precision",
+    "logit_margin",
+]
 
 
 @contextlib.contextmanager
@@ -67,3 +75,37 @@ def device_of(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA when ``bf16`` is set, else a no-op.
+
+    CPU runs ignore the flag on purpose: CPU bf16 autocast is slower than float32 for these
+    small convolutions on most CPUs and would make CPU tests differ from the reference maths, so
+    ``bf16=True`` on CPU is bit-identical to ``bf16=False`` (tested).
+    """
+    if bf16 and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def full_precision(device: torch.device) -> contextlib.AbstractContextManager:
+    """A float32 region inside a possible :func:`autocast` one (autocast disabled).
+
+    For the maths whose precision matters more than its cost: log-sums of the Lipschitz bound,
+    normal CDFs of the chance constraint, the architecture distribution's sampling.
+    """
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def enable_cudnn_autotune(device: torch.device) -> None:
+    """``torch.backends.cudnn.benchmark = True`` on a CUDA device (CPU runs untouched).
+
+    A training run feeds the same few input shapes for thousands of steps, so letting cuDNN time
+    its convolution algorithms once per shape and keep the fastest pays off after the first
+    steps. The price is run-to-run bitwise reproducibility on CUDA, which its default
+    (non-deterministic) kernels do not give anyway; CPU runs, and thus the tests, stay exact.
+    Process-wide, hence called once where a run's device is chosen.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True

@@ -177,7 +177,8 @@ def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
     metrics = {k: tally.sums[k] / tally.weight_steps for k in ("train_loss", "train_acc")}
     if tally.penalty_steps:
         metrics["grad_norm"] = tally.sums["grad_norm"] / tally.penalty_steps
-    metrics.update(s.evaluate(make_loader(data.val, 2 * cfg.batch_size, shuffle=False)))
+    val = make_loader(data.val, 2 * cfg.batch_size, shuffle=False, pin_memory=_pin(s))
+    metrics.update(s.evaluate(val))
     metrics.update(_bound_metrics(s, tally))
     metrics["log_lambda_faithful"] = s.faithful_log_bound()
     metrics.update(_robustness(s, data, epoch))
@@ -258,26 +259,28 @@ def _steps(s: RACLSearch, data: SearchData, epoch: int, arch_allowed: bool = Tru
     warm-up, unless the architecture is frozen) and a weight step."""
     from rarn.data import make_loader
 
-    cfg, dev = s.cfg, s.device
+    cfg = s.cfg
     # Data order depends only on (seed, epoch): nothing to checkpoint, exact on resume.
     g_t = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 2 * epoch)
     g_v = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 2 * epoch + 1)
-    train = make_loader(data.train, cfg.batch_size, shuffle=True, generator=g_t, drop_last=True)
-    val = make_loader(data.val, cfg.batch_size, shuffle=True, generator=g_v, drop_last=True)
+    # fixed batch shapes (drop_last) also let cuDNN's autotuner settle once
+    kw = {"shuffle": True, "drop_last": True, "pin_memory": _pin(s)}
+    train = make_loader(data.train, cfg.batch_size, generator=g_t, **kw)
+    val = make_loader(data.val, cfg.batch_size, generator=g_v, **kw)
     arch_on = arch_allowed and epoch >= cfg.warmup_epochs
     t = _Tally()
     for step, ((xt, yt), (xv, yv)) in enumerate(zip(train, _cycle(val))):
         if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
             break
         if arch_on:
-            a = s.arch_step(xv.to(dev), yv.to(dev))
+            a = s.arch_step(xv, yv)  # the step moves the batch (non-blocking)
             _check_finite(a, ("arch_loss", "mu_F", "sigma_F", "h"), epoch + 1, step)
             t.sums.update({k: v for k, v in a.items() if k not in ("y", "log_lambda_bar")})
             t.arch_steps += 1
             t.satisfied += a["h"] <= 0
             t.last_arch = a
         # the epoch-local step decides the lazy term: resumable, data order is per epoch too
-        w = s.weight_step(xt.to(dev), yt.to(dev), penalty=step % cfg.grad_norm_every == 0)
+        w = s.weight_step(xt, yt, penalty=step % cfg.grad_norm_every == 0)
         _check_finite(w, ("train_loss",), epoch + 1, step)
         t.sums.update(w)
         t.weight_steps += 1
@@ -285,6 +288,11 @@ def _steps(s: RACLSearch, data: SearchData, epoch: int, arch_allowed: bool = Tru
     if t.weight_steps == 0:
         raise ValueError("empty D_T: no training batch (dataset smaller than batch_size?)")
     return t
+
+
+def _pin(s: RACLSearch) -> bool:
+    """Pinned host batches when the search runs on CUDA (asynchronous copies)."""
+    return s.device.type == "cuda"
 
 
 def _bound_metrics(s: RACLSearch, t: _Tally) -> dict[str, float]:

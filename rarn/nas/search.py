@@ -11,6 +11,9 @@ it is :func:`rarn.nas.loop.run_search`.
   the augmented-Lagrangian term of the chance constraint on ``(mu_F, sigma_F)``, the two
   gradients balanced (:mod:`rarn.nas.balance`), then dual ascent.
   The per-op Lipschitz constants are detached (the paper constrains architecture parameters).
+* ``SearchConfig.bf16``: bf16 autocast of the network's passes on CUDA, except the
+  finite-difference gradient-norm pass (its quotient divides rounding by ``fd_step``); bound,
+  chance constraint and architecture distribution stay float32 (log-sums, normal CDFs).
 * The checkpoint (weights, distributions, optimisers, dual state, power-iteration buffers, RNG
   state) is a :func:`rarn.checkpoint.save_checkpoint` file of kind ``search``, sha256-recorded.
 """
@@ -37,6 +40,7 @@ from rarn.checkpoint import (
 )
 from rarn.config import ConstraintConfig, SearchConfig, check
 from rarn.lipschitz.estimator import LipschitzEstimator
+from rarn.models.common import autocast, enable_cudnn_autotune, full_precision
 from rarn.nas.balance import ArchDiagnostics, arch_gradients, confidence_share
 from rarn.nas.constraint import (
     BoundInputs,
@@ -88,6 +92,9 @@ class RACLSearch:
         self._n_ops = math.prod(self._shape)  # the estimator's op constants come first
         self._is_reduce = torch.tensor([c.reduction for c in cells])
         self.model.to(self.device)
+        if search.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        enable_cudnn_autotune(self.device)  # the device of a search is chosen here
         self.w_opt, self.a_opt = _optimisers(self.model, search)
         self.constraint = _chance_constraint(constraint)
         self._is_mean = [n.startswith("mu_") for n, _ in self.model.arch.named_parameters()]
@@ -102,8 +109,9 @@ class RACLSearch:
 
     def bound_inputs(self, n_iters: int = 1, update: bool = True) -> BoundInputs:
         """Per-op log-constants of the current weights (power iteration advances ``n_iters``;
-        ``update=False`` leaves the estimator's vectors as they are)."""
-        lam = self.model.lipschitz(n_iters=n_iters, update=update)
+        ``update=False`` leaves the estimator's vectors as they are; float32)."""
+        with full_precision(self.device):
+            lam = self.model.lipschitz(n_iters=n_iters, update=update)
         n_cells = self._shape[0]
         fixed = lam[self._n_ops :]
         # stem + classifier; per cell the larger of its two preprocessing constants
@@ -117,23 +125,29 @@ class RACLSearch:
         )
 
     def moments(self, inputs: BoundInputs) -> tuple[Tensor, Tensor]:
-        """``(mu_F, sigma_F)`` of the log-bound under the current distributions."""
-        arch, c = self.model.arch, self.ccfg
-        if c.estimator == "delta" or not self.cfg.sampling:
-            sigma = (
-                arch.sigma()
-                if self.cfg.sampling
-                else ArchSample(*(torch.zeros_like(t) for t in arch.mu().as_tuple()))
-            )
-            return delta_moments(arch.mu(), sigma, inputs, c.bound, c.mixture)
-        draws = arch.sample(self.sample_gen, n=c.mc_samples)
-        return monte_carlo_moments(draws, inputs, c.bound, c.mixture)
+        """``(mu_F, sigma_F)`` of the log-bound under the current distributions (float32)."""
+        arch, c, s = self.model.arch, self.ccfg, self.cfg.sampling
+        with full_precision(self.device):
+            if c.estimator == "delta" or not s:
+                mu = arch.mu()
+                sigma = arch.sigma() if s else ArchSample(*map(torch.zeros_like, mu.as_tuple()))
+                return delta_moments(mu, sigma, inputs, c.bound, c.mixture)
+            draws = arch.sample(self.sample_gen, n=c.mc_samples)
+            return monte_carlo_moments(draws, inputs, c.bound, c.mixture)
+
+    def _batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` on the search's device (asynchronous from pinned memory), ``x``
+        channels-last when configured (a no-op for a batch already there)."""
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def faithful_log_bound(self) -> float:
         """The spec's bound (product over cells, every op, delta-method mean) of the current
         median architecture, whatever this search's own ``constraint`` config says: the one
         ``ln lambda_F`` that compares searches of different variants. Changes nothing."""
-        with torch.no_grad():
+        with torch.no_grad(), full_precision(self.device):
             inputs = self.bound_inputs(1, update=False)
             return float(log_bound(self.model.arch.mu(), inputs, "product", "all"))
 
@@ -147,16 +161,23 @@ class RACLSearch:
 
         The gradient is the CE's plus the constraint's, balanced by ``constraint.balance``
         (:mod:`rarn.nas.balance`); the returned metrics include their ratio and the chance
-        part's share of the constraint.
+        part's share of the constraint. Only the network's pass may run in bf16
+        (``SearchConfig.bf16``): the sample, the bound and ``h`` are float32 regions.
         """
-        model, c, cc = self.model, self.ccfg, self.constraint
+        model, c, cc, dev = self.model, self.ccfg, self.constraint, self.device
+        x, y = self._batch(x, y)
         model.train()
         params = model.arch_parameters()
-        ce = F.cross_entropy(model(x, self._arch_logits()), y)
+        with full_precision(dev):
+            z = self._arch_logits()
+        with autocast(dev, self.cfg.bf16):
+            logits = model(x, z)
+        ce = F.cross_entropy(logits.float(), y)
         inputs = self.bound_inputs(c.power_iterations)
         mu_f, sigma_f = self.moments(inputs)
-        log_bar = cc.update_threshold(model.arch.mu(), inputs, c.bound, c.mixture)
-        h = cc.h(mu_f, sigma_f)
+        with full_precision(dev):
+            log_bar = cc.update_threshold(model.arch.mu(), inputs, c.bound, c.mixture)
+            h = cc.h(mu_f, sigma_f)
         h_val, sigma_f_val = float(h.detach()), float(sigma_f.detach())
         cc.set_unit(sigma_f_val)
         coef = cc.coefficient(h_val) if c.enabled else 0.0
@@ -194,15 +215,20 @@ class RACLSearch:
 
         With ``grad_norm_every = k > 1`` the caller asks for the term on every k-th step only
         (``penalty``), and it then weighs ``k gamma`` (lazy regularisation, see the config).
+        With ``bf16`` the passes run under autocast on CUDA, except a finite-difference
+        gradient-norm step (float32: its quotient divides rounding errors by ``fd_step``).
         """
         model, cfg = self.model, self.cfg
+        x, y = self._batch(x, y)
         model.train()
         params = [p for p in model.weight_parameters() if p.requires_grad]
         z = self._arch_logits()
         if cfg.sampling:  # the architecture is not updated here: no graph into (mu, sigma)
             z = ArchSample(*(t.detach() for t in z.as_tuple()))
         gamma = cfg.grad_norm_weight * cfg.grad_norm_every if penalty else 0.0
-        out = weight_gradients(model, params, x, y, z, gamma, cfg.grad_norm_mode, cfg.fd_step)
+        fd = gamma > 0 and cfg.grad_norm_mode == "finite_difference"
+        with autocast(self.device, cfg.bf16 and not fd):
+            out = weight_gradients(model, params, x, y, z, gamma, cfg.grad_norm_mode, cfg.fd_step)
         for p, g in zip(params, out.grads):
             p.grad = g
         if cfg.grad_clip > 0:
@@ -215,7 +241,7 @@ class RACLSearch:
 
     def evaluate(self, loader: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
         """``val_loss`` and ``val_acc`` of the median architecture in eval mode."""
-        out = evaluate_model(self.model, loader)
+        out = evaluate_model(self.model, loader, bf16=self.cfg.bf16)
         return {"val_loss": out["loss"], "val_acc": out["acc"]}
 
     def decode(self, mode: str | None = None) -> Genotype:

@@ -16,7 +16,6 @@ here, once:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rarn.config import Schedule
-from rarn.models.common import device_of, eval_mode
+from rarn.models.common import autocast, device_of, eval_mode
 from rarn.robust.attacks import AttackFn, get_attack
 from rarn.robust.steps import StepFn
 
@@ -114,12 +113,6 @@ def notify(callbacks: Sequence[Any], epoch: int, metrics: Mapping[str, float]) -
 # Batches
 
 
-def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    if bf16 and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def to_device(
     x: Tensor, y: Tensor, device: torch.device, channels_last: bool
 ) -> tuple[Tensor, Tensor]:
@@ -192,7 +185,7 @@ def train_epoch(
         if max_steps and steps >= max_steps:
             break
         x, y = to_device(x, y, device, channels_last)
-        with _autocast(device, bf16):
+        with autocast(device, bf16):
             out = step_fn(model, x, y)
         loss = out.loss.float()
         value = float(loss.detach())
@@ -225,7 +218,7 @@ def train_epoch(
 
 
 def _logits(model: nn.Module, x: Tensor, device: torch.device, bf16: bool) -> Tensor:
-    with torch.no_grad(), _autocast(device, bf16):
+    with torch.no_grad(), autocast(device, bf16):
         return model(x).float()
 
 
@@ -279,7 +272,7 @@ def evaluate(
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += float(ok.sum())
             if fn is not None:
-                with _autocast(device, bf16):
+                with autocast(device, bf16):
                     x_adv = fn(model, x, y, **knobs)
                 adv = _logits(model, x_adv, device, bf16)
                 r_loss_sum += float(F.cross_entropy(adv, y, reduction="sum"))

@@ -31,6 +31,7 @@ from torch.utils.data import DistributedSampler, Subset
 from rarn.checkpoint import load_state_checked
 from rarn.config import RetrainConfig, check, config_to_dict
 from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz
+from rarn.models.common import enable_cudnn_autotune
 from rarn.models.darts import build_network, count_parameters
 from rarn.robust.augment import augmenting
 from rarn.robust.loop import (
@@ -109,8 +110,10 @@ class _RankLoader:
     epoch alone, so ranks see different samples each epoch and a resumed run the same order.
     """
 
-    def __init__(self, dataset: Any, batch_size: int, rank: int, world: int, seed: int) -> None:
-        self.dataset, self.batch_size = dataset, batch_size
+    def __init__(
+        self, dataset: Any, batch_size: int, rank: int, world: int, seed: int, pin: bool = False
+    ) -> None:
+        self.dataset, self.batch_size, self.pin = dataset, batch_size, pin
         self.sampler = DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -125,13 +128,18 @@ class _RankLoader:
         from rarn.data import make_loader
 
         share = Subset(self.dataset, list(self.sampler))  # this epoch's indices, in order
-        return iter(make_loader(share, self.batch_size, shuffle=False))
+        return iter(make_loader(share, self.batch_size, shuffle=False, pin_memory=self.pin))
 
 
 def _loaders(
-    cfg: RetrainConfig, bundle: Any, shard: tuple[int, int], generator: torch.Generator
+    cfg: RetrainConfig,
+    bundle: Any,
+    shard: tuple[int, int],
+    generator: torch.Generator,
+    pin: bool = False,
 ) -> tuple[Iterable, Iterable | None]:
-    """Training loader (this rank's share) and the seeded held-out validation loader."""
+    """Training loader (this rank's share) and the seeded held-out validation loader (pinned
+    batches when ``pin``: training on CUDA)."""
     from rarn.data import make_loader, search_split
 
     if cfg.val_fraction > 0:  # the selection split (Rice et al. 2020)
@@ -140,10 +148,14 @@ def _loaders(
         train_set, val_set = bundle.train, None
     rank, world = shard
     if world > 1:  # data parallel: this rank's DistributedSampler share, reshuffled per epoch
-        train_loader = _RankLoader(train_set, cfg.batch_size, rank, world, cfg.seed)
+        train_loader = _RankLoader(train_set, cfg.batch_size, rank, world, cfg.seed, pin)
     else:
-        train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, generator=generator)
-    val_loader = None if val_set is None else make_loader(val_set, cfg.batch_size, shuffle=False)
+        train_loader = make_loader(
+            train_set, cfg.batch_size, shuffle=True, generator=generator, pin_memory=pin
+        )
+    val_loader = None
+    if val_set is not None:
+        val_loader = make_loader(val_set, cfg.batch_size, shuffle=False, pin_memory=pin)
     check_nonempty(train_loader, "run_retrain")
     return train_loader, val_loader
 
@@ -177,7 +189,7 @@ def _build(
     """Data, network, optimiser, schedule, step (augmented: ``cfg.augment``) and the seeded
     generators (loader, attack, drop path; augmentation when on)."""
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader, val_loader = _loaders(cfg, bundle, shard, loader_gen)
+    train_loader, val_loader = _loaders(cfg, bundle, shard, loader_gen, device.type == "cuda")
     model = _network(cfg, bundle, device)
     train_model = wrap_model(model) if wrap_model is not None else model
     optimizer = torch.optim.SGD(
@@ -299,9 +311,13 @@ def _report(setup: _Setup, state: RetrainState) -> RetrainResult:
 
 
 def _pick_device(device: str | torch.device | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The run's device (CUDA when available); on CUDA, cuDNN autotuning is switched on here,
+    once (:func:`rarn.models.common.enable_cudnn_autotune`)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    enable_cudnn_autotune(dev)
+    return dev
 
 
 def run_retrain(
