@@ -2,8 +2,9 @@
 
 :func:`log_model_checked` logs a retrained network as an MLflow pyfunc built by
 :mod:`pipeline.portable`: ``weights.pt`` (a state_dict), ``genotype.json`` and ``network.json``
-as ``artifacts``, the ``rarn`` package as ``code_paths``, :mod:`pipeline.portable` as the model
-code, a tensor signature and an input example. Plain MLflow loads it without this repository and
+as ``artifacts`` (a named network, e.g. ``resnet18``: ``weights.pt`` and ``network.json``), the
+``rarn`` package as ``code_paths``, :mod:`pipeline.portable` as the model code, a tensor
+signature and an input example. Plain MLflow loads it without this repository and
 without unpickling anything. The digest of every file (:func:`dir_sha256`, read back from the
 store) is recorded as ``rarn.model_sha256``.
 
@@ -54,23 +55,34 @@ def dir_sha256(root: str | Path) -> str:
     return h.hexdigest()
 
 
-def _requirements() -> list[str]:
+def _requirements(network: str) -> list[str]:
+    """Exact versions of what loading needs: torch, mlflow, numpy (and torchvision, whose
+    models the named networks are built from)."""
     import mlflow
     import numpy
     import torch
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-            f"numpy=={numpy.__version__}"]  # fmt: skip
+    out = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+           f"numpy=={numpy.__version__}"]  # fmt: skip
+    if network:
+        import torchvision
+
+        out.append(f"torchvision=={torchvision.__version__.split('+')[0]}")
+    return out
 
 
-def log_model_checked(tracking: Tracking, run_id: str, model: Any, example: Any) -> tuple[str, str]:
+def log_model_checked(
+    tracking: Tracking, run_id: str, model: Any, example: Any, *, network: str = ""
+) -> tuple[str, str]:
     """Log ``model`` as a portable pyfunc to ``run_id``; returns ``(model_uri, sha256)``.
 
     Args:
         tracking: where to log.
         run_id: the retraining run.
-        model: a :class:`rarn.models.darts.Network` (CPU, eval mode).
+        model: a :class:`rarn.models.darts.Network` (CPU, eval mode), or the named network
+            ``network``.
         example: an input batch ``(B, C, H, W)`` (the input example and the signature's shape).
+        network: a :data:`rarn.models.baselines.BASELINES` name when ``model`` is that network.
 
     The digest (:func:`dir_sha256` of the logged model directory, read back from the store) is
     recorded as ``rarn.model_sha256`` and checked by :func:`load_model_checked`. Uses the
@@ -96,7 +108,7 @@ def log_model_checked(tracking: Tracking, run_id: str, model: Any, example: Any)
         tempfile.TemporaryDirectory() as d,
         mlflow.start_run(run_id=run_id, experiment_id=tracking.experiment_id),
     ):
-        files = save_network(model, d, torch.from_numpy(x))
+        files = save_network(model, d, torch.from_numpy(x), network=network)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(_MODEL_CODE),
@@ -104,7 +116,7 @@ def log_model_checked(tracking: Tracking, run_id: str, model: Any, example: Any)
             code_paths=[str(_RARN)],
             signature=signature,
             input_example=x,
-            pip_requirements=_requirements(),
+            pip_requirements=_requirements(network),
         )
         digest = dir_sha256(_download_model(tracking, info.model_uri, str(Path(d) / "back")))
         mlflow.set_tags({"rarn.model_uri": info.model_uri, "rarn.model_sha256": digest})
@@ -132,7 +144,7 @@ def _download_model(tracking: Tracking, model_uri: str, dst: str) -> str:
 def load_model_checked(tracking: Tracking, model_uri: str, expected_sha256: str) -> Any:
     """Download a logged model, verify its digest, then rebuild the network (CPU, eval mode).
 
-    Nothing is loaded before the digest matched, and then only the three plain files are read
+    Nothing is loaded before the digest matched, and then only the plain files are read
     (:func:`pipeline.portable.load_network`): the model's code files are not run.
 
     Raises:

@@ -26,12 +26,13 @@ def validate_config(cfg: Config, stages: Sequence[str], resume: bool) -> None:
     Every value rule of the config itself (types, ranges, choices, registries, the trial grid)
     already ran in :func:`rarn.config.load_config`; what is left depends on the stages run.
     """
+    from rarn.models.baselines import BASELINES
     from rarn.nas.genotype import get_genotype
 
     if cfg.retrain.genotype == "searched":
         if "search" not in stages and "retrain" in stages and not resume:
             raise ConfigError("retrain.genotype=searched needs the search stage (or --resume)")
-    else:
+    elif cfg.retrain.genotype not in BASELINES:  # a named network needs no genotype file
         try:
             get_genotype(cfg.retrain.genotype)
         except (KeyError, FileNotFoundError, ValueError) as e:

@@ -10,6 +10,12 @@ per-epoch ``ray.train.report`` with rank 0's checkpoint, and ``FailureConfig`` r
 Train run names carry the pipeline's parent run id, so runs sharing a storage path never meet.
 Rank 0 owns the MLflow child run (tags ``rarn.search_run_id`` and ``rarn.genotype_sha`` point
 back to the search) and logs the selected model with its sha256.
+
+A job may retrain a named network of :data:`rarn.models.baselines.BASELINES` (a reference such as
+``resnet18``) instead of a genotype: same data, epochs, attack and selection, without the
+DARTS-only auxiliary head and drop-path; its architecture digest is
+:func:`rarn.models.baselines.baseline_sha256`, and its run has the tag ``rarn.network`` and no
+``genotype.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pipeline.state import RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking, allowed_params
 from rarn.checkpoint import atomic_write
 from rarn.config import RetrainConfig, TuneConfig, config_to_dict
+from rarn.models.baselines import baseline_sha256
 from rarn.nas.genotype import Genotype
 from rarn.robust.retrain import run_retrain
 
@@ -45,14 +52,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RetrainJob:
-    """One genotype to retrain and where its lineage points."""
+    """One architecture to retrain and where its lineage points: a genotype, or a named network
+    of :data:`rarn.models.baselines.BASELINES` (``network``; then ``genotype`` is None)."""
 
-    key: str  # the search trial's key, or the bundled genotype's name
-    genotype: Genotype
+    key: str  # the search trial's key, the bundled genotype's name, or ref-<name>
+    genotype: Genotype | None
     cfg: RetrainConfig
     tracking: Tracking
     run_dir: str
     search_run_id: str = ""  # empty for a bundled genotype (no search lineage)
+    network: str = ""  # a BASELINES name, trained instead of a genotype
+
+    def __post_init__(self) -> None:
+        if (self.genotype is None) == (not self.network):
+            raise ValueError(f"retrain job {self.key}: give a genotype or a network name")
+
+    @classmethod
+    def of(cls, key: str, architecture: Genotype | str, **kwargs: Any) -> RetrainJob:
+        """A job for a genotype, or for a named network (a ``BASELINES`` key)."""
+        if isinstance(architecture, str):
+            return cls(key, None, network=architecture, **kwargs)
+        return cls(key, architecture, **kwargs)
+
+    @property
+    def architecture_sha(self) -> str:
+        """The genotype's sha256, or a named network's :func:`~rarn.models.baselines.
+        baseline_sha256` (``RetrainOutcome.genotype_sha``, the ``rarn.genotype_sha`` tag)."""
+        if self.genotype is not None:
+            return self.genotype.sha256()
+        return baseline_sha256(self.network)
 
     @property
     def run_name(self) -> str:
@@ -68,22 +96,35 @@ class RetrainJob:
     def store(self, rank: int) -> TrialStore:
         return TrialStore(self.root / f"rank{rank}")
 
-    def worker_config(self, world: int) -> RetrainConfig:
-        """The per-worker section: the genotype as a JSON file, the batch split over ranks."""
-        path, text = self.root / "genotype.json", self.genotype.to_json()
-        if not path.is_file() or path.read_text() != text:
-            atomic_write(path, text)  # other ranks may be reading it
+    def trained_config(self) -> RetrainConfig:
+        """The section as this job trains it: a named network in ``genotype``, without the
+        auxiliary head and drop-path (DARTS networks only; every other setting is shared)."""
+        if self.genotype is not None:
+            return self.cfg
         return dataclasses.replace(
-            self.cfg, genotype=str(path), batch_size=max(1, self.cfg.batch_size // world)
+            self.cfg, genotype=self.network, auxiliary_weight=0.0, drop_path=0.0
         )
+
+    def worker_config(self, world: int) -> RetrainConfig:
+        """The per-worker section: the genotype as a JSON file (a named network by its name),
+        the batch split over ranks."""
+        cfg = self.trained_config()
+        if self.genotype is not None:
+            path, text = self.root / "genotype.json", self.genotype.to_json()
+            if not path.is_file() or path.read_text() != text:
+                atomic_write(path, text)  # other ranks may be reading it
+            cfg = dataclasses.replace(cfg, genotype=str(path))
+        return dataclasses.replace(cfg, batch_size=max(1, cfg.batch_size // world))
 
     def open_run(self) -> ChildRun:
         tags = {
             "rarn.search_run_id": self.search_run_id,
-            "rarn.genotype_sha": self.genotype.sha256(),
+            "rarn.genotype_sha": self.architecture_sha,
             "rarn.genotype_source": self.key,
         }
-        params = allowed_params({"retrain": config_to_dict(self.cfg)})
+        if self.network:
+            tags["rarn.network"] = self.network
+        params = allowed_params({"retrain": config_to_dict(self.trained_config())})
         return self.tracking.child_run("retrain", self.key, params=params, tags=tags)
 
 
@@ -162,11 +203,14 @@ def _resume_source(job: RetrainJob, rank: int, reported: Any) -> Any:
 
 
 def _log_result(job: RetrainJob, run: ChildRun, result: Any, example: Any) -> None:
-    """Rank 0: final metrics, genotype and model (sha256-recorded); the run ends FINISHED."""
+    """Rank 0: final metrics, genotype (if any) and model (sha256-recorded); the run ends
+    FINISHED."""
     run.log_metrics({f"final_{k}": v for k, v in result.final.items()}, step=result.best_epoch)
     run.set_tags({"rarn.selected_by": result.selected_by})
-    run.log_artifact_checked(job.root / "genotype.json")
-    log_model_checked(job.tracking, run.run_id, result.model.cpu().eval(), example)
+    if job.genotype is not None:  # a named network has no genotype (its name is a tag)
+        run.log_artifact_checked(job.root / "genotype.json")
+    model = result.model.cpu().eval()
+    log_model_checked(job.tracking, run.run_id, model, example, network=job.network)
     run.end("FINISHED")
 
 
@@ -199,7 +243,7 @@ def _fit(job: RetrainJob, bundle: Any, tune_cfg: TuneConfig, storage_path: str) 
 
 
 def _outcome(job: RetrainJob, error: str | None) -> RetrainOutcome:
-    o = RetrainOutcome(job.key, job.genotype.sha256(), job.search_run_id, error=error)
+    o = RetrainOutcome(job.key, job.architecture_sha, job.search_run_id, error=error)
     o.retrain_run_id = job.tracking.find_child("retrain", job.key)
     if o.retrain_run_id is None:
         return o

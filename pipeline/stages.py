@@ -126,15 +126,18 @@ class Pipeline:
     # -- stage 2 --------------------------------------------------------------------------------
 
     def retrain_jobs(self) -> list[Any]:
-        """One :class:`pipeline.retrain.RetrainJob` per selected trial (or bundled genotype)."""
+        """One :class:`pipeline.retrain.RetrainJob` per selected trial (or configured genotype or
+        named network), then one per reference network."""
         from pipeline.retrain import RetrainJob
+        from rarn.models.baselines import BASELINES
         from rarn.nas.genotype import get_genotype
 
         common = {"cfg": self.cfg.retrain, "tracking": self.tracking, "run_dir": str(self.run_dir)}
-        references = [RetrainJob(n, g, **common) for n, g in self.baselines().items()]
-        if self.cfg.retrain.genotype != "searched":
-            g = get_genotype(self.cfg.retrain.genotype)
-            return [RetrainJob(Path(self.cfg.retrain.genotype).stem, g, **common), *references]
+        references = [RetrainJob.of(n, a, **common) for n, a in self.baselines().items()]
+        name = self.cfg.retrain.genotype
+        if name != "searched":
+            arch = name if name in BASELINES else get_genotype(name)
+            return [RetrainJob.of(Path(name).stem, arch, **common), *references]
         search = self.state.search
         if search is None:
             raise PipelineError("retrain.genotype=searched, but no search has finished here")
@@ -145,20 +148,26 @@ class Pipeline:
         return [*jobs, *references]
 
     def baselines(self) -> dict[str, Any]:
-        """The reference genotypes retrained beside the searched ones (``retrain.baselines``,
-        and ``random-<seed>`` per study seed), by key; they are ranked, never registered."""
+        """The reference networks retrained beside the searched ones (``retrain.baselines``, and
+        ``random-<seed>`` per study seed), by key: a genotype, or the name of a network of
+        :data:`rarn.models.baselines.BASELINES`. They are ranked, never registered."""
         from pipeline.state import BASELINE_PREFIX
+        from rarn.models.baselines import BASELINES
         from rarn.nas.genotype import get_genotype
         from rarn.nas.variants import RANDOM_PREFIX, random_genotype, random_seed_of
 
         names = list(self.cfg.retrain.baselines)
         if self.cfg.study.variants and self.cfg.study.random_baseline:
             names += [f"{RANDOM_PREFIX}{s}" for s in self.cfg.study.seeds if s not in names]
-        out = {}
+        out: dict[str, Any] = {}
         for name in dict.fromkeys(names):
             seed = random_seed_of(name)
-            g = get_genotype(name) if seed is None else random_genotype(seed, self.cfg.search.nodes)
-            out[BASELINE_PREFIX + name] = g
+            if name in BASELINES:
+                out[BASELINE_PREFIX + name] = name
+            elif seed is None:
+                out[BASELINE_PREFIX + name] = get_genotype(name)
+            else:
+                out[BASELINE_PREFIX + name] = random_genotype(seed, self.cfg.search.nodes)
         return out
 
     def retrain(self) -> None:

@@ -19,6 +19,7 @@ from pipeline.state import BASELINE_PREFIX, RunState
 from pipeline.trials import VARIANT
 from rarn.checkpoint import atomic_path, atomic_write
 from rarn.config import Config
+from rarn.models.baselines import BASELINES
 from rarn.nas.genotype import Genotype
 from rarn.nas.variants import RANDOM_PREFIX, random_seed_of
 from rarn.study import plot_study, run_row, runs_table, summarise, to_markdown
@@ -31,7 +32,8 @@ FILES = ("runs.parquet", "summary.parquet", "summary.md", "study.png")
 def study_rows(cfg: Config, state: RunState, run_dir: Path) -> list[dict[str, Any]]:
     """One row per retrained model: searched trials under their variant, ``random-<seed>``
     references under ``random``, other references under ``ref:<name>`` (their genotype as their
-    retraining wrote it, ``<run_dir>/retrain/<key>/genotype.json``)."""
+    retraining wrote it, ``<run_dir>/retrain/<key>/genotype.json``; a named network such as
+    ``resnet18`` has none: no op histogram, no collapse signals)."""
     rows = []
     search = state.search
     for o in state.retrained():
@@ -45,16 +47,19 @@ def study_rows(cfg: Config, state: RunState, run_dir: Path) -> list[dict[str, An
         name = o.key.removeprefix(BASELINE_PREFIX)
         seed = random_seed_of(name)
         variant = RANDOM_PREFIX.rstrip("-") if seed is not None else f"ref:{name}"
-        genotype = Genotype.from_json(
-            (Path(run_dir) / "retrain" / o.key / "genotype.json").read_text()
-        )
-        rows.append(_row(variant, seed or 0, o.key, genotype, None, ev))
+        genotype = None
+        if name not in BASELINES:
+            path = Path(run_dir) / "retrain" / o.key / "genotype.json"
+            genotype = Genotype.from_json(path.read_text())
+        rows.append(_row(variant, seed or 0, o.key, genotype, None, ev, o.genotype_sha))
     return rows
 
 
-def _row(variant: str, seed: int, key: str, genotype: Any, search: Any, ev: Any) -> dict:
+def _row(
+    variant: str, seed: int, key: str, genotype: Any, search: Any, ev: Any, sha: Any = None
+) -> dict:
     return run_row(variant=variant, seed=seed, key=key, genotype=genotype, search=search,
-                   evaluation=ev)  # fmt: skip
+                   evaluation=ev, genotype_sha=sha)  # fmt: skip
 
 
 def write_study(cfg: Config, state: RunState, run_dir: Path, tracking: Any) -> str:

@@ -83,19 +83,27 @@ def run_row(
     variant: str,
     seed: int,
     key: str,
-    genotype: Genotype,
+    genotype: Genotype | None,
     search: Mapping[str, float] | None,
     evaluation: Mapping[str, float] | None,
+    genotype_sha: str | None = None,
 ) -> dict[str, Any]:
     """One :data:`RUN_SCHEMA` row from a trial's last search metrics (None: not searched) and
-    the evaluation's headline metrics (``eval_*``; None: not evaluated)."""
+    the evaluation's headline metrics (``eval_*``; None: not evaluated).
+
+    ``genotype`` None is a named network (e.g. ``resnet18``): no cell, so an empty op histogram
+    (every ``ops_*`` 0) and NaN collapse signals; ``genotype_sha`` is then its architecture
+    digest (:func:`rarn.models.baselines.baseline_sha256`), otherwise the genotype's sha256.
+    """
     s, e = dict(search or {}), dict(evaluation or {})
     frac = s.get("frac_satisfied")
+    if genotype_sha is None:
+        genotype_sha = genotype.sha256() if genotype is not None else ""
     row = {
         "variant": variant,
         "seed": int(seed),
         "key": key,
-        "genotype_sha": genotype.sha256(),
+        "genotype_sha": genotype_sha,
         "log_lambda_faithful": _nan(s.get("log_lambda_faithful")),
         "constraint_active": math.nan if frac is None else 1.0 - float(frac),
         "dual": _nan(s.get("y")),
@@ -107,6 +115,8 @@ def run_row(
         "pgd_acc": _nan(e.get("eval_pgd_acc")),
         "worst_case_acc": _nan(e.get("eval_worst_case_acc")),
     }
+    if genotype is None:
+        return row | {f"ops_{p}": 0 for p in _OPS}
     if search is None:  # not searched: its collapse signals come from the genotype alone
         from rarn.nas.collapse import detect_collapse
 

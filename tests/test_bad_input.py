@@ -210,6 +210,13 @@ def test_bad_choice_lists_allowed_values(key: str, allowed: tuple[str, ...]) -> 
             "rarn.robust.attacks:ATTACKS",
         ),
         ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.nas.genotype:GENOTYPES"),
+        ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.models.baselines:BASELINES"),
+        ("retrain.baselines=[resnet19]", "retrain.baselines[0]", "rarn.nas.genotype:GENOTYPES"),
+        (
+            "retrain.baselines=[RACL, resnet19]",
+            "retrain.baselines[1]",
+            "rarn.models.baselines:BASELINES",
+        ),
     ],
 )
 def test_registry_choices_list_the_registry(override: str, key: str, registry: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from pipeline.trials import overrides_of, trial_points
 from rarn.config import ConfigError, DataConfig, SearchConfig, config_from_dict, load_config
 from rarn.data import load_dataset
+from rarn.models.baselines import BASELINES, baseline_sha256
 from rarn.models.darts import build_network
 from rarn.nas.genotype import GENOTYPES
 from rarn.nas.loop import SearchData, run_search, supernet_pgd_accuracy
@@ -101,6 +102,48 @@ def test_baselines_are_checked_at_load():
     for bad in (["nope"], ["RACL", "RACL"], ["random-x"]):
         with pytest.raises(ConfigError, match="retrain.baselines"):
             config_from_dict({"retrain": {"baselines": bad}})
+
+
+def test_named_networks_are_baselines_too():
+    cfg = config_from_dict({"retrain": {"baselines": ["RACL", "resnet18", "wrn-16-4"]}})
+    assert cfg.retrain.baselines == ("RACL", "resnet18", "wrn-16-4")
+    assert config_from_dict({"retrain": {"genotype": "resnet18"}}).retrain.genotype == "resnet18"
+    with pytest.raises(ConfigError, match="retrain.baselines") as info:
+        config_from_dict({"retrain": {"baselines": ["resnet19"]}})
+    assert all(name in str(info.value) for name in [*BASELINES, *GENOTYPES, "random-<seed>"])
+    with pytest.raises(ConfigError, match="repeats a name"):
+        config_from_dict({"retrain": {"baselines": ["resnet18", "resnet18"]}})
+
+
+def test_a_named_baseline_is_a_job_without_a_genotype(tmp_path):
+    from pipeline.retrain import RetrainJob
+    from pipeline.stages import Pipeline
+    from pipeline.state import RunState
+
+    cfg = config_from_dict(
+        {"retrain": {"genotype": "RACL", "baselines": ["DARTS_V2", "resnet18"], "drop_path": 0.2,
+                     "auxiliary_weight": 0.4, "batch_size": 32}}
+    )  # fmt: skip
+    pipe = Pipeline(cfg, tmp_path, RunState(), None, False, lambda _: None, 0)
+    assert pipe.baselines() == {"ref-DARTS_V2": GENOTYPES["DARTS_V2"], "ref-resnet18": "resnet18"}
+    jobs = {j.key: j for j in pipe.retrain_jobs()}
+    assert list(jobs) == ["RACL", "ref-DARTS_V2", "ref-resnet18"]
+    job = jobs["ref-resnet18"]
+    assert job.genotype is None and job.network == "resnet18"
+    assert job.architecture_sha == baseline_sha256("resnet18") != GENOTYPES["RACL"].sha256()
+    assert jobs["RACL"].architecture_sha == GENOTYPES["RACL"].sha256()
+    worker = job.worker_config(2)  # the named network by name; DARTS-only settings off
+    assert (worker.genotype, worker.batch_size) == ("resnet18", 16)
+    assert (worker.drop_path, worker.auxiliary_weight) == (0.0, 0.0)
+    assert not (tmp_path / "retrain" / "ref-resnet18").exists()  # no genotype.json written
+    darts = jobs["ref-DARTS_V2"].worker_config(1)
+    assert Path(darts.genotype).name == "genotype.json" and darts.drop_path == 0.2
+    for bad in ({"genotype": None}, {"genotype": GENOTYPES["RACL"], "network": "resnet18"}):
+        with pytest.raises(ValueError, match="a genotype or a network"):
+            RetrainJob("x", cfg=cfg.retrain, tracking=None, run_dir=str(tmp_path), **bad)
+    named = config_from_dict({"retrain": {"genotype": "resnet18"}})
+    (only,) = Pipeline(named, tmp_path, RunState(), None, False, print, 0).retrain_jobs()
+    assert (only.key, only.network) == ("resnet18", "resnet18")
 
 
 def test_shipped_study_configs_load():
@@ -222,6 +265,19 @@ def test_study_tables_have_mean_and_spread_per_variant():
     assert "| racl | 3 | 0.250 ± 0.050 |" in text and "| random | 1 |" in text
 
 
+def test_a_named_network_row_has_no_ops_and_no_collapse_signals():
+    ev = {"eval_clean_acc": 0.6, "eval_pgd_acc": 0.3, "eval_worst_case_acc": 0.25}
+    sha = baseline_sha256("resnet18")
+    row = run_row(variant="ref:resnet18", seed=0, key="ref-resnet18", genotype=None, search=None,
+                  evaluation=ev, genotype_sha=sha)  # fmt: skip
+    assert row["genotype_sha"] == sha and row["worst_case_acc"] == 0.25
+    assert all(row[f.name] == 0 for f in RUN_SCHEMA if f.name.startswith("ops_"))
+    assert math.isnan(row["collapsed"]) and math.isnan(row["param_free_normal"])
+    summary = summarise(runs_table([*_rows(), row]), order=["racl"])
+    text = to_markdown(summary)
+    assert "| ref:resnet18 | 1 | 0.250 ± 0.000 |" in text
+
+
 def test_random_rows_carry_the_collapse_signals_of_their_genotype():
     row = _rows()[-1]
     g = random_genotype(0)
@@ -243,7 +299,7 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
     args = [
         "--config", str(ROOT / "configs/smoke.yaml"), "--force-promote",
         "tune.param_space={}", "study.variants=[racl,pcdarts_plain]", "study.seeds=[0]",
-        "retrain.baselines=[RACL]", "evaluation.checks=false",
+        "retrain.baselines=[RACL,resnet18]", "evaluation.checks=false",
     ]  # fmt: skip
     rc = main(args)
     out = capsys.readouterr().out
@@ -255,8 +311,13 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
         "racl",
         "random",
         "ref:RACL",
+        "ref:resnet18",
     ]
     assert all(v == v for v in runs.column("worst_case_acc").to_pylist())  # every model evaluated
+    (resnet,) = [r for r in runs.to_pylist() if r["variant"] == "ref:resnet18"]
+    assert math.isfinite(resnet["worst_case_acc"]) and 0 <= resnet["worst_case_acc"] <= 1
+    assert resnet["genotype_sha"] == baseline_sha256("resnet18") and resnet["ops_skip_connect"] == 0
+    assert math.isnan(resnet["collapsed"])
     summary = pq.read_table(study / "summary.parquet")
     assert summary.column("variant").to_pylist()[:3] == ["racl", "pcdarts_plain", "random"]
     assert "[study]" in out and "| racl | 1 |" in out
@@ -272,3 +333,10 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
     trial = client.get_run(mv.tags["rarn.search_run_id"])
     assert trial.data.tags["rarn.variant"] in ("racl", "pcdarts_plain")
     assert "final_val_pgd_acc" in trial.data.metrics
+    (ref,) = client.search_runs([trial.info.experiment_id],
+                                "tags.`rarn.genotype_source` = 'ref-resnet18'")  # fmt: skip
+    assert ref.data.tags["rarn.network"] == "resnet18"
+    assert ref.data.tags["rarn.genotype_sha"] == baseline_sha256("resnet18")
+    assert ref.data.metrics["final_params"] == 11_172_810  # ResNet-18, 1 channel in, 10 out
+    assert "eval_worst_case_acc" in ref.data.metrics  # evaluated from the portable model
+    assert not any(a.path == "genotype.json" for a in client.list_artifacts(ref.info.run_id))

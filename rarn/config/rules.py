@@ -74,12 +74,13 @@ def _constraint(c: ConstraintConfig) -> None:
 
 
 def _retrain(r: RetrainConfig) -> None:
+    from rarn.models.baselines import BASELINES
     from rarn.nas.genotype import GENOTYPES
 
     g = r.genotype
     is_file = g.endswith(".json") or (bool(g) and Path(g).is_file())
-    if g not in GENOTYPES and g != "searched" and not is_file:
-        names = [*GENOTYPES, "searched", "a path to a genotype .json file"]
+    if g not in GENOTYPES and g not in BASELINES and g != "searched" and not is_file:
+        names = [*GENOTYPES, *BASELINES, "searched", "a path to a genotype .json file"]
         raise choice_error("retrain.genotype", g, names)
     _baselines(r.baselines)
     if r.val_fraction > 0 and r.val_steps < 1:
@@ -90,12 +91,16 @@ def _retrain(r: RetrainConfig) -> None:
 
 
 def _baselines(names: tuple[str, ...]) -> None:
+    """Reference networks: bundled genotypes, ``random-<seed>`` or named networks
+    (:data:`rarn.models.baselines.BASELINES`, e.g. ``resnet18``)."""
+    from rarn.models.baselines import BASELINES
     from rarn.nas.genotype import GENOTYPES
     from rarn.nas.variants import random_seed_of
 
     for i, name in enumerate(names):
-        if name not in GENOTYPES and random_seed_of(name) is None:
-            raise choice_error(f"retrain.baselines[{i}]", name, [*GENOTYPES, "random-<seed>"])
+        if name not in GENOTYPES and name not in BASELINES and random_seed_of(name) is None:
+            allowed = [*GENOTYPES, *BASELINES, "random-<seed>"]
+            raise choice_error(f"retrain.baselines[{i}]", name, allowed)
     if len(set(names)) < len(names):
         raise ConfigError(f"retrain.baselines: {list(names)!r} repeats a name")
 

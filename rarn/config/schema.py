@@ -204,10 +204,13 @@ class ConstraintConfig:
 class RetrainConfig:
     """Adversarial retraining of a discrete genotype (spec §4)."""
 
-    genotype: str = "RACL"  # a bundled genotype, "searched", or a path to a genotype JSON file
+    # A bundled genotype, "searched", a path to a genotype JSON file, or a named network
+    # (rarn.models.baselines.BASELINES: resnet18, mobilenet_v2, wrn-*).
+    genotype: str = "RACL"
     # Reference networks retrained and evaluated beside `genotype` at the same budget, ranked in
-    # the summary but never registered: bundled genotypes (RACL, DARTS_V2, PC_DARTS, ...) or
-    # random-<seed> (a uniform genotype, rarn.nas.variants.random_genotype).
+    # the summary but never registered: bundled genotypes (RACL, DARTS_V2, PC_DARTS, ...),
+    # random-<seed> (a uniform genotype, rarn.nas.variants.random_genotype) or named networks
+    # (resnet18, ...; trained without the DARTS-only auxiliary head and drop-path).
     baselines: tuple[str, ...] = ()
     epochs: Annotated[int, EPOCHS] = 100
     batch_size: Annotated[int, BATCH] = 128

@@ -8,17 +8,27 @@ no max pool; MobileNetV2 (Sandler et al. 2018) with a stride-1 first conv. Wide 
 in torchvision and are defined here. torchvision is imported only when a baseline is built.
 
 :data:`BASELINES` maps a name to a factory ``(num_classes, in_channels) -> nn.Module``;
-:func:`rarn.models.darts.build_network` looks names up here.
+:func:`rarn.models.darts.build_network` looks names up here. :func:`baseline_sha256` is a named
+network's architecture digest, the counterpart of :meth:`rarn.nas.genotype.Genotype.sha256`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from functools import partial
 
 from torch import Tensor, nn
 
-__all__ = ["BASELINES", "WideBasicBlock", "WideResNet", "mobilenet_v2", "resnet18"]
+__all__ = [
+    "BASELINES",
+    "WideBasicBlock",
+    "WideResNet",
+    "baseline_sha256",
+    "mobilenet_v2",
+    "resnet18",
+]
 
 
 def resnet18(*, num_classes: int, in_channels: int = 3) -> nn.Module:
@@ -105,3 +115,19 @@ BASELINES: dict[str, Callable[..., nn.Module]] = {
     "wrn-28-10": partial(WideResNet, 28, 10),
     "wrn-34-10": partial(WideResNet, 34, 10),
 }
+
+
+def baseline_sha256(name: str) -> str:
+    """The architecture digest of a named network: sha256 of the canonical JSON
+    ``{"network": "<name>"}`` (``json.dumps(..., sort_keys=True)``, as genotypes are hashed).
+
+    A name fixes the architecture up to its build arguments (classes, input channels), which a
+    genotype's digest leaves out too; so the lineage tag ``rarn.genotype_sha`` of a retrained
+    network means the same for both kinds.
+
+    Raises:
+        KeyError: ``name`` is not a :data:`BASELINES` key.
+    """
+    if name not in BASELINES:
+        raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
+    return hashlib.sha256(json.dumps({"network": name}, sort_keys=True).encode()).hexdigest()
