@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.state import BASELINE_PREFIX, RunState
-from pipeline.trials import VARIANT
+from pipeline.trials import VARIANT, with_overrides
 from rarn.checkpoint import atomic_path, atomic_write
 from rarn.config import Config
 from rarn.models.baselines import BASELINES
@@ -26,6 +26,7 @@ from rarn.study import plot_study, run_row, runs_table, summarise, to_markdown
 
 __all__ = ["study_rows", "write_study"]
 
+_CONSTRAINT_ONLY = ("frac_satisfied", "y")
 FILES = ("runs.parquet", "summary.parquet", "summary.md", "study.png")
 
 
@@ -42,7 +43,12 @@ def study_rows(cfg: Config, state: RunState, run_dir: Path) -> list[dict[str, An
         if trial is not None and trial.genotype is not None:
             variant = str(trial.overrides.get(VARIANT, "searched"))
             seed = int(trial.overrides.get("search.seed", cfg.search.seed))
-            rows.append(_row(variant, seed, o.key, trial.genotype, trial.metrics, ev))
+            search_metrics = dict(trial.metrics)
+            if not with_overrides(cfg, trial.overrides).constraint.enabled:
+                # an unconstrained search still reports h and y (monitoring): not activity
+                for k in _CONSTRAINT_ONLY:
+                    search_metrics.pop(k, None)
+            rows.append(_row(variant, seed, o.key, trial.genotype, search_metrics, ev))
             continue
         name = o.key.removeprefix(BASELINE_PREFIX)
         seed = random_seed_of(name)

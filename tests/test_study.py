@@ -340,3 +340,26 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
     assert ref.data.metrics["final_params"] == 11_172_810  # ResNet-18, 1 channel in, 10 out
     assert "eval_worst_case_acc" in ref.data.metrics  # evaluated from the portable model
     assert not any(a.path == "genotype.json" for a in client.list_artifacts(ref.info.run_id))
+
+
+def test_study_rows_leave_constraint_activity_empty_for_unconstrained_variants(tmp_path):
+    from pipeline.state import EvalOutcome, RetrainOutcome, RunState, SearchState, TrialOutcome
+    from pipeline.study import study_rows
+
+    cfg = config_from_dict({"study": {"variants": ["racl", "constraint_off"], "seeds": [0]}})
+    g = GENOTYPES["RACL"]
+    monitored = {"frac_satisfied": 0.25, "y": 0.0, "log_lambda_faithful": 110.0}
+    state = RunState()
+    outcomes = []
+    for point in trial_points(cfg):
+        key = point["key"]
+        outcomes.append(TrialOutcome(key, {k: v for k, v in point.items() if k != "key"},
+                                     "TERMINATED", dict(monitored), True, genotype=g))  # fmt: skip
+        state.retrain[key] = RetrainOutcome(key, g.sha256(), "", model_uri="m")
+        state.evaluate[key] = EvalOutcome(key, {"eval_worst_case_acc": 0.2})
+    state.search = SearchState([o.key for o in outcomes], outcomes)
+    rows = {r["variant"]: r for r in study_rows(cfg, state, tmp_path)}
+    assert rows["racl"]["constraint_active"] == 0.75 and rows["racl"]["dual"] == 0.0
+    off = rows["constraint_off"]
+    assert math.isnan(off["constraint_active"]) and math.isnan(off["dual"])
+    assert off["log_lambda_faithful"] == 110.0  # the bound is measured for every variant

@@ -244,3 +244,22 @@ def test_evaluate_model_headline_is_the_recombined_worst_case(digits, tmp_path):
     assert int(mask.sum()) / len(mask) == metrics["eval_worst_case_acc"]
     aa_row = [r for r in pq.read_table(parquet).to_pylist() if r["attack"] == "aa"][0]
     assert (aa_row["method"], aa_row["n"], aa_row["steps"]) == ("autoattack", 24, 5)
+
+
+# --- the full-set companion of a subset headline ---------------------------------------------
+
+
+def test_full_set_worst_case_uses_every_image_without_the_subset_attacks(digits):
+    from pipeline.evaluate import full_set_metrics, summary_metrics
+
+    model, x, y = digits
+    suite = ("fgsm", "pgd", {"name": "pgd_sub", "attack": "pgd", "steps": 40, "n": 16})
+    r = evaluate_robustness(model, (x, y), attacks=suite, **SMALL)
+    m = summary_metrics(r)
+    assert m["eval_worst_case_n"] == 16  # the headline rests on the subset's images
+    assert m["eval_worst_case_full_n"] == 96
+    both = r.correct & r.survived["fgsm"] & r.survived["pgd"]  # per_attack: each ran on all
+    assert m["eval_worst_case_full_acc"] == pytest.approx(float(both.float().mean()))
+    assert m["eval_worst_case_full_acc"] <= min(r.robust_accuracy["fgsm"], r.robust_accuracy["pgd"])
+    # Without a subset attack there is no companion: the headline already uses every image.
+    assert full_set_metrics(evaluate_robustness(model, (x, y), attacks=("fgsm",), **SMALL)) == {}
