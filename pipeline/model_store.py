@@ -175,11 +175,20 @@ def register_version(tracking: Tracking, name: str, model_uri: str, tags: Mappin
     except MlflowException as e:
         if "ALREADY_EXISTS" not in str(e.error_code):
             raise
+    import mlflow
+
     model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
-    mv = client.create_model_version(
-        name, source=model_uri, run_id=tags.get("rarn.retrain_run_id"), tags=dict(tags),
-        model_id=model_id,
-    )  # fmt: skip
+    # MLflow's registry looks the logged model up through the process-wide tracking URI, not the
+    # client's: point it at this run's store for the call (another store may be set globally).
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking.uri)
+    try:
+        mv = client.create_model_version(
+            name, source=model_uri, run_id=tags.get("rarn.retrain_run_id"), tags=dict(tags),
+            model_id=model_id,
+        )  # fmt: skip
+    finally:
+        mlflow.set_tracking_uri(previous)
     return str(mv.version)
 
 

@@ -73,7 +73,7 @@ def test_config_field_and_where_it_is_on():
     assert RetrainConfig().augment == "none"
     with pytest.raises(ConfigError, match="retrain.augment"):
         check(RetrainConfig(augment="mixup"))
-    on = {"cifar10.yaml", "cifar10_subset.yaml"}
+    on = {"cifar10.yaml", "cifar10_subset.yaml", "study_cifar10.yaml", "study_cifar10_subset.yaml"}
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = load_config(path)
         assert cfg.retrain.augment == ("crop_flip" if path.name in on else "none"), path.name
