@@ -200,7 +200,7 @@ def plot_study(summary: pa.Table, path: str | os.PathLike[str]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rarn.robust.evaluation.plots import _save_figure
+    from rarn.robust.evaluation.plots import save_figure
 
     rows = summary.to_pylist()
     cols = (
@@ -221,4 +221,4 @@ def plot_study(summary: pa.Table, path: str | os.PathLike[str]) -> Path:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("study: mean ± std over seeds")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))

@@ -196,17 +196,23 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_is_exact(digits: DatasetBundle, tmp_path: Path) -> None:
-    cfg = _tiny_cfg(method="pgd", steps=1, step_size=8 / 255)
-    straight = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "a", device="cpu")
+def _crash_after_epoch_1_and_resume(cfg, digits, directory):
+    """Run ``cfg`` into ``directory`` until a callback crashes it after epoch 1, then resume."""
 
     def crash_after_first(epoch, metrics):
         if epoch == 1:
             raise _Crash
 
     with pytest.raises(_Crash):
-        run_retrain(cfg, digits, checkpoint_dir=tmp_path / "b", callbacks=[crash_after_first])
-    resumed = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "b", device="cpu")
+        run_retrain(cfg, digits, checkpoint_dir=directory, callbacks=[crash_after_first])
+    return run_retrain(cfg, digits, checkpoint_dir=directory, device="cpu")
+
+
+def test_resume_is_exact(digits: DatasetBundle, tmp_path: Path) -> None:
+    cfg = _tiny_cfg(method="pgd", steps=1, step_size=8 / 255)
+    straight = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "a", device="cpu")
+
+    resumed = _crash_after_epoch_1_and_resume(cfg, digits, tmp_path / "b")
     assert _comparable(resumed.history) == _comparable(straight.history)
     assert resumed.selected_by == straight.selected_by
     for k, v in straight.best_state.items():
@@ -303,13 +309,7 @@ def test_resume_is_exact_with_augmentation(digits: DatasetBundle, tmp_path: Path
     plain = run_retrain(dataclasses.replace(cfg, augment="none"), digits, device="cpu")
     assert _comparable(plain.history) != _comparable(straight.history)  # it does augment
 
-    def crash_after_first(epoch, metrics):
-        if epoch == 1:
-            raise _Crash
-
-    with pytest.raises(_Crash):
-        run_retrain(cfg, digits, checkpoint_dir=tmp_path / "b", callbacks=[crash_after_first])
-    resumed = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "b", device="cpu")
+    resumed = _crash_after_epoch_1_and_resume(cfg, digits, tmp_path / "b")
     assert _comparable(resumed.history) == _comparable(straight.history)
     for k, v in straight.best_state.items():
         assert torch.equal(v, resumed.best_state[k]), k

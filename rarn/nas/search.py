@@ -46,7 +46,6 @@ from rarn.nas.constraint import (
     BoundInputs,
     ChanceConstraint,
     delta_moments,
-    log_bound,
     monte_carlo_moments,
     satisfaction_probability,
 )
@@ -142,14 +141,6 @@ class RACLSearch:
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
-
-    def faithful_log_bound(self) -> float:
-        """The spec's bound (product over cells, every op, delta-method mean) of the current
-        median architecture, whatever this search's own ``constraint`` config says: the one
-        ``ln lambda_F`` that compares searches of different variants. Changes nothing."""
-        with torch.no_grad(), full_precision(self.device):
-            inputs = self.bound_inputs(1, update=False)
-            return float(log_bound(self.model.arch.mu(), inputs, "product", "all"))
 
     def _arch_logits(self) -> ArchSample:
         return (

@@ -17,10 +17,10 @@ import pyarrow as pa
 from rarn.checkpoint import atomic_path
 from rarn.robust.evaluation.results import _checked
 
-__all__ = ["plot_accuracy_vs_eps", "plot_transfer_heatmap"]
+__all__ = ["plot_accuracy_vs_eps", "plot_transfer_heatmap", "save_figure"]
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
@@ -71,7 +71,7 @@ def plot_accuracy_vs_eps(
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_transfer_heatmap(table: pa.Table, path: str | os.PathLike[str]) -> Path:
@@ -107,4 +107,4 @@ def plot_transfer_heatmap(table: pa.Table, path: str | os.PathLike[str]) -> Path
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.5 else "k")
     fig.colorbar(im, ax=ax, label="accuracy")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
