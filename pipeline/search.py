@@ -153,6 +153,8 @@ def _log_genotype(run: ChildRun, path: Path, result: SearchResult | None = None)
     if result.collapsed:  # the detector's verdict on the final genotype (rarn.nas.collapse)
         collapse["rarn.collapse_reason"] = result.collapse_reason or ""
     run.set_tags({"rarn.genotypes": json.dumps(decodings)} | collapse)
+    # every decoding (magnitude and perturbation) and its collapse signals, as one artifact
+    run.tracking.client().log_dict(run.run_id, _decodings(result), "decodings.json")
     final = result.final
     keys = ("mu_F", "sigma_F", "log_lambda_faithful", "val_pgd_acc")
     moments = {f"final_{k}": final[k] for k in keys if k in final}
@@ -352,3 +354,14 @@ def load_genotypes(outcomes: Sequence[TrialOutcome], keys: Sequence[str], tracki
         if g.sha256() != o.genotype_sha:
             raise RuntimeError(f"trial {key}: genotype sha256 differs from rarn.genotype_sha")
         o.genotype = g
+
+
+def _decodings(result: SearchResult) -> dict:
+    """``{rule: {genotype, collapsed, reason, param_free_share}}`` of every decoding."""
+    out = {}
+    for mode, g in result.genotypes.items():
+        r = result.reports.get(mode)
+        out[mode] = {"genotype": g.to_dict(), "sha256": g.sha256()}
+        if r is not None:
+            out[mode] |= {"collapsed": r.collapsed, "reason": r.reason, **r.metrics()}
+    return out

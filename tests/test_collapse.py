@@ -139,7 +139,7 @@ def test_darts_plus_early_stop_freezes_the_architecture(tmp_path):
     data = SearchData.from_bundle(load_dataset(DataConfig(name="digits", limit=200)), 0.5, 0)
     cfg = SearchConfig(
         epochs=3, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
-        max_steps_per_epoch=2, arch_lr=6e-3, arch_stop_param_free=0.5, seed=0,
+        max_steps_per_epoch=2, arch_lr=6e-3, arch_stop_param_free=0.5, decode_n=16, seed=0,
     )  # fmt: skip
     s = RACLSearch(cfg, ConstraintConfig(), num_classes=10, in_channels=1)
     _push(s, "normal", [PRIMITIVES.index("skip_connect")] * 5)

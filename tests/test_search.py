@@ -23,6 +23,7 @@ TINY = SearchConfig(
     nodes=2,
     max_steps_per_epoch=2,
     arch_lr=6e-3,
+    decode_n=16,
     seed=0,
 )
 
@@ -40,7 +41,8 @@ def test_two_epoch_search_yields_valid_genotype(data):
     assert [e for e, _ in seen] == [1, 2]
     assert isinstance(result.genotype, Genotype)
     assert Genotype.from_json(result.genotype.to_json()) == result.genotype
-    assert set(result.genotypes) == {"quantile", "median", "sample"}
+    assert set(result.genotypes) == {"quantile", "median", "sample", "perturbation"}
+    assert set(result.reports) == set(result.genotypes)  # every decoding's collapse report
     last = seen[-1][1]
     for key in (
         "train_loss",

@@ -31,6 +31,7 @@ __all__ = [
     "EvaluationConfig",
     "GradNormMode",
     "Mixture",
+    "PerturbationEstimate",
     "Range",
     "RetrainConfig",
     "Schedule",
@@ -96,7 +97,8 @@ LIMIT = Range(0, 1, "(]")  # a share at or above which something trips
 
 # Closed choices: the single list of allowed values (the library derives its tuples from them).
 GradNormMode = Literal["exact", "finite_difference"]
-DecodeRule = Literal["quantile", "median", "sample"]
+PerturbationEstimate = Literal["first_order", "exact"]
+DecodeRule = Literal["quantile", "median", "sample", "perturbation", "perturbation_robust"]
 Estimator = Literal["delta", "monte_carlo"]
 Bound = Literal["product", "node_mean"]
 Mixture = Literal["all", "no_none", "parametric"]
@@ -131,6 +133,11 @@ class SearchConfig:
 
     epochs: Annotated[int, EPOCHS] = 50
     warmup_epochs: Annotated[int, Range(0, 10_000)] = 15  # architecture frozen (PC-DARTS)
+    # ... and at least this many weight steps (PC-DARTS waits about 1,470): the architecture
+    # moves once the convolutions have learnt, whatever the epochs' length. At or above the
+    # search's weight steps: no architecture step at all (the limiting case; decode by
+    # perturbation).
+    warmup_min_steps: Annotated[int, Range(0, 10**9)] = 0
     batch_size: Annotated[int, BATCH] = 128
     max_steps_per_epoch: Annotated[int, Range(0, 10**9)] = 0  # 0: a full pass over D_T
     init_channels: Annotated[int, CHANNELS] = 16  # a multiple of 2 * partial_channels
@@ -170,8 +177,23 @@ class SearchConfig:
     robust_eval_n: Annotated[int, Range(1, 1_000_000)] = 256  # first n images of D_V
     robust_eval_steps: Annotated[int, ITERATIONS] = 5  # PGD steps, step size 2.5 eps / steps
     robust_eval_eps: Annotated[float, PIXELS] = 8 / 255  # set it to the retraining's threat model
-    decode: DecodeRule = "median"  # one rule for every op (docs/method.md: Decoding)
+    # Decoding (docs/method.md: Decoding): by the magnitude of the distributions (quantile,
+    # median, sample) or by perturbation (rarn.nas.perturbation: the rise of the supernet's
+    # validation loss, clean or under PGD at robust_eval_eps, when an op or edge is removed,
+    # from the eta-quantile architecture). Every search also logs the other decodings.
+    decode: DecodeRule = "perturbation"
     decode_samples: Annotated[int, Range(1, 100_000)] = 100  # samples of the majority vote
+    decode_n: Annotated[int, Range(1, 1_000_000)] = 256  # first n D_V images of perturbation
+    # the loss rise of a removal: "exact" (one pass per op, ~230 passes over decode_n images) or
+    # "first_order" (-w dL/dw, one backward pass; blind to removals that BN rescales away,
+    # docs/method.md); progressive: project edge by edge (darts-pt)
+    decode_estimate: PerturbationEstimate = "exact"
+    decode_progressive: bool = False
+    # P-DARTS cap (Chen et al. 2019, arXiv:1904.12760) applied when the decoded genotype trips
+    # the collapse detector: at most this many parameter-free edges per cell, the others
+    # replaced by the best-scored convolution of their edge (-1: off). The uncapped genotype is
+    # logged beside it.
+    decode_max_param_free: Annotated[int, Range(-1, 16)] = -1
     fused: bool = True  # fused supernet forward (same maths as the per-edge reference)
     # bf16 autocast of the network passes on CUDA (ignored on CPU); the bound, the chance
     # constraint and the architecture distribution stay float32 (docs/method.md)
@@ -193,6 +215,9 @@ class ConstraintConfig:
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
     threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
     kappa: Annotated[float, Range(0, 1)] = 0.01  # ln lambda_bar = f_ref - kappa |f_ref|
+    # kappa rises linearly from 0 to its value over this share of the architecture steps (0: at
+    # once), so the demand keeps growing and the constraint keeps binding [ours, docs/method.md]
+    kappa_ramp: Annotated[float, Range(0, 1)] = 0.0
     log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
     rho: Annotated[float, POSITIVE] = 0.1  # penalty and dual step (per demand under ce_norm)
     balance: Balance = "ce_norm"  # constraint gradient vs CE (rarn.nas.balance)

@@ -246,7 +246,7 @@ class ChanceConstraint:
         if self.threshold == "tracking" or self.ref_bound is None:
             with torch.no_grad():
                 self.ref_bound = float(log_bound(self.reference, inputs, bound, mixture))
-        if self.threshold == "tracking" or self.log_lambda_bar is None:
+        if self.threshold != "absolute":  # kappa may ramp (ConstraintConfig.kappa_ramp)
             self.log_lambda_bar = self.ref_bound - self.kappa * abs(self.ref_bound)
         return float(self.log_lambda_bar)
 

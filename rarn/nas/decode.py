@@ -10,17 +10,26 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import get_args
 
 import torch
 from torch import Tensor
 
 from rarn.config import DecodeRule
-from rarn.nas.genotype import Genotype
-from rarn.nas.ops import PRIMITIVES
+from rarn.nas.genotype import Genotype, edge_endpoints
+from rarn.nas.ops import PARAMETRIC, PRIMITIVES
 from rarn.nas.supernet import ArchSample, Supernet, node_softmax
 
-__all__ = ["DECODERS", "decode", "derive_genotype"]
+__all__ = [
+    "DECODERS",
+    "MAGNITUDE_DECODERS",
+    "PERTURBATION_DECODERS",
+    "cap_parameter_free",
+    "decode",
+    "derive_genotype",
+    "quantile_logits",
+]
 
 
 def _derive_cell(op_scores: Tensor, edge_weights: Tensor, nodes: int) -> list[tuple[str, int]]:
@@ -90,6 +99,43 @@ def _quantile_scores(mu: ArchSample, sigma: ArchSample, z: float, nodes: int) ->
     )
 
 
+def quantile_logits(model: Supernet, eta: float) -> ArchSample:
+    """The eta-lower quantile ``mu - Phi^{-1}(eta) sigma`` of every architecture logit (spec
+    §2.8): the logits in which the distributions' confidence counts."""
+    from scipy.stats import norm
+
+    z = float(norm.ppf(eta))
+    with torch.no_grad():
+        mu, sigma = model.arch.mu().as_tuple(), model.arch.sigma().as_tuple()
+        return ArchSample(*(m - z * s for m, s in zip(mu, sigma)))
+
+
+def cap_parameter_free(
+    genotype: Genotype, op_scores: Mapping[str, Tensor], max_free: int
+) -> Genotype:
+    """P-DARTS's cap (Chen et al. 2019, arXiv:1904.12760): at most ``max_free`` parameter-free
+    edges (skip, pools) per cell; the lowest-scored of the others take their edge's best
+    convolution by ``op_scores`` (per cell type ``[E, n_ops]``, higher is better)."""
+    index = {end: e for e, end in enumerate(edge_endpoints(genotype.nodes))}
+    conv = [i for i, p in enumerate(PRIMITIVES) if p in PARAMETRIC]
+    cells = {}
+    for cell in ("normal", "reduce"):
+        pairs = list(getattr(genotype, cell))
+        scores = op_scores[cell].detach().double()
+        free = [
+            (float(scores[index[(i, k // 2 + 2)], PRIMITIVES.index(op)]), k)
+            for k, (op, i) in enumerate(pairs)
+            if op not in PARAMETRIC
+        ]
+        for _, k in sorted(free)[: max(0, len(free) - max_free)]:
+            op, i = pairs[k]
+            row = scores[index[(i, k // 2 + 2)], conv]
+            pairs[k] = (PRIMITIVES[conv[int(row.argmax())]], i)
+        cells[cell] = pairs
+    g = genotype
+    return Genotype(cells["normal"], g.normal_concat, cells["reduce"], g.reduce_concat)
+
+
 def decode(
     model: Supernet,
     mode: str = "quantile",
@@ -116,6 +162,11 @@ def decode(
             z = float(norm.ppf(eta)) if mode == "quantile" else 0.0
             n_s, n_e, r_s, r_e = _quantile_scores(mu, sigma, z, arch.nodes)
             return derive_genotype(n_s, n_e, r_s, r_e, arch.nodes)
+        if mode in PERTURBATION_DECODERS:
+            raise ValueError(
+                f"decode mode {mode!r} needs the supernet's validation data: "
+                "rarn.nas.search.RACLSearch.decode(mode, data)"
+            )
         if mode != "sample":
             raise KeyError(f"unknown decode mode {mode!r}; known: {', '.join(DECODERS)}")
         draws = arch.sample(generator, n=samples)
@@ -140,3 +191,5 @@ def decode(
 
 
 DECODERS: tuple[str, ...] = get_args(DecodeRule)  # the config's Literal is the one list
+PERTURBATION_DECODERS: tuple[str, ...] = tuple(d for d in DECODERS if d.startswith("perturbation"))
+MAGNITUDE_DECODERS: tuple[str, ...] = tuple(d for d in DECODERS if d not in PERTURBATION_DECODERS)

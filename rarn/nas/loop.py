@@ -20,13 +20,14 @@ from typing import Any, Protocol
 
 import torch
 
+from rarn.checkpoint import atomic_write
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.models.common import eval_mode, full_precision
 from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
 from rarn.nas.constraint import log_bound
-from rarn.nas.decode import DECODERS
 from rarn.nas.genotype import Genotype, parametric_share
-from rarn.nas.search import CHECKPOINT, RACLSearch
+from rarn.nas.search import CHECKPOINT, GENOTYPE, RACLSearch
+from rarn.nas.selection import decode_search
 from rarn.robust.loop import Diverged, check_finite
 
 __all__ = [
@@ -81,6 +82,7 @@ class SearchResult:
     genotypes: dict[str, Genotype]
     history: list[dict[str, float]] = field(default_factory=list)
     collapse: CollapseReport | None = None
+    reports: dict[str, CollapseReport] = field(default_factory=dict)  # per decoding
 
     @property
     def final(self) -> dict[str, float]:
@@ -145,11 +147,12 @@ def run_search(
             s.save(checkpoint_dir)
         for cb in callbacks:
             cb(s.epoch, dict(metrics))
-    genotypes = {mode: s.decode(mode) for mode in DECODERS}
-    report = _collapse(s, genotypes[search.decode])
-    if report.collapsed:
-        log.warning("the searched genotype collapsed: %s", report.reason)
-    return SearchResult(genotypes[search.decode], genotypes, s.history, report)
+    sel = decode_search(s, data.val)
+    if sel.report.collapsed:
+        log.warning("the searched genotype collapsed: %s", sel.report.reason)
+    if checkpoint_dir is not None:
+        atomic_write(Path(checkpoint_dir) / GENOTYPE, sel.genotype.to_json())
+    return SearchResult(sel.genotype, sel.genotypes, s.history, sel.report, sel.reports)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +168,7 @@ class _Tally:
     penalty_steps: int = 0  # weight steps with the gradient-norm term
     arch_steps: int = 0
     satisfied: int = 0  # architecture steps with h <= 0
+    dual_positive: int = 0  # architecture steps that end with y > 0 (the constraint binds)
     last_arch: dict[str, float] = field(default_factory=dict)
 
 
@@ -186,13 +190,19 @@ def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
     metrics.update(_robustness(s, data, epoch))
     genotype = s.decode()
     report = _collapse(s, genotype)
+    stop = not stopped and _darts_plus_stop(cfg, report, tally, epoch)
+    if stop and s.rollback_arch():  # DARTS+: back to the last epoch below the threshold
+        genotype = s.decode()
+        report = _collapse(s, genotype)
+    elif not stopped and tally.arch_steps:
+        s.keep_arch()  # the last architecture below the DARTS+ threshold
     metrics.update(report.metrics())
     metrics.update(
         epoch=float(epoch + 1),
         lr=lr,
         parametric_share=parametric_share(genotype),
         arch_steps=float(tally.arch_steps),
-        arch_stopped=float(stopped or _darts_plus_stop(cfg, report, tally, epoch)),
+        arch_stopped=float(stopped or stop),
         epoch_time=time.perf_counter() - t0,
     )
     return metrics
@@ -278,17 +288,23 @@ def _steps(s: RACLSearch, data: SearchData, epoch: int, arch_allowed: bool = Tru
     kw = {"shuffle": True, "drop_last": True, "pin_memory": _pin(s)}
     train = make_loader(data.train, cfg.batch_size, generator=g_t, **kw)
     val = make_loader(data.val, cfg.batch_size, generator=g_v, **kw)
-    arch_on = arch_allowed and epoch >= cfg.warmup_epochs
+    per_epoch = (
+        len(train) if not cfg.max_steps_per_epoch else min(len(train), cfg.max_steps_per_epoch)
+    )
+    start, total = arch_start(cfg, per_epoch), cfg.epochs * per_epoch
     t = _Tally()
     for step, ((xt, yt), (xv, yv)) in enumerate(zip(train, _cycle(val))):
         if cfg.max_steps_per_epoch and step >= cfg.max_steps_per_epoch:
             break
-        if arch_on:
+        done = epoch * per_epoch + step  # weight steps before this one
+        if arch_allowed and done >= start:
+            s.constraint.kappa = ramped_kappa(s.ccfg, done - start, total - start)
             a = s.arch_step(xv, yv)  # the step moves the batch (non-blocking)
             _check_finite(a, ("arch_loss", "mu_F", "sigma_F", "h"), epoch + 1, step)
             t.sums.update({k: v for k, v in a.items() if k not in ("y", "log_lambda_bar")})
             t.arch_steps += 1
             t.satisfied += a["h"] <= 0
+            t.dual_positive += a["y"] > 0
             t.last_arch = a
         # the epoch-local step decides the lazy term: resumable, data order is per epoch too
         w = s.weight_step(xt, yt, penalty=step % cfg.grad_norm_every == 0)
@@ -299,6 +315,20 @@ def _steps(s: RACLSearch, data: SearchData, epoch: int, arch_allowed: bool = Tru
     if t.weight_steps == 0:
         raise ValueError("empty D_T: no training batch (dataset smaller than batch_size?)")
     return t
+
+
+def arch_start(cfg: SearchConfig, per_epoch: int) -> int:
+    """Weight steps before the first architecture step: ``warmup_epochs`` epochs and at least
+    ``warmup_min_steps`` steps."""
+    return max(cfg.warmup_epochs * per_epoch, cfg.warmup_min_steps)
+
+
+def ramped_kappa(c: ConstraintConfig, step: int, steps: int) -> float:
+    """``kappa`` at architecture step ``step`` of ``steps``: linear from 0 over the first
+    ``kappa_ramp`` share of them (the full value at once when ``kappa_ramp`` is 0)."""
+    if c.kappa_ramp <= 0:
+        return c.kappa
+    return c.kappa * min(1.0, (step + 1) / max(1.0, c.kappa_ramp * steps))
 
 
 def _pin(s: RACLSearch) -> bool:
@@ -319,6 +349,8 @@ def _bound_metrics(s: RACLSearch, t: _Tally) -> dict[str, float]:
         y=last["y"],
         log_lambda_bar=last["log_lambda_bar"],
         frac_satisfied=t.satisfied / n,
+        frac_dual_positive=t.dual_positive / n,
+        kappa=s.constraint.kappa,
         mu_F_last=last["mu_F"],
         h_last=last["h"],
     )

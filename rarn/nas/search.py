@@ -49,7 +49,7 @@ from rarn.nas.constraint import (
     monte_carlo_moments,
     satisfaction_probability,
 )
-from rarn.nas.decode import decode
+from rarn.nas.decode import MAGNITUDE_DECODERS, decode
 from rarn.nas.genotype import Genotype
 from rarn.nas.gradnorm import weight_gradients
 from rarn.nas.supernet import ArchSample, Supernet
@@ -102,6 +102,7 @@ class RACLSearch:
         self.sample_gen = torch.Generator().manual_seed(search.seed + 1)
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+        self.kept_arch: dict[str, Tensor] | None = None  # DARTS+ rollback target
         self._start_schedule()
 
     # -- pieces -------------------------------------------------------------------------------
@@ -236,10 +237,28 @@ class RACLSearch:
         return {"val_loss": out["loss"], "val_acc": out["acc"]}
 
     def decode(self, mode: str | None = None) -> Genotype:
+        """Decode by a magnitude rule (default :attr:`magnitude_rule`, the per-epoch decoding);
+        the perturbation rules need D_V: :func:`rarn.nas.selection.decode_search`."""
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)
-        return decode(
-            self.model, mode or self.cfg.decode, self.ccfg.eta, self.cfg.decode_samples, gen
-        )
+        mode = mode or self.magnitude_rule
+        return decode(self.model, mode, self.ccfg.eta, self.cfg.decode_samples, gen)
+
+    @property
+    def magnitude_rule(self) -> str:
+        """``search.decode`` when it reads the distributions, else ``quantile`` (the cheap rule
+        of the per-epoch genotypes and checkpoints)."""
+        return self.cfg.decode if self.cfg.decode in MAGNITUDE_DECODERS else "quantile"
+
+    def keep_arch(self) -> None:
+        """Remember the current distributions (the DARTS+ rollback target)."""
+        self.kept_arch = {k: v.detach().clone() for k, v in self.model.arch.state_dict().items()}
+
+    def rollback_arch(self) -> bool:
+        """Restore the distributions :meth:`keep_arch` remembered (``False``: none was)."""
+        if self.kept_arch is None:
+            return False
+        self.model.arch.load_state_dict(self.kept_arch)
+        return True
 
     # -- the learning-rate schedule -----------------------------------------------------------
 
@@ -284,6 +303,7 @@ class RACLSearch:
             "constraint": self.constraint.state_dict(),
             "sample_gen": self.sample_gen.get_state(),
             "history": self.history,
+            "kept_arch": self.kept_arch,
             "search_config": asdict(self.cfg),
             "constraint_config": asdict(self.ccfg),
         }
@@ -308,6 +328,8 @@ class RACLSearch:
         self.sample_gen.set_state(state["sample_gen"])
         self.epoch = int(state["epoch"])
         self.history = [dict(h) for h in state["history"]]
+        kept = state.get("kept_arch")  # absent in checkpoints before issue 19
+        self.kept_arch = None if kept is None else {k: v.to(self.device) for k, v in kept.items()}
         self._start_schedule()
 
     def save(self, directory: str | Path) -> Path:

@@ -248,9 +248,20 @@ class Supernet(nn.Module):
             node_softmax(z.reduce_edges, self.nodes),
         )
 
-    def forward(self, x: Tensor, z: ArchSample | None = None) -> Tensor:
-        """Logits for ``x`` under architecture logits ``z`` (default: the median, ``mu``)."""
-        w_n, w_r, b_n, b_r = self.mixing_weights(self.arch.mu() if z is None else z)
+    def forward(
+        self,
+        x: Tensor,
+        z: ArchSample | None = None,
+        *,
+        weights: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """Logits for ``x`` under architecture logits ``z`` (default: the median, ``mu``), or
+        under given mixing ``weights`` (``(op_normal, op_reduce, edge_normal, edge_reduce)``, as
+        :meth:`mixing_weights` returns them; used as they are, e.g. with one op or edge zeroed
+        and not renormalised, :mod:`rarn.nas.perturbation`)."""
+        if weights is None:
+            weights = self.mixing_weights(self.arch.mu() if z is None else z)
+        w_n, w_r, b_n, b_r = weights
         s0 = s1 = self.stem(x)
         for cell in self.cells:
             ow, ew = (w_r, b_r) if cell.reduction else (w_n, b_n)

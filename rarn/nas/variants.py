@@ -41,9 +41,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "search.sampling": False,
         "search.grad_norm_weight": 0.0,
     },
-    # RACL with the DARTS+ remedy: freeze the architecture once half the normal cell is
-    # parameter-free (Liang et al. 2019, arXiv:1909.06035)
-    "racl_darts_plus": {"search.arch_stop_param_free": 0.5},
+    # RACL with the DARTS+ remedy: freeze the architecture once 3 of the normal cell's 8 edges
+    # are parameter-free, rolled back to the last epoch below (Liang et al. 2019,
+    # arXiv:1909.06035, stop at 2 skips)
+    "racl_darts_plus": {"search.arch_stop_param_free": 0.375},
+    # the limiting case of the warm-up: no architecture step at all, the genotype chosen by
+    # perturbation of the trained supernet (Wang et al. 2021, arXiv:2108.04392)
+    "no_arch_steps": {"search.warmup_min_steps": 10**9, "search.decode": "perturbation"},
+    # RACL deciding by the ops' robust importance (PGD on D_V at search.robust_eval_eps)
+    "racl_robust_pt": {"search.decode": "perturbation_robust"},
+    # RACL deciding by the eta-quantile of the distributions (the magnitude rule of spec §2.8)
+    "racl_quantile": {"search.decode": "quantile"},
 }
 """Variant name -> overrides (``search.``/``constraint.`` keys only)."""
 

@@ -1,0 +1,268 @@
+"""Selection by perturbation: an op's importance is what the supernet loses without it.
+
+Wang et al. (ICLR 2021, "Rethinking Architecture Selection in Differentiable NAS",
+arXiv:2108.04392, code ``ruocwang/darts-pt``) show that the magnitude of ``alpha`` records early
+biases (parameter-free ops win the argmax while the convolutions still learn) and need not say
+which op the supernet relies on. They select each edge's op by the drop in the supernet's
+validation accuracy when that op is removed, progressively: project one edge onto its chosen op,
+then the next; then the topology, per node the two edges whose removal hurts most.
+
+Here, with our choices marked (docs/method.md, "Decoding"):
+
+* The criterion is the rise of the validation **loss** (CE) on fixed D_V images, paired (the same
+  images for every candidate), not the accuracy: on a few hundred images the loss resolves
+  differences the accuracy rounds away. [ours]
+* The supernet is evaluated as the architecture step sees it: batch statistics (train mode),
+  with every batch-norm running statistic restored afterwards (nothing the search keeps moves).
+* The base architecture is the eta-lower quantile ``mu - Phi^{-1}(eta) sigma`` of the logits
+  (spec §2.8), so the confidence enters the decision: of two ops with equal mean the less certain
+  one weighs less in the supernet and removing it costs less. [ours]
+* ``robust``: the loss on PGD examples of D_V computed once against the base supernet (at the
+  retraining's radius, ``search.robust_eval_*``) and held fixed while ops are removed: the op's
+  importance for the supernet's robust loss, at the cost of one attack rather than one per
+  candidate. [ours; no public robust-NAS code selects ops by their robust importance]
+* Removing an op zeroes its mixing weight without renormalising the others (darts-pt);
+  removing an edge zeroes its PC-DARTS ``beta`` (its bypass channels go with it).
+* The loss rise is measured ``exact`` (one supernet pass per removal, about 250 for the DARTS
+  space: darts-pt's measure, affordable on a GPU) or to ``first_order``, ``-w dL/dw`` for every
+  op and edge from one backward pass (the Taylor importance of pruning, Molchanov et al. 2019,
+  arXiv:1906.10771). ``exact`` is the default: on a supernet in which only sep_conv_3x3 carries
+  any signal (tests/test_perturbation.py), ``first_order`` picked max_pool on 2 of 4 normal
+  edges, because batch normalisation after the nodes makes the loss locally blind to the scale
+  of ``w`` (removing an op is not a small change). [ours]
+* ``progressive``: project one edge onto its chosen op, rescore, repeat, in a seeded random
+  order (darts-pt); ``tune`` (optional) is called after each projection with the projected
+  logits, for weight steps between projections as darts-pt does. One shot (default): every op
+  scored on the base supernet, the topology on the op-projected one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rarn.config.schema import PerturbationEstimate
+from rarn.nas.genotype import Genotype
+from rarn.nas.ops import PRIMITIVES
+from rarn.nas.supernet import ArchSample, node_softmax
+
+__all__ = ["ESTIMATES", "Importance", "perturbation_select", "supernet_loss"]
+
+Batch = tuple[Tensor, Tensor]
+_CELLS = ("normal", "reduce")
+_NONE = PRIMITIVES.index("none")
+_KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")
+ESTIMATES: tuple[str, ...] = get_args(PerturbationEstimate)
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Loss rises of one perturbation selection.
+
+    Attributes:
+        ops: per cell type ``[E, n_ops]``, the rise when the op is removed from its edge at the
+            moment that edge was projected (``nan`` for ``none``, never a candidate).
+        edges: per cell type ``[E]``, the rise when the edge is removed from the op-projected
+            supernet.
+        base_loss: the loss of the base (unprojected) supernet.
+        evaluations: supernet passes over the selection images (the cost).
+    """
+
+    ops: dict[str, Tensor]
+    edges: dict[str, Tensor]
+    base_loss: float
+    evaluations: int
+
+
+@contextmanager
+def _frozen_statistics(model: nn.Module):
+    """Train mode (batch statistics) with every buffer (BN running mean/var/count) restored."""
+    was_training = model.training
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
+    model.train()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(saved[k])
+        model.train(was_training)
+
+
+def supernet_loss(model: nn.Module, batches: Sequence[Batch], weights: tuple[Tensor, ...]) -> float:
+    """Mean CE of ``model(x, weights=weights)`` over ``batches`` (batch statistics, the running
+    statistics untouched)."""
+    total, n = 0.0, 0
+    with torch.no_grad(), _frozen_statistics(model):
+        for x, y in batches:
+            logits = model(x, weights=weights)
+            total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+            n += len(y)
+    return total / max(n, 1)
+
+
+def _edge_slices(nodes: int) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for j in range(nodes):
+        out.append((start, start + j + 2))
+        start += j + 2
+    return out
+
+
+class _Scorer:
+    """Loss rises of removals from the mixing weights ``w``: ``exact`` (one pass per removal) or
+    ``first_order`` (``-w dL/dw`` for every op and edge from one backward pass, Molchanov et
+    al. 2019's Taylor importance, arXiv:1906.10771), both with batch statistics and the running
+    statistics untouched."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[Batch], estimate: str) -> None:
+        if estimate not in ESTIMATES:
+            raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
+        self.model, self.batches, self.exact = model, batches, estimate == "exact"
+        self.evaluations = 0  # passes over the batches (a backward counts as one more)
+        self._grads: dict[str, Tensor] | None = None
+
+    def weights(self, w: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return tuple(w[k] for k in _KEYS)
+
+    def loss(self, w: dict[str, Tensor]) -> float:
+        self.evaluations += 1
+        return supernet_loss(self.model, self.batches, self.weights(w))
+
+    def changed(self) -> None:
+        self._grads = None
+
+    def grads(self, w: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._grads is None:
+            leaves = {k: w[k].detach().clone().requires_grad_(True) for k in _KEYS}
+            n = sum(len(y) for _, y in self.batches)
+            with torch.enable_grad(), _frozen_statistics(self.model):
+                for x, y in self.batches:
+                    logits = self.model(x, weights=self.weights(leaves))
+                    (F.cross_entropy(logits.float(), y, reduction="sum") / n).backward()
+            self.evaluations += 2
+            self._grads = {k: v.grad.detach().double() for k, v in leaves.items()}
+        return self._grads
+
+    def op_rises(self, w: dict[str, Tensor], cell: str, e: int, ref: float) -> Tensor:
+        if not self.exact:
+            return -(self.grads(w)[cell][e] * w[cell][e].double())
+        out = torch.zeros(w[cell].shape[1], dtype=torch.float64)
+        for o in range(len(out)):
+            if o != _NONE:
+                t = w[cell].clone()
+                t[e, o] = 0.0
+                out[o] = self.loss({**w, cell: t}) - ref
+        return out
+
+    def edge_rises(self, w: dict[str, Tensor], cell: str, ref: float) -> Tensor:
+        name = f"{cell}_edges"
+        if not self.exact:
+            return -(self.grads(w)[name] * w[name].double())
+        out = torch.zeros(len(w[name]), dtype=torch.float64)
+        for e in range(len(out)):
+            t = w[name].clone()
+            t[e] = 0.0
+            out[e] = self.loss({**w, name: t}) - ref
+        return out
+
+
+def perturbation_select(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    base: ArchSample,
+    *,
+    estimate: str = "first_order",
+    progressive: bool = False,
+    generator: torch.Generator | None = None,
+    tune: Callable[[ArchSample], None] | None = None,
+) -> tuple[Genotype, Importance]:
+    """Selection by perturbation (darts-pt) from the base logits ``base``.
+
+    Args:
+        model: a supernet whose forward accepts ``weights=`` (op weights per cell type
+            ``[E, n_ops]``, edge weights ``[E]``) and whose ``arch.nodes`` is the node count.
+        batches: fixed ``(x, y)`` batches (D_V images, or their adversarial examples).
+        base: architecture logits the supernet starts from (e.g. the eta-lower quantile).
+        estimate: ``exact`` (one supernet pass per removed op or edge: darts-pt's measure,
+            about 250 passes for the DARTS space) or ``first_order`` (``-w dL/dw`` from one
+            backward pass per projection).
+        progressive: project each edge onto its chosen op before scoring the next (darts-pt);
+            ``False``: every op scored on the base supernet (one shot), the topology on the
+            op-projected one.
+        generator: the order in which the edges are projected (default: natural order).
+        tune: called with the projected logits after each op projection (weight steps).
+
+    Returns:
+        The genotype (per node the two edges whose removal raises the loss most, each with the
+        op whose removal raised it most, never ``none``) and the importances.
+    """
+    nodes = model.arch.nodes
+    with torch.no_grad():
+        w = {
+            "normal": torch.softmax(base.normal, -1).clone(),
+            "reduce": torch.softmax(base.reduce, -1).clone(),
+            "normal_edges": node_softmax(base.normal_edges, nodes).clone(),
+            "reduce_edges": node_softmax(base.reduce_edges, nodes).clone(),
+        }
+    score = _Scorer(model, batches, estimate)
+    base_loss = score.loss(w)
+    E, n_ops = w["normal"].shape
+    op_imp = {c: torch.full((E, n_ops), float("nan"), dtype=torch.float64) for c in _CELLS}
+    order = [(c, e) for c in _CELLS for e in range(E)]
+    if generator is not None:
+        order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
+    ref = base_loss  # the loss of the supernet as projected so far (exact estimate)
+    chosen = {}
+    for cell, e in order:
+        rises = score.op_rises(w, cell, e, ref)
+        rises[_NONE] = float("nan")
+        op_imp[cell][e] = rises
+        chosen[cell, e] = int(torch.nan_to_num(rises, nan=float("-inf")).argmax())
+        if progressive:
+            _project(w, cell, e, chosen[cell, e])
+            score.changed()
+            if tune is not None:
+                tune(_projected_logits(w))
+            ref = score.loss(w) if score.exact else ref
+    if not progressive:  # the topology is chosen on the op-projected supernet
+        for (cell, e), best in chosen.items():
+            _project(w, cell, e, best)
+        score.changed()
+        ref = score.loss(w) if score.exact else ref
+    edge_imp = {c: score.edge_rises(w, c, ref) for c in _CELLS}
+    genotype = _genotype(op_imp, edge_imp, nodes)
+    return genotype, Importance(op_imp, edge_imp, base_loss, score.evaluations)
+
+
+def _project(w: dict[str, Tensor], cell: str, e: int, op: int) -> None:
+    w[cell][e] = 0.0
+    w[cell][e, op] = 1.0
+
+
+def _projected_logits(w: dict[str, Tensor]) -> ArchSample:
+    """Logits whose softmax gives back ``w`` (a zero weight is ``-inf``); edge logits are
+    the log of the node-normalised weights, which the per-node softmax returns unchanged."""
+    return ArchSample(*(torch.log(w[k].clamp_min(0.0)) for k in _KEYS))
+
+
+def _genotype(op_imp: dict[str, Tensor], edge_imp: dict[str, Tensor], nodes: int) -> Genotype:
+    cells = {}
+    for cell in _CELLS:
+        scores = torch.nan_to_num(op_imp[cell], nan=float("-inf"))
+        scores[:, _NONE] = float("-inf")
+        best = scores.argmax(1)
+        pairs: list[tuple[str, int]] = []
+        for lo, hi in _edge_slices(nodes):
+            s = edge_imp[cell][lo:hi]
+            top = sorted(range(hi - lo), key=lambda i: (-float(s[i]), i))[:2]
+            pairs += [(PRIMITIVES[int(best[lo + i])], i) for i in sorted(top)]
+        cells[cell] = pairs
+    concat = tuple(range(2, nodes + 2))
+    return Genotype(cells["normal"], concat, cells["reduce"], concat)

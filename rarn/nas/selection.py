@@ -1,0 +1,141 @@
+"""The end of a search: every decoding of the supernet, its collapse report, and the remedy.
+
+* Magnitude rules (:mod:`rarn.nas.decode`: ``quantile``, ``median``, ``sample``) read the
+  distributions; perturbation rules (:mod:`rarn.nas.perturbation`: ``perturbation``,
+  ``perturbation_robust``) ask the supernet what each op is worth on D_V. Every search decodes by
+  all magnitude rules and by ``perturbation`` (plus the configured rule), and reports each
+  genotype's collapse signals, so the rules can be compared on every run.
+* The remedy (``search.decode_max_param_free``, P-DARTS): when the configured decoding trips the
+  collapse detector, at most that many parameter-free edges per cell survive; the others take
+  their edge's best convolution by the rule's own scores. The uncapped genotype stays in the
+  decodings (``<rule>_uncapped``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
+from rarn.nas.decode import (
+    MAGNITUDE_DECODERS,
+    PERTURBATION_DECODERS,
+    cap_parameter_free,
+    quantile_logits,
+)
+from rarn.nas.genotype import Genotype
+from rarn.nas.perturbation import Importance, _frozen_statistics, perturbation_select
+from rarn.nas.supernet import ArchSample
+
+__all__ = ["Selection", "decode_search", "selection_batches"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Selection:
+    """The chosen genotype (``rule``), every decoding and every decoding's collapse report."""
+
+    rule: str
+    genotype: Genotype
+    genotypes: dict[str, Genotype]
+    reports: dict[str, CollapseReport]
+    importance: dict[str, Importance]
+
+    @property
+    def report(self) -> CollapseReport:
+        return self.reports[self.rule]
+
+
+def selection_batches(s: Any, dataset: Any, robust: bool) -> list[tuple[Tensor, Tensor]]:
+    """The first ``search.decode_n`` images of ``dataset`` (D_V) as fixed batches on the search's
+    device; ``robust``: their PGD examples (``robust_eval_eps``, ``robust_eval_steps`` steps of
+    2.5 eps / steps, seeded random start) against the eta-quantile supernet, batch statistics."""
+    from rarn.data import make_loader
+    from rarn.robust.attacks.gradient import pgd
+    from rarn.robust.attacks.interface import Budget
+
+    cfg, out, seen = s.cfg, [], 0
+    for x, y in make_loader(dataset, 2 * cfg.batch_size, shuffle=False):
+        x, y = x[: cfg.decode_n - seen].to(s.device), y[: cfg.decode_n - seen].to(s.device)
+        out.append((x, y))
+        seen += len(y)
+        if seen >= cfg.decode_n:
+            break
+    if not robust:
+        return out
+    net = _Fixed(s.model, s.model.mixing_weights(base_logits(s)))
+    eps, steps = cfg.robust_eval_eps, cfg.robust_eval_steps
+    gen = torch.Generator(device=s.device).manual_seed(cfg.seed + 4)
+    budget = Budget(eps, 2.5 * eps / steps, steps, gen)
+    with _frozen_statistics(s.model), torch.enable_grad():
+        return [(pgd(net, x, y, budget).detach(), y) for x, y in out]
+
+
+class _Fixed(nn.Module):
+    """The supernet under fixed mixing weights, as a plain ``x -> logits`` model."""
+
+    def __init__(self, model: nn.Module, weights: tuple[Tensor, ...]) -> None:
+        super().__init__()
+        self.model, self.weights = model, tuple(w.detach() for w in weights)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, weights=self.weights)
+
+
+def base_logits(s: Any) -> ArchSample:
+    """The architecture perturbation starts from: the eta-lower quantile of the logits, or the
+    means of a deterministic (``sampling=False``) search."""
+    if not s.cfg.sampling:
+        return ArchSample(*(t.detach() for t in s.model.arch.mu().as_tuple()))
+    return quantile_logits(s.model, s.ccfg.eta)
+
+
+def decode_search(s: Any, val: Any) -> Selection:
+    """Decode a finished :class:`~rarn.nas.search.RACLSearch` by every magnitude rule, by
+    ``perturbation`` and by the configured rule (D_V = ``val``), with the collapse reports and
+    the configured remedy."""
+    cfg = s.cfg
+    limits, log_lam = CollapseLimits.of(cfg), cell_log_lipschitz(s.model)
+    genotypes = {mode: s.decode(mode) for mode in MAGNITUDE_DECODERS}
+    importance: dict[str, Importance] = {}
+    for mode in dict.fromkeys(("perturbation", cfg.decode)):
+        if mode not in PERTURBATION_DECODERS:
+            continue
+        batches = selection_batches(s, val, robust=mode == "perturbation_robust")
+        gen = torch.Generator().manual_seed(cfg.seed + 5)
+        genotypes[mode], importance[mode] = perturbation_select(
+            s.model,
+            batches,
+            base_logits(s),
+            estimate=cfg.decode_estimate,
+            progressive=cfg.decode_progressive,
+            generator=gen,
+        )
+    reports = {m: detect_collapse(g, log_lam, limits) for m, g in genotypes.items()}
+    rule = cfg.decode
+    if cfg.decode_max_param_free >= 0 and reports[rule].collapsed:
+        scores = _op_scores(s, rule, importance.get(rule))
+        capped = cap_parameter_free(genotypes[rule], scores, cfg.decode_max_param_free)
+        if capped != genotypes[rule]:
+            log.warning(
+                "decoding %r collapsed (%s): at most %d parameter-free edges per cell (P-DARTS)",
+                rule,
+                reports[rule].reason,
+                cfg.decode_max_param_free,
+            )
+            uncapped = f"{rule}_uncapped"
+            genotypes[uncapped], reports[uncapped] = genotypes[rule], reports[rule]
+            genotypes[rule], reports[rule] = capped, detect_collapse(capped, log_lam, limits)
+    return Selection(rule, genotypes[rule], genotypes, reports, importance)
+
+
+def _op_scores(s: Any, rule: str, imp: Importance | None) -> dict[str, Tensor]:
+    if imp is not None:
+        return {c: torch.nan_to_num(t, nan=float("-inf")) for c, t in imp.ops.items()}
+    q = quantile_logits(s.model, s.ccfg.eta) if rule == "quantile" else s.model.arch.mu()
+    return {"normal": q.normal.detach(), "reduce": q.reduce.detach()}
