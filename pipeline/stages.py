@@ -60,12 +60,21 @@ class Pipeline:
     # -- stage 1 --------------------------------------------------------------------------------
 
     def _record_tune(self, digests: dict[str, str]) -> None:
-        """Record the sha256 of Ray Tune's files as Tune writes them (see
-        :mod:`pipeline.tune_state`): ``--resume`` restores only from recorded ones."""
-        from pipeline.tune_state import merge_digests
+        """Record the sha256 of Ray Tune's files as Tune writes them, in the tracking store (the
+        parent run's tags) and in ``state.json`` (see :mod:`pipeline.tune_state`): ``--resume``
+        restores only from ones the tracking store recorded."""
+        from mlflow.entities import RunTag
+
+        from pipeline.tune_state import digest_tags, merge_digests
 
         if digests:
             self.state.tune_files = merge_digests(self.state.tune_files, digests)
+            tags = digest_tags(self.state.tune_files, digests)  # the store first: it counts
+            items = [RunTag(k, v) for k, v in tags.items()]
+            for i in range(0, len(items), 100):  # log_batch takes at most 100 tags per call
+                self.tracking.client().log_batch(
+                    self.tracking.parent_run_id, tags=items[i : i + 100]
+                )
             self._save()
 
     def search(self) -> None:
@@ -283,23 +292,42 @@ class Pipeline:
 
         On ``--resume`` a version registered earlier is reused (and promoted if it now earned
         it, e.g. once its evaluation finished); a promoted one is left alone.
+
+        The candidate, its model and its evaluation are read from the tracking store
+        (:func:`pipeline.evidence.store_state`), never from ``state.json`` alone; a reused
+        version must carry the candidate's lineage tags in the registry.
         """
+        from pipeline.evidence import store_state, version_matches
         from pipeline.model_store import current_alias_version, register_version, set_alias
         from pipeline.promotion import decide, evidence_tags
 
-        best, reg = self.state.champion(), self.state.registered
-        if best is None or (reg is not None and reg.promoted):
+        reg = self.state.registered
+        if reg is not None and reg.promoted:
+            return
+        trusted, notes = store_state(self.state, self.tracking)
+        for note in notes:
+            self.echo(f"[registry] refused: {note}")
+        best = trusted.champion()
+        if best is None:
             return
         tc, client = self.cfg.tracking, self.tracking.client()
-        ev = self.state.evaluate.get(best.key)
+        ev = trusted.evaluate.get(best.key)
         current = current_alias_version(self.tracking, tc.registered_model, tc.alias)
         champion = None if current is None else (str(current.version), current.tags)
         decision = decide(ev, champion, force=self.force_promote)
-        if reg is None or reg.key != best.key:
+        version = None
+        if reg is not None and reg.key == best.key:
+            mv = _model_version(client, tc.registered_model, reg.version)
+            if mv is not None and version_matches(mv, best):
+                version = reg.version
+            else:
+                self.echo(
+                    f"[registry] refused: state.json names version {reg.version!r} of "
+                    f"{tc.registered_model}, which does not hold {best.key}'s model"
+                )
+        if version is None:
             version = register_version(self.tracking, tc.registered_model, best.model_uri,
                                        self._lineage(best))  # fmt: skip
-        else:
-            version = reg.version
         verdict = ("promoted: " if decision.promote else "not promoted: ") + decision.reason
         tags = {"rarn.promotion": verdict, "rarn.force_promote": str(self.force_promote).lower()}
         if ev is not None and ev.metrics and not ev.error:
@@ -332,3 +360,13 @@ class Pipeline:
             "rarn.trial_key": best.key,
             "rarn.data_fingerprint": self.bundle.fingerprint if self.bundle is not None else "",
         }
+
+
+def _model_version(client: Any, name: str, version: str) -> Any | None:
+    """The registry's model version, or None when it does not exist (or is not a version)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        return None
