@@ -31,7 +31,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -213,8 +213,18 @@ class TrialStore:
         _no_link(self.root, "trial folder")
         _no_link(self.work, "trial folder")
 
-    def commit(self, epoch: int, extra: dict[str, Any] | None = None) -> Path:
-        """Copy ``work/`` into ``ckpt-<epoch>/`` with digests; point ``LATEST`` at it."""
+    def commit(
+        self,
+        epoch: int,
+        extra: dict[str, Any] | None = None,
+        record: Callable[[str], None] | None = None,
+    ) -> Path:
+        """Copy ``work/`` into ``ckpt-<epoch>/`` with digests; point ``LATEST`` at it.
+
+        Args:
+            record: called with the commit's :func:`commit_digest` before the commit appears
+                (the tracking store learns of every commit before anyone can resume from it).
+        """
         d = self.root / f"ckpt-{epoch:06d}"
         tmp = self.root / f".ckpt-{epoch:06d}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -226,6 +236,8 @@ class TrialStore:
                 files[f.name] = file_sha256(tmp / f.name)
         progress = {"epoch": epoch, "files": files, "time": time.time(), **(extra or {})}
         (tmp / PROGRESS).write_text(json.dumps(progress, sort_keys=True))
+        if record is not None:
+            record(commit_digest(tmp))
         shutil.rmtree(d, ignore_errors=True)
         # A directory rename (atomic_path handles files): a reader sees ckpt-<epoch>/ whole or
         # not at all; LATEST still names the previous commit until the next line.
@@ -272,8 +284,8 @@ class TrialStore:
                 for _, d in found:
                     if commit_digest(d) not in recorded:
                         log.warning("%s: %s was not recorded in the tracking store when "
-                                    "committed (edited, planted, or killed before it was "
-                                    "recorded); not resumed from", what, d / PROGRESS)  # fmt: skip
+                                    "committed (edited or planted); not resumed from",
+                                    what, d / PROGRESS)  # fmt: skip
                 found = [(p, d) for p, d in found if commit_digest(d) in recorded]
             if not found:
                 return None

@@ -35,7 +35,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.checkpoints import PROGRESS, CheckpointCorrupted, TrialStore, commit_digest
+from pipeline.checkpoints import PROGRESS, CheckpointCorrupted, TrialStore
 from pipeline.model_store import log_model_checked
 from pipeline.state import RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking, allowed_params
@@ -138,12 +138,13 @@ def retrain_loop(config: dict[str, Any]) -> None:
     store, run = job.store(rank), (job.open_run() if rank == 0 else None)
     commits = _recorded_commits(job, run)
 
+    def record(digest: str) -> None:  # rank 0, before the commit appears (TrialStore.commit)
+        commits[:] = run.record_commit(commits, digest)
+
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
-        nonlocal commits
         checkpoint = None
         if rank == 0:  # [3] Every rank reports; rank 0 commits and attaches its checkpoint.
-            ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
-            commits = run.record_commit(commits or [], commit_digest(ckpt))
+            ckpt = store.commit(epoch, extra={"metrics": dict(metrics)}, record=record)
             run.log_metrics(metrics, step=epoch)
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt))
         ray.train.report(dict(metrics), checkpoint=checkpoint)

@@ -31,7 +31,7 @@ import torch
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from pipeline.checkpoints import TrialStore, commit_digest
+from pipeline.checkpoints import TrialStore
 from pipeline.state import TrialOutcome
 from pipeline.storage import join_storage
 from pipeline.tracking import ChildRun, Tracking, allowed_params, download_checked
@@ -80,10 +80,11 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
     store, run = job.store(key), _trial_run(job, key, cfg, point)
     commits = run.commit_digests()  # what this trial committed before (the tracking store's)
 
+    def record(digest: str) -> None:  # before the commit appears (TrialStore.commit)
+        commits[:] = run.record_commit(commits, digest)
+
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
-        nonlocal commits
-        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
-        commits = run.record_commit(commits, commit_digest(ckpt))
+        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)}, record=record)
         run.log_metrics(metrics, step=epoch)
         _log_genotype(run, ckpt / "genotype.json")  # a trial ASHA stops keeps its genotype
         # [2] Report every epoch, with the committed checkpoint.
