@@ -8,9 +8,10 @@ validation metrics, and, once evaluated, the evaluation metrics (``eval_*``), th
 gradient-masking flags (``rarn.masking.<check>``) and the digests of the evaluated data
 (``rarn.eval_data_sha256``) and settings (``rarn.eval_protocol``).
 
-:func:`store_state` rebuilds the retrainings and evaluations from there. ``state.json`` can only
-withhold: a retraining or evaluation it does not record as finished is not used, and a value it
-records differently from the store is reported and replaced by the store's.
+:func:`store_state` rebuilds the retrainings and evaluations from there, and
+:func:`store_retrained` the retrainings the evaluation stage loads and logs to. ``state.json``
+can only withhold: a retraining or evaluation it does not record as finished is not used, and a
+value it records differently from the store is reported and replaced by the store's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from pipeline.state import EvalOutcome, RetrainOutcome, RunState
 
-__all__ = ["store_state", "version_matches"]
+__all__ = ["store_retrained", "store_state", "version_matches"]
 
 _MASKING = "rarn.masking."
 
@@ -73,22 +74,13 @@ def _differs(cached: EvalOutcome, stored: EvalOutcome) -> list[str]:
     return out
 
 
-def store_state(state: RunState, tracking: Any) -> tuple[RunState, list[str]]:
-    """``state`` with its retrainings and evaluations replaced by the tracking store's records.
-
-    A retraining or evaluation counts only when ``state.json`` lists it as finished *and* the
-    store recorded it (the values are the store's); the lines returned say what ``state.json``
-    claimed that the store does not back.
-
-    Args:
-        state: the run state read from ``state.json``.
-        tracking: the :class:`pipeline.tracking.Tracking` of this run's parent run.
-    """
+def _store_retrained(
+    state: RunState, tracking: Any
+) -> tuple[dict[str, Any], dict[str, RetrainOutcome], list[str]]:
     runs: dict[str, Any] = {}
     for run in tracking.children("retrain"):
         runs.setdefault(run.data.tags.get("rarn.key", ""), run)
     retrain: dict[str, RetrainOutcome] = {}
-    evaluate: dict[str, EvalOutcome] = {}
     notes: list[str] = []
     for key in state.retrain:
         if not state.retrain_done(key):
@@ -100,10 +92,36 @@ def store_state(state: RunState, tracking: Any) -> tuple[RunState, list[str]]:
                          "has no finished run with a model for it: not used")  # fmt: skip
             continue
         cached = state.retrain[key]
-        if (cached.model_uri, cached.model_sha256) != (stored.model_uri, stored.model_sha256):
+        ids = ("retrain_run_id", "model_uri", "model_sha256")
+        if any(getattr(cached, k) != getattr(stored, k) for k in ids):
             notes.append(f"state.json's model of {key} differs from the tracking store's: the "
                          "store's is used")  # fmt: skip
         retrain[key] = stored
+    return runs, retrain, notes
+
+
+def store_retrained(state: RunState, tracking: Any) -> tuple[list[RetrainOutcome], list[str]]:
+    """The finished retrainings (in ``state.json``'s order) with their run, model and digest as
+    the tracking store recorded them: what the evaluation loads and logs to."""
+    _, retrain, notes = _store_retrained(state, tracking)
+    return list(retrain.values()), notes
+
+
+def store_state(state: RunState, tracking: Any) -> tuple[RunState, list[str]]:
+    """``state`` with its retrainings and evaluations replaced by the tracking store's records.
+
+    A retraining or evaluation counts only when ``state.json`` lists it as finished *and* the
+    store recorded it (the values are the store's); the lines returned say what ``state.json``
+    claimed that the store does not back.
+
+    Args:
+        state: the run state read from ``state.json``.
+        tracking: the :class:`pipeline.tracking.Tracking` of this run's parent run.
+    """
+    runs, retrain, notes = _store_retrained(state, tracking)
+    evaluate: dict[str, EvalOutcome] = {}
+    for key in retrain:
+        run = runs[key]
         if not state.evaluate_done(key):
             continue
         ev = _evaluation(key, run)

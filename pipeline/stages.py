@@ -213,9 +213,12 @@ class Pipeline:
                 ``--resume`` evaluates only those again); nothing is registered then.
         """
         from pipeline.evaluate import run_evaluate_stage
+        from pipeline.evidence import store_retrained
         from rarn.robust.evaluation import SuiteSettings
 
-        done = self.state.retrained()
+        done, notes = store_retrained(self.state, self.tracking)  # the models the store recorded
+        for note in notes:
+            self.echo(f"[evaluate] refused: {note}")
         todo = [r for r in done if not self.state.evaluate_done(r.key)]
         if not done:
             raise PipelineError("nothing to evaluate: no finished retraining in this run_dir")

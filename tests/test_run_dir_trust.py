@@ -187,6 +187,7 @@ def _retrain_run(tracking, key: str, worst: float, flags: dict[str, bool]) -> st
 
 
 def test_a_forged_state_json_cannot_move_the_alias(store, tmp_path):
+    from pipeline.evidence import store_retrained
     from pipeline.model_store import register_version
     from pipeline.stages import Pipeline
 
@@ -209,6 +210,13 @@ def test_a_forged_state_json_cannot_move_the_alias(store, tmp_path):
                                        {}, "", None, "d" * 64, "p" * 64)  # fmt: skip
     state.registered = Registration(name, "champion", other, f"models:/{name}/{other}", "t1",
                                     promoted=False)  # fmt: skip
+    # The evaluation loads, and logs to, the store's model and run, not the ones state.json names.
+    state.retrain["t1"].model_uri = f"runs:/{flagged}/model"
+    done, notes = store_retrained(state, store)
+    assert [(r.key, r.model_uri) for r in done] == [("t0", f"runs:/{flagged}/model"),
+                                                   ("t1", f"runs:/{clean}/model")]  # fmt: skip
+    assert notes == ["state.json's model of t1 differs from the tracking store's: the store's "
+                     "is used"]  # fmt: skip
     said: list[str] = []
     Pipeline(cfg, tmp_path, state, store, True, said.append, 0).register()
     client = store.client()
