@@ -153,8 +153,28 @@ class Pipeline:
         jobs = []
         for key in search.selected:
             o = search.outcome(key)
-            jobs.append(RetrainJob(key, o.genotype, search_run_id=o.search_run_id, **common))
+            run_id = self._checked_genotype(key, o)
+            jobs.append(RetrainJob(key, o.genotype, search_run_id=run_id, **common))
         return [*jobs, *references]
+
+    def _checked_genotype(self, key: str, o: Any) -> str:
+        """The search run of trial ``key`` (found in the tracking store, not taken from
+        ``state.json``), after checking that ``state.json``'s genotype is the one it recorded.
+
+        Raises:
+            PipelineError: no such trial run, or another genotype (``state.json`` edited).
+        """
+        run_id = self.tracking.find_child("search", key)
+        recorded = None
+        if run_id is not None:
+            recorded = self.tracking.client().get_run(run_id).data.tags.get("rarn.genotype_sha")
+        if o is None or o.genotype is None or recorded != o.genotype.sha256():
+            raise PipelineError(
+                f"state.json's genotype of trial {key} is not the one its search run recorded in "
+                "the tracking store (edited by hand?); refused. Restore state.json, or start a "
+                "new run"
+            )
+        return run_id
 
     def baselines(self) -> dict[str, Any]:
         """The reference networks retrained beside the searched ones (``retrain.baselines``, and

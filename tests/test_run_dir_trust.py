@@ -36,7 +36,7 @@ from pipeline.checkpoints import (
     commit_digest,
 )
 from pipeline.run import EXIT, main
-from pipeline.state import EvalOutcome, Registration, RetrainOutcome, RunState
+from pipeline.state import EvalOutcome, Registration, RetrainOutcome, RunState, StateError
 from pipeline.tracking_uri import TrackingUnavailable, check_reachable
 from pipeline.tune_state import digest_tags, digests_from_tags, storage_digests, store_digests
 from rarn.config import ConfigError, dump_config, load_config
@@ -171,6 +171,13 @@ def test_resume_refuses_a_path_in_a_checkpoint_exit_2_nothing_written(env, tmp_p
     assert "Traceback" not in err and _tree(tmp_path) == before
 
 
+def test_keys_in_state_json_never_name_a_folder_elsewhere(tmp_path):
+    for where in ("retrain", "evaluate"):
+        (tmp_path / "state.json").write_text(json.dumps({where: {"../../x": {"key": "../../x"}}}))
+        with pytest.raises(StateError, match=r"key '\.\./\.\./x' is not a plain name"):
+            RunState.load(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. An edited state.json cannot move the alias
 
@@ -229,6 +236,24 @@ def test_a_forged_state_json_cannot_move_the_alias(store, tmp_path):
     assert "state.json's evaluation of t0 differs from the tracking store's" in text
     assert "masking flags none vs ['zero_gradients']" in text
     assert f"state.json names version '{other}'" in text
+
+
+def test_an_edited_genotype_in_state_json_is_not_retrained(store, tmp_path):
+    from pipeline.stages import Pipeline, PipelineError
+    from pipeline.state import SearchState, TrialOutcome
+    from rarn.nas.genotype import GENOTYPES
+
+    good, other = GENOTYPES["RACL"], next(g for k, g in GENOTYPES.items() if k != "RACL")
+    run = store.child_run("search", "g0", tags={"rarn.genotype_sha": good.sha256()})
+    cfg = load_config(SMOKE, [f"run_dir={tmp_path}/run"])
+    state = RunState(parent_run_id=store.parent_run_id)
+    outcome = TrialOutcome("g0", {}, "TERMINATED", search_run_id="forged", genotype=other)
+    state.search = SearchState(["g0"], [outcome])
+    pipe = Pipeline(cfg, tmp_path, state, store, True, print, 0)
+    with pytest.raises(PipelineError, match="genotype of trial g0 is not the one its search run"):
+        pipe.retrain_jobs()
+    outcome.genotype = good  # the recorded one: retrained, lineage from the store's run id
+    assert pipe.retrain_jobs()[0].search_run_id == run.run_id
 
 
 # ----------------------------------------------------------------------------------------------
