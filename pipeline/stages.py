@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.state import Registration, RunState, SearchState
+from pipeline.state import EvalOutcome, Registration, RunState, SearchState
 from rarn.config import Config
 
 __all__ = ["Pipeline", "PipelineError"]
@@ -236,12 +236,21 @@ class Pipeline:
         from pipeline.evidence import store_retrained
         from rarn.robust.evaluation import SuiteSettings
 
-        done, notes = store_retrained(self.state, self.tracking)  # the models the store recorded
-        for note in notes:
-            self.echo(f"[evaluate] refused: {note}")
+        done = self.state.retrained()
         todo = [r for r in done if not self.state.evaluate_done(r.key)]
         if not done:
             raise PipelineError("nothing to evaluate: no finished retraining in this run_dir")
+        if todo:  # the models, runs and digests the tracking store recorded, not state.json's
+            stored, notes = store_retrained(self.state, self.tracking)
+            for note in notes:
+                self.echo(f"[evaluate] refused: {note}")
+            by_key = {r.key: r for r in stored}
+            for r in todo:
+                if r.key not in by_key:
+                    self.state.evaluate[r.key] = EvalOutcome(
+                        r.key, error="the tracking store has no finished retraining with a model"
+                    )
+            todo = [by_key[r.key] for r in todo if r.key in by_key]
         if todo:
             ev = self.cfg.evaluation
             names = ", ".join(a.name for a in SuiteSettings.from_config(ev).attacks)
@@ -330,6 +339,8 @@ class Pipeline:
         trusted, notes = store_state(self.state, self.tracking)
         for note in notes:
             self.echo(f"[registry] refused: {note}")
+        self.state.retrain.update(trusted.retrain)  # the cache corrected from the store
+        self.state.evaluate.update(trusted.evaluate)
         best = trusted.champion()
         if best is None:
             return
