@@ -9,10 +9,14 @@ Usage::
 
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) it joins that cluster; otherwise it starts
 a local Ray instance whose listeners bind to loopback. Exit codes: 0 done, 1 failed (also a failed
-or skipped evaluation: nothing is promoted then), 2 bad config or usage, run_dir in use or not
-resumable, a cluster too small or (multi-node) unsafe storage/tracking (nothing written), 3
-tracking server unreachable or refusing the credentials (nothing written), 130 interrupted by
-SIGINT or SIGTERM (resume with ``--resume``).
+or skipped evaluation: nothing is promoted then; a full disk, read-only file system or denied
+permission, named with its path), 2 bad config or usage, run_dir in use, unusable or not
+resumable (a file ``--resume`` would load that the tracking store did not record, a path that
+leaves its folder), a ``$RAY_ADDRESS`` that does not answer, a cluster too small or (multi-node)
+unsafe storage/tracking (nothing written), 3 tracking server unreachable, failing or refusing the
+credentials (nothing written when found before the run; one line when it fails during it), 130
+interrupted by SIGINT or SIGTERM (resume with ``--resume``; never advised for a run that wrote
+nothing). The run directory is untrusted input: see docs/registry.md, "Trust model".
 
 This module is the command line and the stage order. It applies the Ray/MLflow environment
 defaults (:mod:`pipeline.env`) before anything imports Ray, runs the checks that write nothing
@@ -59,9 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pipeline/run.py",
         description="RACL search (Ray Tune) -> retraining (Ray Train) -> evaluation, in MLflow.",
-        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation), 2 bad config, run_dir or "
-        "cluster (nothing written), 3 tracking server unreachable or refusing credentials, "
-        "130 interrupted (SIGINT or SIGTERM; rerun with --resume)",
+        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation, disk full, read-only, "
+        "permission denied), 2 bad config, run_dir, RAY_ADDRESS or cluster (nothing written), "
+        "3 tracking server unreachable, failing or refusing credentials, 130 interrupted "
+        "(SIGINT or SIGTERM; rerun with --resume)",
     )
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=2")
@@ -192,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {_fs_fault(e, run_dir)}", file=sys.stderr)
         return EXIT["failed"]
     except _tracking_errors() as e:
-        print(f"error: tracking server {redact_uri(uri)} failed during the run: "
+        print(f"error: tracking store {redact_uri(uri)} failed during the run: "
               f"{_one_line(e)}{_resume_hint(args, argv, run_dir)}", file=sys.stderr)  # fmt: skip
         return EXIT["tracking"]
     finally:
@@ -221,7 +226,7 @@ def _fs_fault(e: OSError, run_dir: Path) -> str:
 def _resume_hint(args: argparse.Namespace, argv: Sequence[str] | None, run_dir: Path) -> str:
     """``; continue with: ...--resume`` when the run wrote a state to resume, else ''."""
     if not (run_dir / "state.json").is_file():
-        return " (nothing was written: run it again once this is fixed)"
+        return " (nothing to resume: run it again)"
     given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
     return "; continue with: " + shlex.join(["python", "pipeline/run.py", *given, "--resume"])
 
