@@ -191,21 +191,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT["usage"]
     try:
         return _run(args, argv, cfg, stages, run_dir, uri, bundle, state, echo)
-    except OSError as e:
-        if e.errno not in _FS_FAULTS:
+    except Exception as e:
+        fault = _fs_cause(e)
+        if fault is None:
+            if isinstance(e, _tracking_errors()):
+                hint = _resume_hint(args, argv, run_dir)
+                where = f"tracking store {redact_uri(uri)}"
+                print(
+                    f"error: {where} failed during the run: {_one_line(e)}{hint}", file=sys.stderr
+                )
+                return EXIT["tracking"]
             raise
-        print(f"error: {_fs_fault(e, run_dir)}", file=sys.stderr)
+        print(f"error: {_fs_fault(fault, run_dir)}", file=sys.stderr)
         return EXIT["failed"]
-    except _tracking_errors() as e:
-        print(f"error: tracking store {redact_uri(uri)} failed during the run: "
-              f"{_one_line(e)}{_resume_hint(args, argv, run_dir)}", file=sys.stderr)  # fmt: skip
-        return EXIT["tracking"]
     finally:
         _release(lock)
 
 
 # Disk full, quota, read-only file system, permission denied: reported, not thrown.
 _FS_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _fs_cause(e: BaseException) -> OSError | None:
+    """The file-system fault behind ``e`` (itself, or what it wraps: Ray and Tune re-raise),
+    or None."""
+    seen: list[BaseException] = []
+    while e is not None and len(seen) < 10 and all(e is not s for s in seen):
+        if isinstance(e, OSError) and e.errno in _FS_FAULTS:
+            return e
+        seen.append(e)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
 
 
 def _one_line(e: BaseException) -> str:

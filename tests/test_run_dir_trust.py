@@ -450,6 +450,24 @@ def test_an_unreachable_ray_address_exits_2_at_once(tmp_path, monkeypatch, capsy
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_ray_address_that_never_answers_times_out(monkeypatch):
+    import socket
+
+    from pipeline.cluster import check_ray_address
+
+    waited = []
+
+    def blackhole(address, timeout):
+        waited.append(timeout)
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", blackhole)
+    monkeypatch.setenv("RARN_RAY_CONNECT_TIMEOUT_S", "0.5")
+    with pytest.raises(ConfigError, match=r"no Ray cluster answers there \(timed out, 0.5 s\)"):
+        check_ray_address("10.0.0.9:6379")
+    assert waited == [0.5]
+
+
 def test_a_server_whose_api_fails_exits_3_bounded(tmp_path, monkeypatch, server, capsys):
     from pipeline import registry
 
@@ -515,7 +533,18 @@ def test_disk_full_is_reported_with_the_path_and_the_state_stays_resumable(
         RunState(parent_run_id="changed").save(run_dir)
     assert RunState.load(run_dir).parent_run_id == saved.parent_run_id
     assert [p.name for p in run_dir.iterdir() if ".tmp" in p.name] == []
-    # Read-only (EROFS) and permission denied (EACCES) take the same path.
+
+    # Wrapped (as Tune and Ray re-raise), read-only (EROFS), permission denied (EACCES): alike.
+    def wrapped(self):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(full))
+        except OSError as e:
+            raise RuntimeError("Tune: saving the experiment state failed") from e
+
+    _no_ray(monkeypatch, evaluate=wrapped)
+    monkeypatch.setattr(Path, "write_text", real)
+    assert main(_args(run_dir, "--stages", "evaluate", "--resume")) == EXIT["failed"]
+    assert f"No space left on device: {full}" in capsys.readouterr().err
     for code in (errno.EROFS, errno.EACCES):
         _no_ray(monkeypatch, evaluate=lambda self, c=code: (_ for _ in ()).throw(
             OSError(c, os.strerror(c), str(full))))  # fmt: skip
