@@ -2,8 +2,12 @@
 
 Everything here raises :class:`rarn.config.ConfigError` or another ``ValueError`` (the CLI's
 exit 2) and touches neither Ray nor MLflow, so a bad value fails in seconds with nothing on disk:
-a run directory another pipeline holds (:mod:`pipeline.runlock`), an unreadable ``state.json``,
-and Ray Tune files this run did not write (:mod:`pipeline.tune_state`) are refused here.
+a run directory that cannot be created or written, one another pipeline holds
+(:mod:`pipeline.runlock`), an unreadable ``state.json``, names in checkpoint files that leave
+their folder and links out of the run directory (:func:`pipeline.checkpoints.check_tree`), and
+Ray Tune files this run did not write (:mod:`pipeline.tune_state`) are refused here. The one
+exception, :func:`check_resume_store`, reads the tracking store (once it answered): the digests
+``--resume`` trusts are the store's, not ``state.json``'s.
 """
 
 from __future__ import annotations

@@ -251,9 +251,9 @@ def test_an_edited_genotype_in_state_json_is_not_retrained(store, tmp_path):
     state.search = SearchState(["g0"], [outcome])
     pipe = Pipeline(cfg, tmp_path, state, store, True, print, 0)
     with pytest.raises(PipelineError, match="genotype of trial g0 is not the one its search run"):
-        pipe.retrain_jobs()
+        pipe._checked_genotype("g0", outcome)  # what retrain_jobs() checks for each selected key
     outcome.genotype = good  # the recorded one: retrained, lineage from the store's run id
-    assert pipe.retrain_jobs()[0].search_run_id == run.run_id
+    assert pipe._checked_genotype("g0", outcome) == run.run_id
 
 
 # ----------------------------------------------------------------------------------------------
