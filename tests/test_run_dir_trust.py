@@ -406,6 +406,13 @@ def test_names_the_registry_refuses_are_refused_at_load(override):
         load_config(SMOKE, [override])
 
 
+def test_a_yaml_merge_key_cannot_repeat_a_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("search: {epochs: 2, <<: {epochs: 300}}\n")
+    with pytest.raises(ConfigError, match=r"line 1: YAML merge keys \(<<\) are not allowed"):
+        load_config(path)
+
+
 def test_unusable_run_dirs_and_cpus_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
