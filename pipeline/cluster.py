@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import socket
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,15 @@ from pipeline.storage import is_uri
 from pipeline.tracking_uri import redact_uri
 from rarn.config import Config, ConfigError
 
-__all__ = ["Demand", "Node", "alive_nodes", "check_cluster", "check_resources", "demands"]
+__all__ = [
+    "Demand",
+    "Node",
+    "alive_nodes",
+    "check_cluster",
+    "check_ray_address",
+    "check_resources",
+    "demands",
+]
 
 _PROBE_TIMEOUT_S = 120.0  # a node's first task may wait for its worker and the job's code
 
@@ -206,3 +215,42 @@ def check_cluster(cfg: Config, stages: Sequence[str], *, joined: bool, uri: str,
             warnings.append("tune.cluster=multi-node, but only one node is alive: run_dir and "
                             "tune.storage_path were checked on it alone")  # fmt: skip
     return warnings
+
+
+def _seconds(name: str, default: str) -> float:
+    text = os.environ.get(name, default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ConfigError(f"{name}={text!r}: expected seconds in (0, 3600]")
+    return value
+
+
+def check_ray_address(address: str, timeout: float | None = None) -> None:
+    """Refuse a ``$RAY_ADDRESS`` that does not answer, in ``timeout`` seconds (default
+    ``$RARN_RAY_CONNECT_TIMEOUT_S``, 10), before ``ray.init`` (which would wait for it for minutes
+    with no message of ours). ``auto`` and ``local`` are left to Ray.
+
+    Raises:
+        ConfigError: not ``HOST:PORT`` (or ``ray://HOST:PORT``), or nothing listens there.
+    """
+    text = address.strip()
+    if text in ("auto", "local"):
+        return
+    timeout = _seconds("RARN_RAY_CONNECT_TIMEOUT_S", "10") if timeout is None else timeout
+    hostport = text.split("://", 1)[1] if "://" in text else text
+    host, _, port = hostport.rstrip("/").rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"RAY_ADDRESS={address!r}: expected HOST:PORT of a Ray head node "
+                          "(e.g. 127.0.0.1:6379), 'auto', or unset for a local Ray")  # fmt: skip
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise ConfigError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({reason}, {timeout:g} s); "
+            "start it (ray start --head) or unset RAY_ADDRESS for a local Ray"
+        ) from None

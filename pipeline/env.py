@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["LOOPBACK", "QUIET", "TESTING", "apply_env_defaults", "env_defaults"]
+__all__ = ["LOOPBACK", "QUIET", "TESTING", "TRACKING", "apply_env_defaults", "env_defaults"]
 
+# Always: MLflow's HTTP client bounded (its defaults retry for minutes) and never following a
+# redirect with the credentials; the user's exported values win (configurable).
+TRACKING: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ALLOW_HTTP_REDIRECTS": "false",
+}
 # Always: no usage statistics, no telemetry, no checkpoint-sync warnings from frequent commits.
 QUIET: dict[str, str] = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
     "MLFLOW_DISABLE_TELEMETRY": "true",
+    **TRACKING,
 }
 # Only for a Ray instance of our own (not when joining $RAY_ADDRESS, where the cluster decides):
 # node IP 127.0.0.1 so every listener binds to loopback, and no token auth on loopback.

@@ -198,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable, e.g. --set evaluation.steps=50")  # fmt: skip
     args = p.parse_args(argv)
+    from pipeline.env import apply_env_defaults
+
+    apply_env_defaults(connect=True)  # MLflow's HTTP retries bounded, no redirects followed
     try:
         uri = resolve_tracking_uri(TrackingConfig(tracking_uri=args.tracking_uri))
         check_store(uri)

@@ -35,7 +35,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pipeline.checkpoints import PROGRESS, TrialStore
+from pipeline.checkpoints import PROGRESS, CheckpointCorrupted, TrialStore
 from pipeline.model_store import log_model_checked
 from pipeline.state import RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking, allowed_params
@@ -94,7 +94,7 @@ class RetrainJob:
         return Path(self.run_dir) / "retrain" / self.key
 
     def store(self, rank: int) -> TrialStore:
-        return TrialStore(self.root / f"rank{rank}")
+        return TrialStore(self.root / f"rank{rank}", Path(self.run_dir))
 
     def trained_config(self) -> RetrainConfig:
         """The section as this job trains it: a named network in ``genotype``, without the
@@ -136,11 +136,15 @@ def retrain_loop(config: dict[str, Any]) -> None:
     # [1] Data: one copy in the object store, shared by every worker on a node.
     (bundle,) = ray.get(config["bundle"])
     store, run = job.store(rank), (job.open_run() if rank == 0 else None)
+    commits = _recorded_commits(job, run)
+
+    def record(digest: str) -> None:  # rank 0, before the commit appears (TrialStore.commit)
+        commits[:] = run.record_commit(commits, digest)
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
         checkpoint = None
         if rank == 0:  # [3] Every rank reports; rank 0 commits and attaches its checkpoint.
-            ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
+            ckpt = store.commit(epoch, extra={"metrics": dict(metrics)}, record=record)
             run.log_metrics(metrics, step=epoch)
             checkpoint = ray.train.Checkpoint.from_directory(str(ckpt))
         ray.train.report(dict(metrics), checkpoint=checkpoint)
@@ -149,7 +153,7 @@ def retrain_loop(config: dict[str, Any]) -> None:
         # [2] Resume from Ray Train's checkpoint (retry/restore) or rank 0's newer local commit:
         # every rank from the same epoch.
         source = _resume_source(job, rank, ray.train.get_checkpoint())
-        progress = store.restore(source, what=f"retraining {job.key} r{rank}")
+        progress = store.restore(source, f"retraining {job.key} r{rank}", commits)
         store.record_attempt(
             run.resumed(progress) if run else int((progress or {}).get("epoch", 0))
         )
@@ -162,6 +166,15 @@ def retrain_loop(config: dict[str, Any]) -> None:
         if run is not None:
             example = torch.stack([bundle.test[i][0] for i in range(min(2, len(bundle.test)))])
             _log_result(job, run, result, example)
+
+
+def _recorded_commits(job: RetrainJob, run: ChildRun | None) -> list[str] | None:
+    """The commits rank 0's run recorded in the tracking store (every rank resumes from rank
+    0's commit); None when that run does not exist yet (nothing to resume from then)."""
+    if run is not None:
+        return run.commit_digests()
+    run_id = job.tracking.find_child("retrain", job.key)
+    return None if run_id is None else ChildRun(job.tracking, run_id).commit_digests()
 
 
 @dataclass(frozen=True)
@@ -292,10 +305,13 @@ def run_retrain_stage(
 
 
 def _progress_line(job: RetrainJob) -> str:
-    latest = job.store(0).latest()
-    if latest is None:
-        return "starting"
-    p = json.loads((latest / PROGRESS).read_text())
+    try:
+        latest = job.store(0).latest()
+        if latest is None:
+            return "starting"
+        p = json.loads((latest / PROGRESS).read_text())
+    except (OSError, ValueError, CheckpointCorrupted) as e:  # the trial itself reports it
+        return f"progress unreadable ({type(e).__name__})"
     m = p.get("metrics", {})
     acc = "".join(f", {k} {m[k]:.3f}" for k in ("train_acc", "val_robust_acc") if k in m)
     return f"epoch {p['epoch']}/{job.cfg.epochs}{acc}"

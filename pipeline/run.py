@@ -9,10 +9,14 @@ Usage::
 
 With ``RAY_ADDRESS`` set (as under ``ray job submit``) it joins that cluster; otherwise it starts
 a local Ray instance whose listeners bind to loopback. Exit codes: 0 done, 1 failed (also a failed
-or skipped evaluation: nothing is promoted then), 2 bad config or usage, run_dir in use or not
-resumable, a cluster too small or (multi-node) unsafe storage/tracking (nothing written), 3
-tracking server unreachable or refusing the credentials (nothing written), 130 interrupted by
-SIGINT or SIGTERM (resume with ``--resume``).
+or skipped evaluation: nothing is promoted then; a full disk, read-only file system or denied
+permission, named with its path), 2 bad config or usage, run_dir in use, unusable or not
+resumable (a file ``--resume`` would load that the tracking store did not record, a path that
+leaves its folder), a ``$RAY_ADDRESS`` that does not answer, a cluster too small or (multi-node)
+unsafe storage/tracking (nothing written), 3 tracking server unreachable, failing or refusing the
+credentials (nothing written when found before the run; one line when it fails during it), 130
+interrupted by SIGINT or SIGTERM (resume with ``--resume``; never advised for a run that wrote
+nothing). The run directory is untrusted input: see docs/registry.md, "Trust model".
 
 This module is the command line and the stage order. It applies the Ray/MLflow environment
 defaults (:mod:`pipeline.env`) before anything imports Ray, runs the checks that write nothing
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.env import apply_env_defaults
+from pipeline.tracking_uri import redact_uri
 from rarn.config import Config, ConfigError, load_config
 
 __all__ = ["EXIT", "STAGES", "main", "parse_args", "resolve_config"]
@@ -57,9 +63,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="pipeline/run.py",
         description="RACL search (Ray Tune) -> retraining (Ray Train) -> evaluation, in MLflow.",
-        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation), 2 bad config, run_dir or "
-        "cluster (nothing written), 3 tracking server unreachable or refusing credentials, "
-        "130 interrupted (SIGINT or SIGTERM; rerun with --resume)",
+        epilog="exit codes: 0 ok, 1 failed (incl. a failed evaluation, disk full, read-only, "
+        "permission denied), 2 bad config, run_dir, RAY_ADDRESS or cluster (nothing written), "
+        "3 tracking server unreachable, failing or refusing credentials, 130 interrupted "
+        "(SIGINT or SIGTERM; rerun with --resume)",
     )
     p.add_argument("--config", default=None, help="YAML config (default: configs/default.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. search.epochs=2")
@@ -125,7 +132,12 @@ def _preflight(args: argparse.Namespace) -> tuple[Config, list[str], Path, str, 
         ConfigError, DataError, ValueError, KeyError, FileNotFoundError: exit 2.
         TrackingUnavailable: exit 3.
     """
-    from pipeline.preflight import check_resume, check_run_dir, validate_config
+    from pipeline.preflight import (
+        check_resume,
+        check_resume_store,
+        check_run_dir,
+        validate_config,
+    )
     from pipeline.tracking_uri import check_reachable, resolve_tracking_uri
     from rarn.data import load_dataset
 
@@ -133,18 +145,26 @@ def _preflight(args: argparse.Namespace) -> tuple[Config, list[str], Path, str, 
     stages = _stages(args.stages)
     if args.quiet and args.verbose:
         raise ConfigError("--quiet and --verbose: give one of them")
+    if args.num_cpus is not None and not 1 <= args.num_cpus <= 4096:
+        raise ConfigError(f"--num-cpus: {args.num_cpus} not allowed; give 1 to 4096")
+    if os.environ.get("RAY_ADDRESS"):
+        from pipeline.cluster import check_ray_address
+
+        check_ray_address(os.environ["RAY_ADDRESS"])  # seconds, not ray.init's minutes
     validate_config(cfg, stages, args.resume)
     run_dir = check_run_dir(cfg, args.resume)
     state = check_resume(cfg, run_dir, stages) if args.resume else None
-    uri = resolve_tracking_uri(cfg.tracking)
+    uri = resolve_tracking_uri(cfg.tracking)  # the config or the environment, never state.json
     check_reachable(uri)  # seconds, not MLflow's minutes of retries
+    if state is not None:
+        check_resume_store(cfg, run_dir, stages, state, uri)
     return cfg, stages, run_dir, uri, load_dataset(cfg.data), state
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the pipeline; returns the exit code (see the module docstring)."""
     apply_env_defaults(connect=bool(os.environ.get("RAY_ADDRESS")))  # before anything imports ray
-    from pipeline.preflight import check_resume, check_run_dir
+    from pipeline.preflight import check_resume, check_resume_store, check_run_dir
     from pipeline.runlock import RunDirLock, RunDirLocked
     from pipeline.tracking_uri import TrackingUnavailable
     from rarn.data import DataError
@@ -158,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Again under the lock: another run may have just finished or changed the state here.
         if args.resume:
             state = check_resume(cfg, run_dir, stages)
+            check_resume_store(cfg, run_dir, stages, state, uri)
         else:
             check_run_dir(cfg, False)
     except TrackingUnavailable as e:
@@ -170,8 +191,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT["usage"]
     try:
         return _run(args, argv, cfg, stages, run_dir, uri, bundle, state, echo)
+    except Exception as e:
+        fault = _fs_cause(e)
+        if fault is None:
+            if isinstance(e, _tracking_errors()):
+                hint = _resume_hint(args, argv, run_dir)
+                where = f"tracking store {redact_uri(uri)}"
+                print(
+                    f"error: {where} failed during the run: {_one_line(e)}{hint}", file=sys.stderr
+                )
+                return EXIT["tracking"]
+            raise
+        print(f"error: {_fs_fault(fault, run_dir)}", file=sys.stderr)
+        return EXIT["failed"]
     finally:
         _release(lock)
+
+
+# Disk full, quota, read-only file system, permission denied: reported, not thrown.
+_FS_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _fs_cause(e: BaseException) -> OSError | None:
+    """The file-system fault behind ``e`` (itself, or what it wraps: Ray and Tune re-raise),
+    or None."""
+    seen: list[BaseException] = []
+    while e is not None and len(seen) < 10 and all(e is not s for s in seen):
+        if isinstance(e, OSError) and e.errno in _FS_FAULTS:
+            return e
+        seen.append(e)
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def _fs_fault(e: OSError, run_dir: Path) -> str:
+    """One line: what failed, on which path, and how to continue."""
+    path = e.filename or "?"
+    what = os.strerror(e.errno) if e.errno else str(e)
+    text = f"{what}: {path}"
+    if (run_dir / "state.json").is_file():  # written atomically: the last save is intact
+        return f"{text}; free space or fix permissions there, then rerun with --resume"
+    return f"{text}; free space or fix permissions there, then run again (nothing to resume)"
+
+
+def _resume_hint(args: argparse.Namespace, argv: Sequence[str] | None, run_dir: Path) -> str:
+    """``; continue with: ...--resume`` when the run wrote a state to resume, else ''."""
+    if not (run_dir / "state.json").is_file():
+        return " (nothing to resume: run it again)"
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    return "; continue with: " + shlex.join(["python", "pipeline/run.py", *given, "--resume"])
+
+
+def _tracking_errors() -> tuple[type[BaseException], ...]:
+    """MLflow's error after its (bounded) retries; requests' connection errors."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    return (MlflowException, RequestException)
 
 
 def _release(lock: Any) -> None:
@@ -205,9 +286,12 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
             return EXIT["usage"]
         from pipeline.tracking import end_pipeline_run, prepare_tracking
 
-        state = state or RunState(tracking_uri=uri)
+        # The tracking URI is the config's or the environment's (checked in the pre-flight);
+        # state.json's copy is informational only (redacted), never used to connect.
+        state = state or RunState()
+        state.tracking_uri = redact_uri(uri)
         tracking = prepare_tracking(
-            cfg, uri=state.tracking_uri or uri, run_dir=run_dir, fingerprint=bundle.fingerprint,
+            cfg, uri=uri, run_dir=run_dir, fingerprint=bundle.fingerprint,
             parent_run_id=state.parent_run_id or None,
         )  # fmt: skip
         state.experiment_id, state.parent_run_id = tracking.experiment_id, tracking.parent_run_id
@@ -232,9 +316,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
         return EXIT["ok"]
     except KeyboardInterrupt:
         _close(pipe, "KILLED")
-        given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
-        resume = shlex.join(["python", "pipeline/run.py", *given, "--resume"])
-        print(f"\ninterrupted; continue with: {resume}", file=sys.stderr)
+        print(f"\ninterrupted{_resume_hint(args, argv, run_dir)}", file=sys.stderr)
         return EXIT["interrupted"]
     except PipelineError as e:
         _close(pipe, "FAILED")

@@ -70,7 +70,7 @@ class SearchJob:
     run_dir: str
 
     def store(self, key: str) -> TrialStore:
-        return TrialStore(Path(self.run_dir) / "search" / "trials" / key)
+        return TrialStore(Path(self.run_dir) / "search" / "trials" / key, Path(self.run_dir))
 
 
 def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob) -> None:
@@ -78,9 +78,13 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
     point = {k: v for k, v in config["trial"].items() if k != "key"}
     key, cfg = config["trial"]["key"], with_overrides(job.cfg, point)
     store, run = job.store(key), _trial_run(job, key, cfg, point)
+    commits = run.commit_digests()  # what this trial committed before (the tracking store's)
+
+    def record(digest: str) -> None:  # before the commit appears (TrialStore.commit)
+        commits[:] = run.record_commit(commits, digest)
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
-        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)})
+        ckpt = store.commit(epoch, extra={"metrics": dict(metrics)}, record=record)
         run.log_metrics(metrics, step=epoch)
         _log_genotype(run, ckpt / "genotype.json")  # a trial ASHA stops keeps its genotype
         # [2] Report every epoch, with the committed checkpoint.
@@ -88,7 +92,7 @@ def search_trainable(config: dict[str, Any], *, data: SearchData, job: SearchJob
 
     with run.failing_on_error():
         # [1] Resume from Tune's checkpoint (retry or restore) or the newer local commit.
-        progress = store.restore(tune.get_checkpoint(), what=f"search trial {key}")
+        progress = store.restore(tune.get_checkpoint(), f"search trial {key}", commits)
         store.record_attempt(run.resumed(progress))
         # [3] The search itself: pure PyTorch, resuming from store.work (GPU when granted one).
         device = "cuda" if torch.cuda.is_available() else "cpu"

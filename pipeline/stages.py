@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.state import Registration, RunState, SearchState
+from pipeline.state import EvalOutcome, Registration, RunState, SearchState
 from rarn.config import Config
 
 __all__ = ["Pipeline", "PipelineError"]
@@ -60,12 +60,21 @@ class Pipeline:
     # -- stage 1 --------------------------------------------------------------------------------
 
     def _record_tune(self, digests: dict[str, str]) -> None:
-        """Record the sha256 of Ray Tune's files as Tune writes them (see
-        :mod:`pipeline.tune_state`): ``--resume`` restores only from recorded ones."""
-        from pipeline.tune_state import merge_digests
+        """Record the sha256 of Ray Tune's files as Tune writes them, in the tracking store (the
+        parent run's tags) and in ``state.json`` (see :mod:`pipeline.tune_state`): ``--resume``
+        restores only from ones the tracking store recorded."""
+        from mlflow.entities import RunTag
+
+        from pipeline.tune_state import digest_tags, merge_digests
 
         if digests:
             self.state.tune_files = merge_digests(self.state.tune_files, digests)
+            tags = digest_tags(self.state.tune_files, digests)  # the store first: it counts
+            items = [RunTag(k, v) for k, v in tags.items()]
+            for i in range(0, len(items), 100):  # log_batch takes at most 100 tags per call
+                self.tracking.client().log_batch(
+                    self.tracking.parent_run_id, tags=items[i : i + 100]
+                )
             self._save()
 
     def search(self) -> None:
@@ -144,8 +153,28 @@ class Pipeline:
         jobs = []
         for key in search.selected:
             o = search.outcome(key)
-            jobs.append(RetrainJob(key, o.genotype, search_run_id=o.search_run_id, **common))
+            run_id = self._checked_genotype(key, o)
+            jobs.append(RetrainJob(key, o.genotype, search_run_id=run_id, **common))
         return [*jobs, *references]
+
+    def _checked_genotype(self, key: str, o: Any) -> str:
+        """The search run of trial ``key`` (found in the tracking store, not taken from
+        ``state.json``), after checking that ``state.json``'s genotype is the one it recorded.
+
+        Raises:
+            PipelineError: no such trial run, or another genotype (``state.json`` edited).
+        """
+        run_id = self.tracking.find_child("search", key)
+        recorded = None
+        if run_id is not None:
+            recorded = self.tracking.client().get_run(run_id).data.tags.get("rarn.genotype_sha")
+        if o is None or o.genotype is None or recorded != o.genotype.sha256():
+            raise PipelineError(
+                f"state.json's genotype of trial {key} is not the one its search run recorded in "
+                "the tracking store (edited by hand?); refused. Restore state.json, or start a "
+                "new run"
+            )
+        return run_id
 
     def baselines(self) -> dict[str, Any]:
         """The reference networks retrained beside the searched ones (``retrain.baselines``, and
@@ -204,12 +233,24 @@ class Pipeline:
                 ``--resume`` evaluates only those again); nothing is registered then.
         """
         from pipeline.evaluate import run_evaluate_stage
+        from pipeline.evidence import store_retrained
         from rarn.robust.evaluation import SuiteSettings
 
         done = self.state.retrained()
         todo = [r for r in done if not self.state.evaluate_done(r.key)]
         if not done:
             raise PipelineError("nothing to evaluate: no finished retraining in this run_dir")
+        if todo:  # the models, runs and digests the tracking store recorded, not state.json's
+            stored, notes = store_retrained(self.state, self.tracking)
+            for note in notes:
+                self.echo(f"[evaluate] refused: {note}")
+            by_key = {r.key: r for r in stored}
+            for r in todo:
+                if r.key not in by_key:
+                    self.state.evaluate[r.key] = EvalOutcome(
+                        r.key, error="the tracking store has no finished retraining with a model"
+                    )
+            todo = [by_key[r.key] for r in todo if r.key in by_key]
         if todo:
             ev = self.cfg.evaluation
             names = ", ".join(a.name for a in SuiteSettings.from_config(ev).attacks)
@@ -283,23 +324,44 @@ class Pipeline:
 
         On ``--resume`` a version registered earlier is reused (and promoted if it now earned
         it, e.g. once its evaluation finished); a promoted one is left alone.
+
+        The candidate, its model and its evaluation are read from the tracking store
+        (:func:`pipeline.evidence.store_state`), never from ``state.json`` alone; a reused
+        version must carry the candidate's lineage tags in the registry.
         """
+        from pipeline.evidence import store_state, version_matches
         from pipeline.model_store import current_alias_version, register_version, set_alias
         from pipeline.promotion import decide, evidence_tags
 
-        best, reg = self.state.champion(), self.state.registered
-        if best is None or (reg is not None and reg.promoted):
+        reg = self.state.registered
+        if reg is not None and reg.promoted:
+            return
+        trusted, notes = store_state(self.state, self.tracking)
+        for note in notes:
+            self.echo(f"[registry] refused: {note}")
+        self.state.retrain.update(trusted.retrain)  # the cache corrected from the store
+        self.state.evaluate.update(trusted.evaluate)
+        best = trusted.champion()
+        if best is None:
             return
         tc, client = self.cfg.tracking, self.tracking.client()
-        ev = self.state.evaluate.get(best.key)
+        ev = trusted.evaluate.get(best.key)
         current = current_alias_version(self.tracking, tc.registered_model, tc.alias)
         champion = None if current is None else (str(current.version), current.tags)
         decision = decide(ev, champion, force=self.force_promote)
-        if reg is None or reg.key != best.key:
+        version = None
+        if reg is not None and reg.key == best.key:
+            mv = _model_version(client, tc.registered_model, reg.version)
+            if mv is not None and version_matches(mv, best):
+                version = reg.version
+            else:
+                self.echo(
+                    f"[registry] refused: state.json names version {reg.version!r} of "
+                    f"{tc.registered_model}, which does not hold {best.key}'s model"
+                )
+        if version is None:
             version = register_version(self.tracking, tc.registered_model, best.model_uri,
                                        self._lineage(best))  # fmt: skip
-        else:
-            version = reg.version
         verdict = ("promoted: " if decision.promote else "not promoted: ") + decision.reason
         tags = {"rarn.promotion": verdict, "rarn.force_promote": str(self.force_promote).lower()}
         if ev is not None and ev.metrics and not ev.error:
@@ -332,3 +394,13 @@ class Pipeline:
             "rarn.trial_key": best.key,
             "rarn.data_fingerprint": self.bundle.fingerprint if self.bundle is not None else "",
         }
+
+
+def _model_version(client: Any, name: str, version: str) -> Any | None:
+    """The registry's model version, or None when it does not exist (or is not a version)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        return None

@@ -53,6 +53,11 @@ def is_baseline(key: str) -> bool:
     return key.startswith(BASELINE_PREFIX)
 
 
+def _check_key(key: object) -> None:
+    if not isinstance(key, str) or key in ("", ".", "..") or any(c in key for c in "/\\\0"):
+        raise ValueError(f"key {key!r} is not a plain name (it would name a folder elsewhere)")
+
+
 @dataclass
 class TrialOutcome:
     """One search trial after the experiment: status, last metrics, lineage."""
@@ -238,6 +243,11 @@ class RunState:
         if s.get("done"):
             outcomes = [TrialOutcome.from_dict(o) for o in s["outcomes"]]
             search = SearchState(list(s["selected"]), outcomes)
+        keys = [*(d.get("retrain") or {}), *(d.get("evaluate") or {})]
+        if search is not None:
+            keys += [*search.selected, *(o.key for o in search.outcomes)]
+        for key in keys:  # keys become folder names (retrain/<key>, evaluation/<key>)
+            _check_key(key)
         return cls(
             tracking_uri=d.get("tracking_uri", ""),
             experiment_id=d.get("experiment_id", ""),

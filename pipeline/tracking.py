@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 PARAM_SECTIONS: tuple[str, ...] = ("data", "search", "constraint", "retrain", "evaluation", "tune")
 PARAM_EXCLUDE: frozenset[str] = frozenset({"data.root", "data.path", "tune.storage_path"})
 _MAX_PARAM = 500  # MLflow's limit is larger; long values are truncated, never dropped silently
+COMMIT_TAG = "rarn.commit_sha256"  # sha256 of the trial's progress.json files, newest first
+_COMMITS_KEPT = 16  # Ray's copy may lag the local commit by a few epochs after a SIGKILL
 
 
 class ArtifactIntegrityError(RuntimeError):
@@ -215,6 +217,19 @@ class ChildRun:
         if epoch not in {m.step for m in history}:
             self.log_metrics(progress.get("metrics", {}), step=epoch)
         return epoch
+
+    def commit_digests(self) -> list[str]:
+        """The checkpoint commits this run recorded (:func:`pipeline.checkpoints.commit_digest`,
+        newest first): a trial resumes only from one of them."""
+        tag = self.tracking.client().get_run(self.run_id).data.tags.get(COMMIT_TAG, "")
+        return [d for d in tag.split(",") if d]
+
+    def record_commit(self, digests: list[str], digest: str) -> list[str]:
+        """Record a new commit's digest (the last :data:`_COMMITS_KEPT` are kept); returns the
+        new list."""
+        kept = [digest, *(d for d in digests if d != digest)][:_COMMITS_KEPT]
+        self.set_tags({COMMIT_TAG: ",".join(kept)})
+        return kept
 
     def log_artifact_checked(self, local_path: str | Path, artifact_dir: str | None = None) -> str:
         """Log a file and record its sha256 as ``rarn.sha256.<artifact path>``."""

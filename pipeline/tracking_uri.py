@@ -20,6 +20,7 @@ __all__ = [
     "SCHEMES",
     "TrackingUnavailable",
     "check_reachable",
+    "probe_timeout",
     "redact_uri",
     "resolve_tracking_uri",
 ]
@@ -87,9 +88,32 @@ def _auth_headers(uri: str) -> dict[str, str]:
     return {"Authorization": f"Basic {token}"}
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are answered, not followed: urllib would resend the credentials to wherever
+    the server points (MLflow's client is told the same by ``MLFLOW_ALLOW_HTTP_REDIRECTS``)."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def probe_timeout() -> float:
+    """Seconds each probe request may take: ``$RARN_TRACKING_TIMEOUT_S`` (default 5)."""
+    text = os.environ.get("RARN_TRACKING_TIMEOUT_S", "5")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ValueError(f"RARN_TRACKING_TIMEOUT_S={text!r}: expected seconds in (0, 3600]")
+    return value
+
+
 def _get(uri: str, path: str, timeout: float) -> int:
     """HTTP status of ``GET <uri>/<path>`` with MLflow's credentials (credentials in the URI
-    travel as a header, not in the URL)."""
+    travel as a header, not in the URL); a redirect is returned as its status, not followed."""
     parts = urllib.parse.urlsplit(uri)
     netloc = parts.hostname or ""
     if parts.port:
@@ -97,30 +121,33 @@ def _get(uri: str, path: str, timeout: float) -> int:
     base = urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/")
     request = urllib.request.Request(f"{base}/{path}", headers=_auth_headers(uri))
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:  # noqa: S310 (http(s) only)
+        with _OPENER.open(request, timeout=timeout) as r:  # http(s) only
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, timeout: float | None = None) -> None:
     """Fail fast when an http(s) tracking server does not answer, or refuses our credentials.
 
-    MLflow's own client retries with back-off for minutes; this probe answers in seconds. It
-    asks ``/health``, then lists one experiment (a read that needs the credentials).
+    MLflow's own client retries with back-off for minutes; this probe answers in seconds
+    (``timeout`` per request, default :func:`probe_timeout`). It asks ``/health``, then lists
+    one experiment (a read that needs the credentials): a server whose API fails (HTTP 5xx)
+    behind a healthy ``/health`` is refused here too, and a redirect is not followed.
 
     Raises:
-        TrackingUnavailable: connection refused, timeout, a non-200 answer, or HTTP 401/403.
+        TrackingUnavailable: connection refused, timeout, a non-200 answer, a redirect, or
+            HTTP 401/403.
     """
     if not uri.startswith(("http://", "https://")):
         return
+    timeout = probe_timeout() if timeout is None else timeout
     shown = redact_uri(uri)
     try:
-        status = _get(uri, "health", timeout)
+        status, what = _get(uri, "health", timeout), "/health"
         if status == 200:
+            what = "its API (experiments/search)"
             status = _get(uri, "api/2.0/mlflow/experiments/search?max_results=1", timeout)
-        elif status not in (401, 403):
-            raise TrackingUnavailable(f"tracking server {shown}: HTTP {status}")
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TrackingUnavailable(
@@ -132,3 +159,10 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"tracking server {shown} refused the credentials (HTTP {status}); set "
             "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN"
         )
+    if 300 <= status < 400:
+        raise TrackingUnavailable(
+            f"tracking server {shown}: {what} answered a redirect (HTTP {status}); not "
+            "followed (the credentials would go elsewhere): set the final URI"
+        )
+    if status != 200:
+        raise TrackingUnavailable(f"tracking server {shown}: {what} answered HTTP {status}")

@@ -3,11 +3,15 @@
 ``Tuner.restore`` unpickles ``tuner.pkl``, the trials' ``*.pkl`` files (parameters, errors) and
 the pickles embedded in the experiment and searcher state files (``experiment_state-*.json``,
 ``basic-variant-state-*.json``). A file planted in the run directory would run its code on
-``--resume``. So the driver records the sha256 of every such file as Tune writes it, in
-``state.json`` (:attr:`pipeline.state.RunState.tune_files`): :func:`digest_recorder` hashes
-Tune's local staging copy after every loop step (the storage copy is uploaded from it), and
-:func:`storage_digests` the stored files once ``fit`` returns. :func:`verify_storage`, run by
-the pre-flight before ``--resume``, refuses any such file whose digest was not recorded.
+``--resume``. So the driver records the sha256 of every such file as Tune writes it, in the
+tracking store (tags ``rarn.tune_sha256.<id>`` of the pipeline's parent run, :func:`digest_tags`)
+and, as a cache, in ``state.json`` (:attr:`pipeline.state.RunState.tune_files`):
+:func:`digest_recorder` hashes Tune's local staging copy after every loop step (the storage copy
+is uploaded from it), and :func:`storage_digests` the stored files once ``fit`` returns.
+:func:`verify_storage`, run by the pre-flight before ``--resume``, refuses any such file whose
+digest was not recorded: first against ``state.json`` (no tracking store needed), then against
+the tracking store (:func:`store_digests`), the one that counts: a planted pickle whose sha256
+was written into ``state.json`` too is still refused.
 
 Trial checkpoints (``checkpoint_*`` folders) are not Tune's to unpickle: they hold this
 pipeline's own files, verified against their own digests (:mod:`pipeline.checkpoints`).
@@ -17,17 +21,24 @@ This module imports Ray only inside :func:`digest_recorder`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 __all__ = [
+    "TAG_PREFIX",
     "UntrustedTuneState",
     "digest_recorder",
+    "digest_tags",
+    "digests_from_tags",
     "merge_digests",
     "storage_digests",
+    "store_digests",
     "verify_storage",
 ]
+
+TAG_PREFIX = "rarn.tune_sha256."
 
 _KEEP = 8  # digests kept per file: the storage copy may lag Tune's staging copy by a few saves
 
@@ -108,7 +119,61 @@ def merge_digests(
     return out
 
 
-def verify_storage(storage: str, recorded: Mapping[str, list[str]]) -> None:
+def digest_tags(recorded: Mapping[str, list[str]], names: Iterable[str]) -> dict[str, str]:
+    """Parent-run tags holding the recorded digests of ``names`` (a file's relative path may
+    hold characters a tag key may not: the key is a hash of it, the value names it)."""
+    out = {}
+    for name in names:
+        key = TAG_PREFIX + hashlib.sha256(name.encode()).hexdigest()[:24]
+        out[key] = json.dumps({"file": name, "sha256": list(recorded[name])})
+    return out
+
+
+def digests_from_tags(tags: Mapping[str, str]) -> dict[str, list[str]]:
+    """The digests recorded as :func:`digest_tags` (other tags ignored)."""
+    out: dict[str, list[str]] = {}
+    for key, value in tags.items():
+        if not key.startswith(TAG_PREFIX):
+            continue
+        try:
+            d = json.loads(value)
+            out[str(d["file"])] = [str(x) for x in d["sha256"]]
+        except (ValueError, KeyError, TypeError):
+            continue  # unreadable: recorded nothing
+    return out
+
+
+def store_digests(uri: str, parent_run_id: str) -> dict[str, list[str]]:
+    """The digests the tracking store holds for the parent run (empty without one).
+
+    Raises:
+        ValueError: ``parent_run_id`` is not a pipeline's parent run in that store.
+    """
+    if not parent_run_id:
+        return {}
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking_uri import redact_uri
+
+    missing = (f"--resume refused: state.json names parent run {parent_run_id!r}, which the "
+               f"tracking store {redact_uri(uri)} does not hold (the tracking URI comes from the "
+               "config or MLFLOW_TRACKING_URI, never from state.json: set the one this run "
+               "used)")  # fmt: skip
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise ValueError(missing)  # and do not create an empty database
+    try:
+        run = MlflowClient(tracking_uri=uri).get_run(parent_run_id)
+    except MlflowException:
+        raise ValueError(missing) from None
+    if run.data.tags.get("rarn.role") != "pipeline":
+        raise ValueError(f"--resume refused: state.json names run {parent_run_id!r}, which is "
+                         "not a pipeline's parent run")  # fmt: skip
+    return digests_from_tags(run.data.tags)
+
+
+def verify_storage(storage: str, recorded: Mapping[str, list[str]],
+                   where: str = "state.json") -> None:  # fmt: skip
     """Refuse Tune files under ``storage`` whose digest this run did not record.
 
     The experiments checked are the ones this run recorded files of (others sharing the storage
@@ -127,7 +192,7 @@ def verify_storage(storage: str, recorded: Mapping[str, list[str]]) -> None:
         experiments = sorted({f"{storage.rstrip('/')}/{b.split('/', 1)[0]}" for b in bad})
         raise UntrustedTuneState(
             f"--resume refused: Ray Tune would unpickle (run the code in) {shown}, which this "
-            f"run did not write (sha256 not recorded in state.json). If you trust nothing else "
+            f"run did not write (sha256 not recorded in {where}). If you trust nothing else "
             f"changed, delete {', '.join(experiments)}: the search then restarts its trials "
             "from their own verified checkpoints"
         )

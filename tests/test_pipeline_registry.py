@@ -27,7 +27,7 @@ from pipeline.promotion import Decision, decide
 from pipeline.report import summary
 from pipeline.stages import Pipeline
 from pipeline.state import EvalOutcome, RetrainOutcome, RunState
-from pipeline.tracking import ArtifactIntegrityError, prepare_tracking
+from pipeline.tracking import ArtifactIntegrityError, ChildRun, prepare_tracking
 from rarn.config import load_config
 from rarn.models.darts import build_network
 from rarn.nas.genotype import get_genotype
@@ -87,12 +87,28 @@ def store(tmp_path_factory):
             "retrained": retrained}  # fmt: skip
 
 
+def _record(store, ev: EvalOutcome) -> None:
+    """Log ``ev`` to the retraining run as the evaluation stage does: the promotion rule reads
+    the evidence from there (pipeline.evidence), not from state.json."""
+    client, run_id = store["tracking"].client(), store["retrained"].retrain_run_id
+    for key in client.get_run(run_id).data.tags:
+        if key.startswith("rarn.masking."):
+            client.delete_tag(run_id, key)
+    if ev.error:
+        return
+    run = ChildRun(store["tracking"], run_id)
+    run.log_metrics(ev.metrics, step=0)
+    digests = {"rarn.eval_data_sha256": ev.data_sha256, "rarn.eval_protocol": ev.protocol}
+    run.set_tags({f"rarn.masking.{k}": v for k, v in ev.flags.items()} | digests)
+
+
 def _register(store, ev: EvalOutcome | None, force: bool = False, state: RunState | None = None):
     """One pipeline run's registration of the stored model with evaluation ``ev``."""
     if state is None:
         state = RunState(retrain={"t00": store["retrained"]})
     if ev is not None:
         state.evaluate["t00"] = ev
+        _record(store, ev)
     run_dir = store["root"] / "run"
     pipe = Pipeline(store["cfg"], run_dir, state, store["tracking"], False, lambda _: None, 0,
                     force_promote=force)  # fmt: skip

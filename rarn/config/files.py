@@ -2,8 +2,9 @@
 
 The YAML reader is ``yaml.SafeLoader`` made strict for hand-written configs: no aliases (an
 anchor bomb expands to gigabytes when the config is copied or logged), no repeated keys (the
-second silently won), nesting at most 32 deep, files up to 1 MiB; and ``1e-3`` reads as a float
-(YAML 1.1 wants ``1.0e-3``, which nobody writes). An empty file is an error, not the defaults.
+second silently won) and no merge keys (``<<``, which would override a key unseen), nesting at
+most 32 deep, files up to 1 MiB; and ``1e-3`` reads as a float (YAML 1.1 wants ``1.0e-3``, which
+nobody writes). An empty file is an error, not the defaults.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` would bypass the repeat check
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: YAML merge keys (<<) are "
+                                  "not allowed; write the keys")  # fmt: skip
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
             if key in seen:
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice")

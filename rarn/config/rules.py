@@ -8,6 +8,8 @@ library imports the config, and ``import rarn.config`` stays cheap.
 
 from __future__ import annotations
 
+import posixpath
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,21 @@ def _tracking(t: TrackingConfig) -> None:
             raise ConfigError(f"tracking.{key}: '' not allowed; give it a name")
     if not t.alias.isidentifier():
         raise ConfigError(f"tracking.alias: {t.alias!r} not allowed; must be a Python identifier")
+    # The model registry's own rules (MLflow refuses these only when the alias is set, after
+    # the whole run): 'latest' and version-like names are reserved, names are not paths.
+    if t.alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", t.alias) or len(t.alias) > 255:
+        raise ConfigError(
+            f"tracking.alias: {t.alias!r} not allowed; 'latest' (any case) and v<digits> are "
+            "reserved by the model registry (at most 255 characters)"
+        )
+    name = t.registered_model
+    normalised = posixpath.normpath(name)
+    if (not name.strip() or "/" in name or ":" in name or normalised != name or name == "."
+            or name.startswith("..") or len(name) > 256):  # fmt: skip
+        raise ConfigError(
+            f"tracking.registered_model: {name!r} not allowed; the model registry refuses '/', "
+            "':', blank names and path-like names ('.', '..')"
+        )
 
 
 def _config(c: Config) -> None:
