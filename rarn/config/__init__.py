@@ -50,6 +50,7 @@ from rarn.config.schema import (
     Mixture,
     Range,
     RetrainConfig,
+    RetrainImages,
     Schedule,
     SearchConfig,
     SelectMode,
@@ -101,4 +102,5 @@ __all__ = [
     "Schedule",
     "TuneScheduler",
     "SelectMode",
+    "RetrainImages",
 ]
