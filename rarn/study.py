@@ -243,6 +243,7 @@ CSV_DIGESTS = {
     "data_sha256": "sha256 of the data file (DatasetBundle.fingerprint)",
     "search_data_sha256": "data_sha256 (rarn.robust.evaluation.data_sha256) of the search's images",
     "retrain_data_sha256": "data_sha256 of the retraining's images",
+    "test_data_sha256": "data_sha256 of the run's test images (what the evaluation must match)",
     "eval_data_sha256": "data_sha256 of the evaluated test images, as the evaluation recorded it",
     "eval_protocol": "sha256 of the evaluation settings (pipeline.evaluate.protocol_sha256)",
 }
@@ -273,14 +274,16 @@ def data_digests(bundle: Any, batch_size: int = 1024) -> dict[str, str]:
     from rarn.data import make_loader
     from rarn.robust.evaluation.records import DataHasher
 
-    out = {"data_sha256": bundle.fingerprint}
-    sets = (("search", bundle.train), ("retrain", bundle.retrain_set), ("test", bundle.test))
-    for stage, dataset in sets:
+    def digest(dataset: Any) -> str:
         h = DataHasher()
         for x, y in make_loader(dataset, batch_size, shuffle=False):
             h.update(x, y)
-        out[f"{stage}_data_sha256"] = h.hexdigest()
-    return out
+        return h.hexdigest()
+
+    search = digest(bundle.train)
+    retrain = search if getattr(bundle, "retrain", None) is None else digest(bundle.retrain)
+    return {"data_sha256": bundle.fingerprint, "search_data_sha256": search,
+            "retrain_data_sha256": retrain, "test_data_sha256": digest(bundle.test)}  # fmt: skip
 
 
 def csv_row(
@@ -300,9 +303,13 @@ def csv_row(
     for k, v in ev.items():
         name = k.removeprefix("eval_").removesuffix("_acc")
         if k.startswith("eval_") and k.endswith("_acc") and name not in _NOT_ATTACKS:
+            out.pop(f"{name}_acc", None)  # in the evaluation's order (pgd_acc is a run column)
             out[f"{name}_acc"] = float(v)
     for k in _CSV_WORST:
         out[k] = float(ev.get(f"eval_{k}", out.get(k, math.nan)))
+    if math.isnan(out["worst_case_full_acc"]) and out["worst_case_n"] == out["n"]:
+        # every attack ran on every image: the headline is the worst case on all of them
+        out["worst_case_full_acc"], out["worst_case_full_n"] = out["worst_case_acc"], out["n"]
     out |= {k: str(digests.get(k, "")) for k in CSV_DIGESTS}
     out["worst_case_mask"] = "" if mask is None else mask_to_hex(mask)
     return out
@@ -319,12 +326,15 @@ def write_runs_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     from rarn.checkpoint import atomic_path
 
     rows = sorted(rows, key=lambda r: (r["variant"], r["seed"], r["key"]))
-    attacks: list[str] = []
-    for r in rows:
-        attacks += [k for k in r if k.endswith("_acc") and k not in attacks]
     fixed = {*_CSV_HEAD, *_CSV_WORST, *CSV_DIGESTS, "worst_case_mask"}
-    rest = [f.name for f in RUN_SCHEMA if f.name not in fixed]
-    attacks = [a for a in attacks if a not in fixed and a not in rest]
+    attacks: list[str] = []
+    for r in rows:  # the evaluation's accuracies, not the search's (supernet_*_acc)
+        attacks += [
+            k for k in r
+            if k.endswith("_acc") and k not in fixed and k not in attacks
+            and not METRICS.get(k, "eval").startswith("search")
+        ]  # fmt: skip
+    rest = [f.name for f in RUN_SCHEMA if f.name not in fixed and f.name not in attacks]
     columns = [*_CSV_HEAD, *attacks, *_CSV_WORST, *rest, *CSV_DIGESTS, "worst_case_mask"]
 
     def cell(v: Any) -> Any:

@@ -337,7 +337,8 @@ def run_retrain(
     Args:
         cfg: the retraining section (network, optimiser, schedule, AT method, selection split).
         data_bundle: a :class:`rarn.data.DatasetBundle` (``train``, ``num_classes``,
-            ``in_channels``, ``image_size``); ``cfg.val_fraction`` of ``train`` is held out.
+            ``in_channels``, ``image_size``; ``retrain`` when set); ``cfg.val_fraction`` of the
+            retraining images (``retrain``, else ``train``) is held out.
         callbacks: observers called as ``on_epoch_end(epoch, metrics)`` (or plain callables)
             after each epoch, with 1-based epochs.
         checkpoint_dir: when given, ``last.pt`` (complete: model, optimizer, scheduler, epoch,
