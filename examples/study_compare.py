@@ -1,11 +1,14 @@
-"""Paired comparison of a study's variants on the same test images (docs/constraint.md).
+"""Compare a study's variants with the search seed as the unit, from its committed CSV.
 
-Every model of a study is evaluated on the same images, so two variants can be compared image by
-image: for each seed, the images one variant's model survives (worst case over the attacks that
-ran on every image) and the other's does not, pooled over seeds, and a two-sided sign test on
-those discordant images (scipy.stats.binomtest). Reads only the per-image records; reruns nothing.
+Reads ``runs.csv`` (written by the study stage into ``<run_dir>/study/`` and copied to
+``docs/study/``), and for every variant against ``random`` and against ``constraint_off``
+prints one JSON line: the per-seed paired differences of the primary metric (the worst case over
+the attacks that ran on every test image), their mean, the hierarchical-bootstrap interval
+(seeds, then images within a seed) and the Wilcoxon signed-rank and paired t p-values over seeds
+(rarn.stats; docs/study.md, "Data and protocol"). Reruns nothing.
 
-    python examples/study_compare.py runs/study_cifar10_subset --base racl
+    python examples/study_compare.py docs/study/runs.csv
+    python examples/study_compare.py runs/study_cifar10_subset/study/runs.csv --metric clean_acc
 """
 
 from __future__ import annotations
@@ -14,52 +17,31 @@ import argparse
 import json
 from pathlib import Path
 
-import pyarrow.parquet as pq
-from scipy.stats import binomtest
-
-from pipeline.state import RunState
-from pipeline.study import study_rows
-from rarn.config import load_config
-from rarn.robust.evaluation import worst_case_from_records
-
-
-def _masks(run_dir: Path, key: str, attacks: list[str]) -> list[bool]:
-    table = pq.read_table(run_dir / "evaluation" / key / "records.parquet")
-    return worst_case_from_records(table, attacks=attacks)[key].tolist()
+from rarn.stats import PRIMARY, compare
+from rarn.study import read_runs_csv
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--base", default="racl", help="the variant the others are compared with")
-    p.add_argument("--attacks", default="fgsm,pgd,mim,cw", help="attacks run on every image")
+    p.add_argument("csv", type=Path, help="a study's runs.csv")
+    p.add_argument("--references", default="random,constraint_off")
+    p.add_argument("--metric", default=PRIMARY, help=f"a CSV column (default: {PRIMARY})")
+    p.add_argument("--n-boot", type=int, default=10_000)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     args = p.parse_args()
-    cfg = load_config(args.run_dir / "config.yaml")
-    rows = study_rows(cfg, RunState.load(args.run_dir), args.run_dir)
-    by: dict[str, dict[int, str]] = {}
-    for r in rows:
-        by.setdefault(r["variant"], {})[r["seed"]] = r["key"]
-    attacks = args.attacks.split(",")
-    for other in (v for v in by if v != args.base):
-        base_only = other_only = 0
-        for seed in sorted(set(by[args.base]) & set(by[other])):
-            a = _masks(args.run_dir, by[args.base][seed], attacks)
-            b = _masks(args.run_dir, by[other][seed], attacks)
-            base_only += sum(x and not y for x, y in zip(a, b))
-            other_only += sum(y and not x for x, y in zip(a, b))
-        n = base_only + other_only
-        p_value = binomtest(base_only, n).pvalue if n else 1.0
-        print(
-            json.dumps(
-                {
-                    "base": args.base,
-                    "other": other,
-                    "base_only_robust": base_only,
-                    "other_only_robust": other_only,
-                    "sign_test_p": round(p_value, 3),
-                }
-            )
-        )
+    rows = read_runs_csv(args.csv)
+    variants = sorted({r["variant"] for r in rows})
+    for reference in args.references.split(","):
+        for variant in (v for v in variants if v != reference):
+            try:
+                c = compare(rows, variant, reference, metric=args.metric, n_boot=args.n_boot,
+                            seed=args.seed)  # fmt: skip
+            except ValueError as e:  # no common seed (e.g. a reference that did not run)
+                print(json.dumps({"variant": variant, "reference": reference, "skipped": str(e)}))
+                continue
+            out = c.to_dict() | {"differences": [round(d, 4) for d in c.differences]}
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in out.items()}))  # fmt: skip
 
 
 if __name__ == "__main__":

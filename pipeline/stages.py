@@ -313,7 +313,7 @@ class Pipeline:
         written to ``<run_dir>/study/`` and the parent run's ``study/`` artifacts."""
         from pipeline.study import write_study
 
-        text = write_study(self.cfg, self.state, self.run_dir, self.tracking)
+        text = write_study(self.cfg, self.state, self.run_dir, self.tracking, self.bundle)
         self.echo(f"[study] {self.run_dir / 'study'} (mean ± std over seeds)\n{text}")
 
     # -- registry -------------------------------------------------------------------------------

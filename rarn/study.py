@@ -8,7 +8,11 @@ retrains every genotype alike; this module turns what each stage recorded into
   supernet's robust accuracy, and the retrained model's clean / PGD / worst-case accuracy;
 * the per-variant summary (:func:`summarise`): for every numeric column its mean, standard
   deviation (``ddof=1``; 0 for one seed) and the number of runs behind it;
-* a Markdown table (:func:`to_markdown`) and a plot (:func:`plot_study`).
+* a Markdown table (:func:`to_markdown`) and a plot (:func:`plot_study`);
+* the auditable per-network CSV (:func:`write_runs_csv`, :func:`read_runs_csv`): the per-run
+  columns plus the genotype as JSON, every attack's accuracy, the number of test images, the
+  digests of the data each stage used, and the per-image worst case as a hex bit mask, so that
+  :mod:`rarn.stats` can compare variants from the committed file alone.
 
 A difference between two variants means something only where it exceeds their spread: the
 Markdown table prints ``mean ± std`` for that reason. Pure pyarrow; no Ray, no MLflow.
@@ -16,6 +20,7 @@ Markdown table prints ``mean ± std`` for that reason. Pure pyarrow; no Ray, no 
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import statistics
@@ -24,20 +29,28 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from rarn.nas.genotype import Genotype
 from rarn.nas.ops import PRIMITIVES
 
 __all__ = [
+    "CSV_DIGESTS",
     "METRICS",
     "RUN_SCHEMA",
+    "csv_row",
+    "data_digests",
+    "mask_from_hex",
+    "mask_to_hex",
     "op_histogram",
     "plot_study",
+    "read_runs_csv",
     "run_row",
     "runs_table",
     "summarise",
     "to_markdown",
+    "write_runs_csv",
 ]
 
 METRICS: dict[str, str] = {
@@ -222,3 +235,136 @@ def plot_study(summary: pa.Table, path: str | os.PathLike[str]) -> Path:
     ax.legend(fontsize=8)
     ax.set_title("study: mean ± std over seeds")
     return save_figure(fig, Path(path))
+
+
+# -- the auditable CSV ------------------------------------------------------------------------
+
+CSV_DIGESTS = {
+    "data_sha256": "sha256 of the data file (DatasetBundle.fingerprint)",
+    "search_data_sha256": "data_sha256 (rarn.robust.evaluation.data_sha256) of the search's images",
+    "retrain_data_sha256": "data_sha256 of the retraining's images",
+    "test_data_sha256": "data_sha256 of the run's test images (what the evaluation must match)",
+    "eval_data_sha256": "data_sha256 of the evaluated test images, as the evaluation recorded it",
+    "eval_protocol": "sha256 of the evaluation settings (pipeline.evaluate.protocol_sha256)",
+}
+_CSV_HEAD = ("variant", "seed", "key", "genotype_sha", "genotype", "n", "clean_acc")
+_CSV_WORST = ("worst_case_acc", "worst_case_n", "worst_case_full_acc", "worst_case_full_n")
+_CSV_TEXT = {"variant", "key", "genotype_sha", "genotype", "worst_case_mask", *CSV_DIGESTS}
+_NOT_ATTACKS = {"clean", "worst_case", "worst_case_full"}
+
+
+def mask_to_hex(mask: np.ndarray) -> str:
+    """A bool mask as ``<n>:<hex of its bits, packed big-endian>`` (one CSV cell)."""
+    m = np.asarray(mask, dtype=bool)
+    return f"{len(m)}:{np.packbits(m).tobytes().hex()}"
+
+
+def mask_from_hex(text: str) -> np.ndarray:
+    """The inverse of :func:`mask_to_hex` (an empty cell: an empty mask)."""
+    if not text:
+        return np.zeros(0, dtype=bool)
+    n, _, bits = text.partition(":")
+    return np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8))[: int(n)].astype(bool)
+
+
+def data_digests(bundle: Any, batch_size: int = 1024) -> dict[str, str]:
+    """``data_sha256`` (:class:`rarn.robust.evaluation.DataHasher`) of the search's, the
+    retraining's and the evaluation's images of a :class:`rarn.data.DatasetBundle`, batch by
+    batch in dataset order; the test digest equals the evaluation records' ``data_sha256``."""
+    from rarn.data import make_loader
+    from rarn.robust.evaluation.records import DataHasher
+
+    def digest(dataset: Any) -> str:
+        h = DataHasher()
+        for x, y in make_loader(dataset, batch_size, shuffle=False):
+            h.update(x, y)
+        return h.hexdigest()
+
+    search = digest(bundle.train)
+    retrain = search if getattr(bundle, "retrain", None) is None else digest(bundle.retrain)
+    return {"data_sha256": bundle.fingerprint, "search_data_sha256": search,
+            "retrain_data_sha256": retrain, "test_data_sha256": digest(bundle.test)}  # fmt: skip
+
+
+def csv_row(
+    row: Mapping[str, Any],
+    *,
+    genotype_json: str,
+    evaluation: Mapping[str, float],
+    digests: Mapping[str, str],
+    mask: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """One CSV row: a :func:`run_row` plus the genotype as JSON, every ``eval_<attack>_acc`` as
+    ``<attack>_acc``, the number of test images ``n``, the worst cases with their image counts,
+    the digests (:data:`CSV_DIGESTS`) and the per-image worst case on all images (``mask``:
+    bool, in evaluation order; None: not at hand)."""
+    ev = dict(evaluation)
+    out = dict(row) | {"genotype": genotype_json, "n": ev.get("eval_n", math.nan)}
+    for k, v in ev.items():
+        name = k.removeprefix("eval_").removesuffix("_acc")
+        if k.startswith("eval_") and k.endswith("_acc") and name not in _NOT_ATTACKS:
+            out.pop(f"{name}_acc", None)  # in the evaluation's order (pgd_acc is a run column)
+            out[f"{name}_acc"] = float(v)
+    for k in _CSV_WORST:
+        out[k] = float(ev.get(f"eval_{k}", out.get(k, math.nan)))
+    if math.isnan(out["worst_case_full_acc"]) and out["worst_case_n"] == out["n"]:
+        # every attack ran on every image: the headline is the worst case on all of them
+        out["worst_case_full_acc"], out["worst_case_full_n"] = out["worst_case_acc"], out["n"]
+    out |= {k: str(digests.get(k, "")) for k in CSV_DIGESTS}
+    out["worst_case_mask"] = "" if mask is None else mask_to_hex(mask)
+    return out
+
+
+def write_runs_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write :func:`csv_row` rows (sorted by variant, seed, key) as CSV, atomically.
+
+    Columns: ``variant, seed, key, genotype_sha, genotype, n, clean_acc``, the attacks'
+    ``<attack>_acc`` (in order of first appearance), the worst cases and their counts, the other
+    per-run columns (:data:`RUN_SCHEMA`), the digests, ``worst_case_mask``. Empty cell: not
+    measured.
+    """
+    from rarn.checkpoint import atomic_path
+
+    rows = sorted(rows, key=lambda r: (r["variant"], r["seed"], r["key"]))
+    fixed = {*_CSV_HEAD, *_CSV_WORST, *CSV_DIGESTS, "worst_case_mask"}
+    attacks: list[str] = []
+    for r in rows:  # the evaluation's accuracies, not the search's (supernet_*_acc)
+        attacks += [
+            k for k in r
+            if k.endswith("_acc") and k not in fixed and k not in attacks
+            and not METRICS.get(k, "eval").startswith("search")
+        ]  # fmt: skip
+    rest = [f.name for f in RUN_SCHEMA if f.name not in fixed and f.name not in attacks]
+    columns = [*_CSV_HEAD, *attacks, *_CSV_WORST, *rest, *CSV_DIGESTS, "worst_case_mask"]
+
+    def cell(v: Any) -> Any:
+        if isinstance(v, float):
+            return "" if math.isnan(v) else repr(v)
+        return "" if v is None else v
+
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, columns, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: cell(r.get(c)) for c in columns})
+    return Path(path)
+
+
+def read_runs_csv(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The rows of :func:`write_runs_csv`: numbers as float (``seed`` as int, an empty cell as
+    NaN), text as str, ``worst_case_mask`` as a bool array."""
+    out = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for r in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            for k, v in r.items():
+                if k == "seed":
+                    row[k] = int(v)
+                elif k == "worst_case_mask":
+                    row[k] = mask_from_hex(v)
+                elif k in _CSV_TEXT:
+                    row[k] = v
+                else:
+                    row[k] = float(v) if v != "" else math.nan
+            out.append(row)
+    return out

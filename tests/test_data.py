@@ -100,7 +100,7 @@ def test_unknown_name_and_bad_fields() -> None:
         load_dataset(DataConfig(test_fraction=1.0))
     with pytest.raises(DataError, match=">= 0"):
         load_dataset(DataConfig(limit=-1))
-    assert set(DATASETS) == {"digits", "cifar10", "cifar10-npz", "imagefolder"}
+    assert set(DATASETS) == {"digits", "cifar10", "cifar10-npz", "imagefolder", "cifar10-jpeg"}
 
 
 # --------------------------------------------------------------------------- search split

@@ -17,7 +17,7 @@ from pipeline.preflight import validate_config
 from pipeline.run import STAGES, parse_args, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBSET = ROOT.parents[0] / "shared/data/cifar10_subset.npz"
+JPEG = ROOT.parents[0] / "shared/data/cifar10_jpeg.npz"
 
 
 def _load(name: str) -> dict:
@@ -102,14 +102,16 @@ def test_shipped_configs_are_valid(name):
         assert cfg.tune.retrain_use_gpu and cfg.tune.gpus_per_trial > 0
 
 
-@pytest.mark.skipif(not SUBSET.is_file(), reason="../shared/data/cifar10_subset.npz is absent")
-def test_cifar10_subset_config_reads_the_shared_file(monkeypatch):
+@pytest.mark.skipif(not JPEG.is_file(), reason="../shared/data/cifar10_jpeg.npz is absent")
+def test_cifar10_subset_config_reads_the_shared_file(monkeypatch, tmp_path):
     from rarn.data import load_dataset
 
     monkeypatch.chdir(ROOT)  # data.path is relative to the repository root
-    cfg = resolve_config(parse_args(["--config", "configs/cifar10_subset.yaml"]))
+    argv = ["--config", "configs/cifar10_subset.yaml", f"data.root={tmp_path}"]
+    cfg = resolve_config(parse_args(argv))
     bundle = load_dataset(cfg.data)
     assert (len(bundle.train), len(bundle.test)) == (cfg.data.limit, cfg.data.test_limit)
+    assert len(bundle.retrain_set) == cfg.data.retrain_limit
     assert bundle.in_channels == 3 and bundle.image_size == 32
 
 

@@ -19,11 +19,23 @@ from rarn.config import ConfigError, DataConfig, SearchConfig, config_from_dict,
 from rarn.data import load_dataset
 from rarn.models.baselines import BASELINES, baseline_sha256
 from rarn.models.darts import build_network
-from rarn.nas.genotype import GENOTYPES
+from rarn.nas.genotype import GENOTYPES, Genotype
 from rarn.nas.loop import SearchData, faithful_log_bound, run_search, supernet_pgd_accuracy
 from rarn.nas.search import RACLSearch
 from rarn.nas.variants import VARIANTS, random_genotype, random_seed_of
-from rarn.study import RUN_SCHEMA, run_row, runs_table, summarise, to_markdown
+from rarn.study import (
+    RUN_SCHEMA,
+    csv_row,
+    data_digests,
+    mask_from_hex,
+    mask_to_hex,
+    read_runs_csv,
+    run_row,
+    runs_table,
+    summarise,
+    to_markdown,
+    write_runs_csv,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = SearchConfig(epochs=3, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
@@ -285,6 +297,62 @@ def test_random_rows_carry_the_collapse_signals_of_their_genotype():
     assert row["param_free_normal"] == free / 8
 
 
+def test_masks_survive_hex():
+    rng = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 8, 9, 2000):
+        m = (torch.rand(n, generator=rng) > 0.5).numpy()
+        assert (mask_from_hex(mask_to_hex(m)) == m).all() and len(
+            mask_from_hex(mask_to_hex(m))
+        ) == n
+
+
+def test_the_csv_holds_every_network_with_its_genotype_attacks_digests_and_mask(tmp_path):
+    import numpy as np
+
+    rows = []
+    digests = {"data_sha256": "f" * 64, "search_data_sha256": "a" * 64,
+               "retrain_data_sha256": "b" * 64, "eval_data_sha256": "c" * 64}  # fmt: skip
+    for i, row in enumerate(_rows()):
+        g = GENOTYPES["RACL"] if row["variant"] == "racl" else random_genotype(0)
+        ev = {"eval_clean_acc": row["clean_acc"], "eval_fgsm_acc": 0.4, "eval_pgd_acc": 0.3,
+              "eval_autoattack_acc": 0.2, "eval_worst_case_acc": row["worst_case_acc"],
+              "eval_worst_case_n": 20.0, "eval_n": 40.0}  # fmt: skip
+        mask = np.arange(40) % (i + 2) == 0
+        rows.append(csv_row(row, genotype_json=g.to_json(), evaluation=ev, digests=digests,
+                            mask=mask))  # fmt: skip
+    path = write_runs_csv(rows, tmp_path / "runs.csv")
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[:7] == ["variant", "seed", "key", "genotype_sha", "genotype", "n", "clean_acc"]
+    assert header[7:10] == ["fgsm_acc", "pgd_acc", "autoattack_acc"]  # every attack
+    assert header[-1] == "worst_case_mask" and "eval_data_sha256" in header
+    back = read_runs_csv(path)
+    assert [(r["variant"], r["seed"]) for r in back] == [("racl", 0), ("racl", 1), ("racl", 2),
+                                                         ("random", 0)]  # fmt: skip
+    first = back[0]
+    assert Genotype.from_json(first["genotype"]) == GENOTYPES["RACL"]
+    assert first["n"] == 40 and first["worst_case_acc"] == 0.2 and first["worst_case_n"] == 20
+    assert first["search_data_sha256"] == "a" * 64 and first["test_data_sha256"] == ""
+    assert (first["worst_case_mask"] == (np.arange(40) % 2 == 0)).all()
+    assert math.isnan(back[-1]["log_lambda_faithful"])  # not searched: an empty cell
+    assert first["log_lambda_faithful"] == 100.0
+
+
+def test_data_digests_name_each_stages_images():
+    from rarn.robust.evaluation import data_sha256
+
+    b = load_dataset(DataConfig(limit=60, retrain_images="disjoint", retrain_limit=40,
+                                test_limit=30))  # fmt: skip
+    d = data_digests(b, batch_size=16)  # batch by batch: the digest of one big batch
+    from rarn.data import as_tensors
+
+    assert d["test_data_sha256"] == data_sha256(*as_tensors(b.test))
+    assert d["retrain_data_sha256"] == data_sha256(*as_tensors(b.retrain))
+    assert len({d["search_data_sha256"], d["retrain_data_sha256"], d["test_data_sha256"]}) == 3
+    shared = data_digests(load_dataset(DataConfig(limit=60, test_limit=30)))
+    assert shared["search_data_sha256"] == shared["retrain_data_sha256"] == d["search_data_sha256"]
+    assert d["data_sha256"] == b.fingerprint
+
+
 # -- the pipeline --------------------------------------------------------------------------------
 
 
@@ -327,8 +395,15 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
     parent = mv.tags["rarn.parent_run_id"]
     logged = {a.path for a in client.list_artifacts(parent, "study")}
     assert logged == {
-        f"study/{f}" for f in ("runs.parquet", "summary.parquet", "summary.md", "study.png")
+        f"study/{f}"
+        for f in ("runs.parquet", "runs.csv", "summary.parquet", "summary.md", "study.png")
     }
+    csv_rows = read_runs_csv(study / "runs.csv")  # the auditable copy, one row per network
+    assert sorted(r["variant"] for r in csv_rows) == sorted(runs.column("variant").to_pylist())
+    for r in csv_rows:
+        assert r["eval_data_sha256"] == r["test_data_sha256"] != r["search_data_sha256"]
+        assert len(r["worst_case_mask"]) == r["n"] and r["genotype"].startswith("{")
+        assert r["worst_case_mask"].mean() == pytest.approx(r["worst_case_acc"])
     assert client.get_run(parent).data.tags["rarn.select_metric"] == "val_pgd_acc (max)"
     trial = client.get_run(mv.tags["rarn.search_run_id"])
     assert trial.data.tags["rarn.variant"] in ("racl", "pcdarts_plain")
@@ -363,3 +438,10 @@ def test_study_rows_leave_constraint_activity_empty_for_unconstrained_variants(t
     off = rows["constraint_off"]
     assert math.isnan(off["constraint_active"]) and math.isnan(off["dual"])
     assert off["log_lambda_faithful"] == 110.0  # the bound is measured for every variant
+    from pipeline.study import csv_rows
+
+    state.evaluate["racl-s0"].data_sha256 = "c" * 64
+    audit = {r["variant"]: r for r in csv_rows(cfg, state, tmp_path)}  # no bundle, no records
+    assert audit["racl"]["genotype"] == g.to_json() and audit["racl"]["worst_case_acc"] == 0.2
+    assert audit["racl"]["eval_data_sha256"] == "c" * 64 and audit["racl"]["worst_case_mask"] == ""
+    assert audit["constraint_off"]["search_data_sha256"] == ""

@@ -51,6 +51,7 @@ from rarn.config.schema import (
     PerturbationEstimate,
     Range,
     RetrainConfig,
+    RetrainImages,
     Schedule,
     SearchConfig,
     SelectMode,
@@ -103,4 +104,5 @@ __all__ = [
     "Schedule",
     "TuneScheduler",
     "SelectMode",
+    "RetrainImages",
 ]

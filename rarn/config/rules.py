@@ -52,6 +52,21 @@ def _data(d: DataConfig) -> None:
 
     if d.name not in DATASETS:
         raise choice_error("data.name", d.name, DATASETS)
+    if d.sha256 and (len(d.sha256) != 64 or d.sha256.strip("0123456789abcdef")):
+        raise ConfigError(
+            f"data.sha256: {short_repr(d.sha256)} not allowed; must be 64 lower-case hex digits "
+            "(sha256sum of data.path) or empty"
+        )
+    if d.retrain_images == "disjoint" and d.limit == 0:
+        raise ConfigError(
+            "data.limit: 0 (all training images for the search) not allowed with "
+            "data.retrain_images=disjoint; the retraining would get none"
+        )
+    if d.retrain_images == "search" and d.retrain_limit:
+        raise ConfigError(
+            f"data.retrain_limit: {d.retrain_limit} not allowed with data.retrain_images=search "
+            "(the retraining uses the search's images); set data.retrain_images=disjoint"
+        )
 
 
 def _search(s: SearchConfig) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "PerturbationEstimate",
     "Range",
     "RetrainConfig",
+    "RetrainImages",
     "Schedule",
     "SearchConfig",
     "SelectMode",
@@ -109,17 +110,27 @@ Schedule = Literal["cosine", "step"]
 Augment = Literal["none", "crop_flip"]
 TuneScheduler = Literal["none", "asha"]
 SelectMode = Literal["max", "min"]
+RetrainImages = Literal["search", "disjoint"]
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which dataset, where it lives, and how it is split."""
 
-    name: str = "digits"  # a key of rarn.data.DATASETS (digits, cifar10, cifar10-npz, ...)
-    root: str = "data"  # download/cache dir (cifar10) or ImageFolder root (train/, val/ inside)
-    path: str = ""  # the .npz file for cifar10-npz
+    name: str = "digits"  # a key of rarn.data.DATASETS (digits, cifar10, cifar10-jpeg, ...)
+    # download dir (cifar10), ImageFolder root (train/, val/ inside), or where cifar10-jpeg keeps
+    # its decoded cache (<root>/cifar10-jpeg-cache/)
+    root: str = "data"
+    path: str = ""  # the .npz file of cifar10-npz and cifar10-jpeg
+    sha256: str = ""  # expected sha256 of `path` (64 hex digits; "": not checked)
     limit: Annotated[int, NON_NEGATIVE] = 0  # first N training images (0: all), class-balanced
     test_limit: Annotated[int, NON_NEGATIVE] = 0  # first N test images (0: all)
+    # Which training images the retraining uses: "search", the search's own (the paper's
+    # protocol: search and retraining share training images, never test images); "disjoint",
+    # the `retrain_limit` images that follow the search's `limit` in the same class-balanced
+    # order, never seen by the search (needs limit > 0).
+    retrain_images: RetrainImages = "search"
+    retrain_limit: Annotated[int, NON_NEGATIVE] = 0  # disjoint: retraining images (0: the rest)
     test_fraction: Annotated[float, SHARE] = 0.2  # held-out test share (sets without a test split)
     train_portion: Annotated[float, SHARE] = 0.5  # D_T share of the search data (rest is D_V)
     image_size: Annotated[int, Range(0, 4_096)] = 0  # resize to this side length (0: native)

@@ -19,11 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rarn.config import ConfigError, DataConfig, check
+from rarn.data.jpeg import JpegArchive, decode_prefix, open_archive
 from rarn.data.npz import read_npz
-from rarn.data.splits import balanced_prefix, dataset_labels, stratified_split, take_rows
+from rarn.data.splits import (
+    balanced_prefix,
+    dataset_labels,
+    stratified_split,
+    take_rows,
+    training_indices,
+)
 from rarn.data.tensors import DataError, DatasetBundle, TensorImageDataset
 
-__all__ = ["DATASETS", "load_dataset"]
+__all__ = ["DATASETS", "load_dataset", "stage_ids"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,16 @@ def _check_arrays(x: np.ndarray, y: np.ndarray, num_classes: int, where: str) ->
         )
 
 
+def _retrain_limit(cfg: DataConfig) -> int | None:
+    """``retrain_limit`` of :func:`~rarn.data.splits.training_indices` (None: shared images)."""
+    return cfg.retrain_limit if cfg.retrain_images == "disjoint" else None
+
+
+def _tensor_set(x: np.ndarray, y: np.ndarray, keep: np.ndarray, size: int) -> TensorImageDataset:
+    xt = _resize(torch.from_numpy(np.ascontiguousarray(x[keep])), size)
+    return TensorImageDataset(xt, torch.from_numpy(y[keep].astype(np.int64)))
+
+
 def _in_memory_bundle(
     cfg: DataConfig,
     train: tuple[np.ndarray, np.ndarray],
@@ -72,15 +89,30 @@ def _in_memory_bundle(
     *,
     num_classes: int,
     fingerprint: str,
+    ids: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> DatasetBundle:
-    """Limit (balanced prefixes), then resize, then wrap NCHW arrays as TensorImageDatasets."""
-    sets = []
-    for (x, y), n in ((train, cfg.limit), (test, cfg.test_limit)):
-        keep = balanced_prefix(y, n)
-        xt = _resize(torch.from_numpy(np.ascontiguousarray(x[keep])), cfg.image_size)
-        sets.append(TensorImageDataset(xt, torch.from_numpy(y[keep].astype(np.int64))))
+    """Limit (balanced prefixes; a disjoint retraining set after the search's), then resize,
+    then wrap NCHW arrays as TensorImageDatasets. ``ids``: the source ids of the rows of
+    ``train`` and ``test`` (default: train 0..n-1, test after them)."""
+    (x, y), (xt, yt) = train, test
+    try:
+        search, retrain = training_indices(y, cfg.limit, _retrain_limit(cfg))
+    except DataError as e:
+        raise DataError(f"{cfg.name}: {e}") from None
+    test_keep = balanced_prefix(yt, cfg.test_limit)
+    id_train, id_test = ids or (np.arange(len(y)), len(y) + np.arange(len(yt)))
+    size = cfg.image_size
+    sets = [_tensor_set(x, y, search, size), _tensor_set(xt, yt, test_keep, size)]
+    stage_ids = {"search": id_train[search], "test": id_test[test_keep]}
+    retrain_set = None
+    if retrain is not None:
+        retrain_set = _tensor_set(x, y, retrain, size)
+    stage_ids["retrain"] = id_train[search if retrain is None else retrain]
     c, side = sets[0].x.shape[1], sets[0].x.shape[-1]
-    return DatasetBundle(sets[0], sets[1], num_classes, int(c), int(side), cfg.name, fingerprint)
+    return DatasetBundle(
+        sets[0], sets[1], num_classes, int(c), int(side), cfg.name, fingerprint, retrain_set,
+        stage_ids,
+    )  # fmt: skip
 
 
 def _load_digits(cfg: DataConfig) -> DatasetBundle:
@@ -93,8 +125,9 @@ def _load_digits(cfg: DataConfig) -> DatasetBundle:
     x = (images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8) in [0, 1]
     tr, te = stratified_split(labels, cfg.test_fraction, cfg.seed)
     return _in_memory_bundle(
-        cfg, (x[tr], labels[tr]), (x[te], labels[te]), num_classes=10, fingerprint=digest
-    )
+        cfg, (x[tr], labels[tr]), (x[te], labels[te]), num_classes=10, fingerprint=digest,
+        ids=(tr, te),
+    )  # fmt: skip
 
 
 def _load_cifar10_npz(cfg: DataConfig) -> DatasetBundle:
@@ -108,10 +141,42 @@ def _load_cifar10_npz(cfg: DataConfig) -> DatasetBundle:
     _check_arrays(x, y, 10, str(path))
     x = x.transpose(0, 3, 1, 2)  # NHWC -> NCHW (a view; copied per part below)
     y = y.astype(np.int64)
+    if cfg.sha256 and digest != cfg.sha256:
+        raise DataError(f"{path}: sha256 {digest} does not match data.sha256 {cfg.sha256}")
     tr, te = stratified_split(y, cfg.test_fraction, cfg.seed)
     return _in_memory_bundle(
-        cfg, (x[tr], y[tr]), (x[te], y[te]), num_classes=10, fingerprint=digest
+        cfg, (x[tr], y[tr]), (x[te], y[te]), num_classes=10, fingerprint=digest, ids=(tr, te)
     )
+
+
+def _jpeg_plan(cfg: DataConfig) -> tuple[JpegArchive, np.ndarray, np.ndarray | None, np.ndarray]:
+    """The verified archive and, from its labels alone, the indices of the search's, the
+    retraining's (None: the search's) and the evaluation's images."""
+    archive = open_archive(cfg.path, cfg.sha256)
+    y, yt = archive.labels["train"], archive.labels["test"]
+    try:
+        search, retrain = training_indices(y, cfg.limit, _retrain_limit(cfg))
+    except DataError as e:
+        raise DataError(f"{archive.path}: {e}") from None
+    return archive, search, retrain, balanced_prefix(yt, cfg.test_limit)
+
+
+def _load_cifar10_jpeg(cfg: DataConfig) -> DatasetBundle:
+    """The training split for search and retraining, the test split for evaluation; only the
+    prefixes the limits ask for are decoded, through the cache under ``data.root``."""
+    archive, search, retrain, test_keep = _jpeg_plan(cfg)
+    y, yt = archive.labels["train"], archive.labels["test"]
+    used = search if retrain is None else np.concatenate([search, retrain])
+    n, nt = int(used.max()) + 1, int(test_keep.max()) + 1
+    root = Path(cfg.root) if cfg.root else None
+    # The file is class-interleaved (open_archive checks it), so these prefixes hold exactly the
+    # balanced selections, which _in_memory_bundle recomputes on them.
+    x = decode_prefix(archive, "train", n, root).transpose(0, 3, 1, 2)  # NHWC -> NCHW (a view)
+    xt = decode_prefix(archive, "test", nt, root).transpose(0, 3, 1, 2)
+    return _in_memory_bundle(
+        cfg, (x, y[:n]), (xt, yt[:nt]), num_classes=10, fingerprint=archive.sha256,
+        ids=(np.arange(n), len(y) + np.arange(nt)),
+    )  # fmt: skip
 
 
 def _load_cifar10(cfg: DataConfig) -> DatasetBundle:
@@ -177,14 +242,20 @@ def _load_imagefolder(cfg: DataConfig) -> DatasetBundle:
         for p, _ in sorted(train.samples + getattr(test_set, "samples", []))
     )
     c, _, side = train[0][0].shape
+    labels = dataset_labels(train_set)
+    try:
+        search, retrain = training_indices(labels, cfg.limit, _retrain_limit(cfg))
+    except DataError as e:
+        raise DataError(f"imagefolder: {root}: {e}") from None
     return DatasetBundle(
-        take_rows(train_set, balanced_prefix(dataset_labels(train_set), cfg.limit)),
+        take_rows(train_set, search),
         take_rows(test_set, balanced_prefix(dataset_labels(test_set), cfg.test_limit)),
         len(train.classes),
         int(c),
         int(side),
         cfg.name,
         hashlib.sha256(listing.encode()).hexdigest(),
+        None if retrain is None else take_rows(train_set, retrain),
     )
 
 
@@ -193,7 +264,23 @@ DATASETS: dict[str, Callable[[DataConfig], DatasetBundle]] = {
     "cifar10": _load_cifar10,
     "cifar10-npz": _load_cifar10_npz,
     "imagefolder": _load_imagefolder,
+    "cifar10-jpeg": _load_cifar10_jpeg,
 }
+
+
+def stage_ids(cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Source ids of the images each stage uses: ``search``, ``retrain`` and ``test``.
+
+    Ids are row numbers in the source, test ids after the training ids, so that an overlap is
+    a set intersection (:attr:`DatasetBundle.ids`). ``cifar10-jpeg`` answers from its labels
+    alone, without decoding an image; other datasets are loaded.
+    """
+    if cfg.name == "cifar10-jpeg":
+        archive, search, retrain, test_keep = _jpeg_plan(cfg)
+        retrain = search if retrain is None else retrain
+        return {"search": search, "retrain": retrain,
+                "test": len(archive.labels["train"]) + test_keep}  # fmt: skip
+    return dict(load_dataset(cfg).ids)
 
 
 def load_dataset(cfg: DataConfig) -> DatasetBundle:

@@ -21,6 +21,7 @@ __all__ = [
     "search_split",
     "stratified_split",
     "take_rows",
+    "training_indices",
 ]
 
 
@@ -57,6 +58,41 @@ def balanced_prefix(y: np.ndarray, n: int) -> np.ndarray:
     if n <= 0 or n >= len(y):
         return np.arange(len(y))
     return _interleave(y)[:n]
+
+
+def training_indices(
+    y: np.ndarray, limit: int, retrain_limit: int | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The search's and the retraining's images among training labels ``y``.
+
+    Args:
+        y: labels of the training split.
+        limit: the search's images: the first ``limit`` in class-balanced order (0: all).
+        retrain_limit: None when the retraining uses the search's images (the paper's protocol);
+            else the retraining gets the ``retrain_limit`` images that follow the search's in the
+            same order (0: all the rest), so the two sets are disjoint and both class-balanced.
+
+    Returns:
+        ``(search, retrain)``: indices into ``y``; ``retrain`` None for the shared protocol.
+
+    Raises:
+        DataError: the search would take every image, or fewer than ``retrain_limit`` remain.
+    """
+    if retrain_limit is None:
+        return balanced_prefix(y, limit), None
+    if limit <= 0 or limit >= len(y):
+        raise DataError(
+            f"data.limit={limit} leaves no image of the {len(y)} for a disjoint retraining "
+            "(data.retrain_images=disjoint); set data.limit below the training split's size"
+        )
+    rest = _interleave(y)[limit:]
+    n = retrain_limit or len(rest)
+    if n > len(rest):
+        raise DataError(
+            f"data.retrain_limit={n}: only {len(rest)} training images follow the search's "
+            f"{limit} (data.limit)"
+        )
+    return _interleave(y)[:limit], rest[:n]
 
 
 def dataset_labels(dataset: Dataset) -> np.ndarray:

@@ -8,8 +8,8 @@ tensor indexing with no per-item collate, which is what makes small-image traini
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -115,6 +115,18 @@ class DatasetBundle:
     image_size: int  # side length of the (square) images
     name: str
     fingerprint: str  # sha256 hex of the source (file bytes, arrays or file listing)
+    # The retraining's images when they differ from the search's (data.retrain_images=disjoint);
+    # None: the retraining uses `train`, as the paper's protocol does.
+    retrain: Dataset | None = None
+    # Source image ids of each stage's images ("search", "retrain", "test"): row numbers in the
+    # source, test ids after the training ids where the source has both splits, so overlaps are
+    # set intersections (empty when the loader cannot tell, e.g. ImageFolder).
+    ids: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def retrain_set(self) -> Dataset:
+        """The images the retraining trains on: ``retrain`` when set, else ``train``."""
+        return self.train if self.retrain is None else self.retrain
 
 
 def _resolve(dataset: Dataset) -> tuple[TensorImageDataset, Tensor | None] | None:

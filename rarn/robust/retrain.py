@@ -142,10 +142,12 @@ def _loaders(
     batches when ``pin``: training on CUDA)."""
     from rarn.data import make_loader, search_split
 
+    images = getattr(bundle, "retrain", None)  # data.retrain_images=disjoint: not the search's
+    images = bundle.train if images is None else images
     if cfg.val_fraction > 0:  # the selection split (Rice et al. 2020)
-        train_set, val_set = search_split(bundle.train, 1.0 - cfg.val_fraction, cfg.seed)
+        train_set, val_set = search_split(images, 1.0 - cfg.val_fraction, cfg.seed)
     else:
-        train_set, val_set = bundle.train, None
+        train_set, val_set = images, None
     rank, world = shard
     if world > 1:  # data parallel: this rank's DistributedSampler share, reshuffled per epoch
         train_loader = _RankLoader(train_set, cfg.batch_size, rank, world, cfg.seed, pin)
@@ -335,7 +337,8 @@ def run_retrain(
     Args:
         cfg: the retraining section (network, optimiser, schedule, AT method, selection split).
         data_bundle: a :class:`rarn.data.DatasetBundle` (``train``, ``num_classes``,
-            ``in_channels``, ``image_size``); ``cfg.val_fraction`` of ``train`` is held out.
+            ``in_channels``, ``image_size``; ``retrain`` when set); ``cfg.val_fraction`` of the
+            retraining images (``retrain``, else ``train``) is held out.
         callbacks: observers called as ``on_epoch_end(epoch, metrics)`` (or plain callables)
             after each epoch, with 1-based epochs.
         checkpoint_dir: when given, ``last.pt`` (complete: model, optimizer, scheduler, epoch,
