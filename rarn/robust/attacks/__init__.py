@@ -7,6 +7,8 @@ approximately and has the signature ``attack(model, x, y, *, eps, step_size, ste
 * :mod:`~rarn.robust.attacks.interface`: the signature, the argument checks and the one wrapper
   (checks, eval mode, grad mode, default generator) every attack wears.
 * :mod:`~rarn.robust.attacks.gradient`: white-box FGSM, PGD in L-inf and L2, MIM and CW-inf.
+* :mod:`~rarn.robust.attacks.adaptive`: BPDA (straight-through) and EOT PGD, the adaptive
+  attacks run when a gradient-masking check fires.
 * :mod:`~rarn.robust.attacks.black_box`: the Square-style random search, the masking check.
 * :mod:`~rarn.robust.attacks.external`: torchattacks' PGD and the standard AutoAttack (Croce
   and Hein 2020), imported lazily so that ``rarn`` imports without torchattacks.
@@ -14,6 +16,7 @@ approximately and has the signature ``attack(model, x, y, *, eps, step_size, ste
   :func:`get_attack`; ``ATTACKS``, ``ATTACK_NORM`` and ``ATTACK_IMPL`` are views of it.
 """
 
+from rarn.robust.attacks.adaptive import bpda, bpda_surrogate, pgd_eot
 from rarn.robust.attacks.black_box import square
 from rarn.robust.attacks.external import autoattack, pgd_torchattacks
 from rarn.robust.attacks.gradient import (
@@ -45,6 +48,8 @@ __all__ = [
     "Budget",
     "attack_spec",
     "autoattack",
+    "bpda",
+    "bpda_surrogate",
     "cw",
     "cw_margin_loss",
     "fgsm",
@@ -52,6 +57,7 @@ __all__ = [
     "input_gradient",
     "mim",
     "pgd",
+    "pgd_eot",
     "pgd_l2",
     "pgd_torchattacks",
     "register_attack",

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from rarn.robust.attacks.adaptive import bpda, pgd_eot
 from rarn.robust.attacks.black_box import square
 from rarn.robust.attacks.external import autoattack, pgd_torchattacks
 from rarn.robust.attacks.gradient import cw, fgsm, mim, pgd, pgd_l2
@@ -181,6 +182,8 @@ for _spec in (
     AttackSpec("mim", mim, "linf", **_RARN),
     AttackSpec("cw", cw, "linf", **_RARN),
     AttackSpec("square", square, "linf", **_RARN, white_box=False),
+    AttackSpec("bpda", bpda, "linf", **_RARN),  # adaptive: straight-through input transforms
+    AttackSpec("pgd_eot", pgd_eot, "linf", **_RARN),  # adaptive: randomised models
     AttackSpec(
         "autoattack",
         autoattack,

@@ -12,6 +12,10 @@ The evaluation protocol of spec section 6.1, in these modules:
   masking checks.
 * :mod:`~rarn.robust.evaluation.masking`: the nine named gradient-masking checks; every result
   carries their flags (:data:`MASKING_FLAGS`).
+* :mod:`~rarn.robust.evaluation.adaptive`: BPDA, EOT and a longer Square when a check fires,
+  folded into the worst case, each flag confirmed or refuted.
+* :mod:`~rarn.robust.evaluation.stats`: 95 % Wilson intervals and the exact paired (McNemar)
+  test of two models on the same images.
 * :mod:`~rarn.robust.evaluation.results`: :class:`RobustnessResult` and its fixed-schema pyarrow
   table (:data:`RESULTS_SCHEMA`), written as Parquet by :func:`write_results`.
 * :mod:`~rarn.robust.evaluation.records`: the per-image records (:data:`RECORDS_SCHEMA`, one
@@ -35,6 +39,7 @@ from rarn.robust.evaluation.masking import (
     check_zero_gradients,
     run_masking_checks,
 )
+from rarn.robust.evaluation.adaptive import adaptive_plan
 from rarn.robust.evaluation.named import NamedAttack, named_suite
 from rarn.robust.evaluation.plots import plot_accuracy_vs_eps, plot_transfer_heatmap
 from rarn.robust.evaluation.records import (
@@ -42,8 +47,18 @@ from rarn.robust.evaluation.records import (
     DataHasher,
     data_sha256,
     records_table,
+    weights_sha256,
     worst_case_from_records,
     write_records,
+)
+from rarn.robust.evaluation.stats import (
+    Interval,
+    PairedTest,
+    accuracy_interval,
+    pack_mask,
+    paired_test,
+    unpack_mask,
+    wilson_interval,
 )
 from rarn.robust.evaluation.results import (
     RESULTS_SCHEMA,
@@ -62,9 +77,13 @@ __all__ = [
     "TRANSFER_SCHEMA",
     "DataHasher",
     "GradientMaskingWarning",
+    "Interval",
     "NamedAttack",
+    "PairedTest",
     "RobustnessResult",
     "SuiteSettings",
+    "accuracy_interval",
+    "adaptive_plan",
     "check_black_box",
     "check_black_box_per_image",
     "check_fgsm_vs_pgd",
@@ -77,12 +96,17 @@ __all__ = [
     "data_sha256",
     "evaluate_robustness",
     "named_suite",
+    "pack_mask",
+    "paired_test",
     "plot_accuracy_vs_eps",
     "plot_transfer_heatmap",
     "records_table",
     "results_table",
     "run_masking_checks",
     "transfer_matrix",
+    "unpack_mask",
+    "weights_sha256",
+    "wilson_interval",
     "worst_case_from_records",
     "write_records",
     "write_results",

@@ -17,7 +17,7 @@ from torch import nn
 from rarn.models.common import device_of
 from rarn.robust.attacks import get_attack
 from rarn.robust.evaluation._core import Data, _batches, _check_budget, _predict
-from rarn.robust.evaluation.results import TRANSFER_SCHEMA, _attack_row
+from rarn.robust.evaluation.results import TRANSFER_SCHEMA, _attack_row, _with_intervals
 
 __all__ = ["transfer_matrix"]
 
@@ -75,4 +75,5 @@ def transfer_matrix(
         raise ValueError("no data: the loader yielded no points")
     base = {**_attack_row(attack, p), "n": n, "seed": generator.initial_seed()}
     rows = [{"source": s, "target": t, **base, "accuracy": h / n} for (s, t), h in hits.items()]
+    _with_intervals(rows)
     return pa.Table.from_pylist(rows, schema=TRANSFER_SCHEMA)
