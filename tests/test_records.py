@@ -96,7 +96,9 @@ def test_every_setting_is_recorded(result):
         "steps": 50,
     }
     assert json.loads(rows["cw"]["settings"])["kappa"] == math.inf  # JSON's Infinity
-    assert {r["seed"] for r in rows.values()} == {0}
+    assert {r["eval_seed"] for r in rows.values()} == {0}
+    seeds = [r["seed"] for a, r in rows.items() if a != "clean"]
+    assert len(set(seeds)) == len(seeds)  # one generator per attack
 
 
 def test_autoattack_settings_are_recorded(digits):

@@ -13,7 +13,8 @@
 The surrogate of :func:`bpda_surrogate`, in order:
 
 1. **The hook**: a model that preprocesses its input exposes ``input_transform`` (a callable,
-   ``x -> g(x)``) and ``classifier`` (a module), with ``model(x) == classifier(input_transform(x))``.
+   ``x -> g(x)``) and ``classifier`` (a module), with
+   ``model(x) == classifier(input_transform(x))``.
    The surrogate is ``classifier(x + (g(x) - x).detach())``: the same forward values, the
    gradient of the classifier at ``g(x)``. This is exact BPDA; it is checked on the batch (the
    surrogate must reproduce the model's logits) and refused otherwise.

@@ -25,6 +25,7 @@ The evaluation protocol of spec section 6.1, in these modules:
   source x target transfer matrix (:data:`TRANSFER_SCHEMA`) and PNG plots of both tables.
 """
 
+from rarn.robust.evaluation.adaptive import adaptive_plan
 from rarn.robust.evaluation.masking import (
     MASKING_FLAGS,
     GradientMaskingWarning,
@@ -39,7 +40,6 @@ from rarn.robust.evaluation.masking import (
     check_zero_gradients,
     run_masking_checks,
 )
-from rarn.robust.evaluation.adaptive import adaptive_plan
 from rarn.robust.evaluation.named import NamedAttack, named_suite
 from rarn.robust.evaluation.plots import plot_accuracy_vs_eps, plot_transfer_heatmap
 from rarn.robust.evaluation.records import (
@@ -51,6 +51,13 @@ from rarn.robust.evaluation.records import (
     worst_case_from_records,
     write_records,
 )
+from rarn.robust.evaluation.results import (
+    RESULTS_SCHEMA,
+    TRANSFER_SCHEMA,
+    RobustnessResult,
+    results_table,
+    write_results,
+)
 from rarn.robust.evaluation.stats import (
     Interval,
     PairedTest,
@@ -59,13 +66,6 @@ from rarn.robust.evaluation.stats import (
     paired_test,
     unpack_mask,
     wilson_interval,
-)
-from rarn.robust.evaluation.results import (
-    RESULTS_SCHEMA,
-    TRANSFER_SCHEMA,
-    RobustnessResult,
-    results_table,
-    write_results,
 )
 from rarn.robust.evaluation.suite import SuiteSettings, evaluate_robustness
 from rarn.robust.evaluation.transfer import transfer_matrix

@@ -265,8 +265,10 @@ def evaluate_robustness(
     adaptive = adaptive_plan(flags, s, main, norm) if s.adaptive and tally.keep else ()
     if adaptive:
         index, xk, yk = (torch.cat(t) for t in zip(*tally.keep))
-        done = run_adaptive(model, adaptive, index, xk, yk, robust, seed=seed,
-                            batch_size=s.batch_size, device=device, generator_device=gdev)  # fmt: skip
+        done = run_adaptive(
+            model, adaptive, index, xk, yk, robust,
+            seed=seed, batch_size=s.batch_size, device=device, generator_device=gdev,
+        )  # fmt: skip
         fooled = {}
         for a in adaptive:
             ran, pr, b = done[a.name]
