@@ -69,7 +69,8 @@ def test_promotion_rule():
     from rarn.robust.evaluation import pack_mask
 
     champ = ("3", {"rarn.eval_worst_case_acc": "0.3", "rarn.eval_data_sha256": DATA_A,
-                   "rarn.eval_protocol": PROTOCOL, "rarn.eval_robust": pack_mask(_mask(0.3))})  # fmt: skip
+                   "rarn.eval_protocol": PROTOCOL,
+                   "rarn.eval_robust": pack_mask(_mask(0.3))})  # fmt: skip
     assert decide(None, None) == Decision(False, "not evaluated")
     assert not decide(_ev(0, error="RuntimeError: x"), None, force=True).promote  # never forced
     flagged = decide(_ev(0.9, flags={"zero_gradients": True}), None)

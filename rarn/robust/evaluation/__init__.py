@@ -21,6 +21,7 @@ The evaluation protocol of spec section 6.1, in these modules:
 * :mod:`~rarn.robust.evaluation.records`: the per-image records (:data:`RECORDS_SCHEMA`, one
   row per image x attack, with every attack setting and a sha256 of the data), written by
   :func:`write_records` and recombined into worst cases by :func:`worst_case_from_records`.
+* :mod:`~rarn.robust.evaluation.verify`: reruns chosen rows of the records and compares them.
 * :mod:`~rarn.robust.evaluation.transfer` and :mod:`~rarn.robust.evaluation.plots`: the
   source x target transfer matrix (:data:`TRANSFER_SCHEMA`) and PNG plots of both tables.
 """
@@ -68,7 +69,8 @@ from rarn.robust.evaluation.stats import (
     wilson_interval,
 )
 from rarn.robust.evaluation.suite import SuiteSettings, evaluate_robustness
-from rarn.robust.evaluation.transfer import transfer_matrix
+from rarn.robust.evaluation.transfer import add_transfer, transfer_matrix
+from rarn.robust.evaluation.verify import RowCheck, choose_rows, verify_records
 
 __all__ = [
     "MASKING_FLAGS",
@@ -80,10 +82,12 @@ __all__ = [
     "Interval",
     "NamedAttack",
     "PairedTest",
+    "RowCheck",
     "RobustnessResult",
     "SuiteSettings",
     "accuracy_interval",
     "adaptive_plan",
+    "add_transfer",
     "check_black_box",
     "check_black_box_per_image",
     "check_fgsm_vs_pgd",
@@ -93,6 +97,7 @@ __all__ = [
     "check_probability_outputs",
     "check_randomized",
     "check_zero_gradients",
+    "choose_rows",
     "data_sha256",
     "evaluate_robustness",
     "named_suite",
@@ -105,6 +110,7 @@ __all__ = [
     "run_masking_checks",
     "transfer_matrix",
     "unpack_mask",
+    "verify_records",
     "weights_sha256",
     "wilson_interval",
     "worst_case_from_records",
