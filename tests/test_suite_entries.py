@@ -217,7 +217,7 @@ def test_default_suites_hold_standard_autoattack_on_a_recorded_subset(name):
     s = SuiteSettings.from_config(ev)
     aa = [a for a in named_suite(s.attacks, {"eps": ev.eps, "step_size": 1, "steps": 1})]
     aa = [a for a in aa if a.attack == "autoattack"]
-    assert len(aa) == 1 and aa[0].n > 0
+    assert len(aa) == 1 and (aa[0].n == 0 if name == "cifar10.yaml" else aa[0].n > 0)  # GPU: all
     assert "n_iter" not in aa[0].params and "n_queries" not in aa[0].params  # the standard budget
     assert s.main_attack == "pgd" and s.more_steps_factor == ev.more_steps_factor
     full = SuiteSettings.from_config(EvaluationConfig())
