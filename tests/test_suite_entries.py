@@ -81,7 +81,7 @@ def test_pgd20_and_pgd100_side_by_side_with_their_settings(digits, tmp_path):
         (({"name": "p", "attack": "pgd", "eps": 1.5},), {}, "attacks[0].eps"),
         (({"name": "p", "attack": "pgd_l2", "eps": 600.0},), {}, "(0, 512]"),
         (({"name": "p", "attack": "pgd", "steps": 2.5},), {}, "expected int"),
-        (({"name": "a", "attack": "autoattack", "version": "rand"},), {}, "standard"),
+        (({"name": "a", "attack": "autoattack", "version": "plus"},), {}, "standard"),
         (("pgd", {"name": "pgd", "attack": "pgd", "steps": 9}), {}, "listed twice"),
         (({"name": "worst_case", "attack": "pgd"},), {}, "worst_case"),
         (("square",), {}, "no white-box attack"),
@@ -228,7 +228,7 @@ def test_default_suites_hold_standard_autoattack_on_a_recorded_subset(name):
 
 
 def test_evaluate_model_headline_is_the_recombined_worst_case(digits, tmp_path):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("pyautoattack")
     from pipeline.evaluate import RECORDS, evaluate_model, summary_metrics
 
     model, x, y = digits

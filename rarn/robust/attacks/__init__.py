@@ -10,15 +10,22 @@ approximately and has the signature ``attack(model, x, y, *, eps, step_size, ste
 * :mod:`~rarn.robust.attacks.adaptive`: BPDA (straight-through) and EOT PGD, the adaptive
   attacks run when a gradient-masking check fires.
 * :mod:`~rarn.robust.attacks.black_box`: the Square-style random search, the masking check.
-* :mod:`~rarn.robust.attacks.external`: torchattacks' PGD and the standard AutoAttack (Croce
-  and Hein 2020), imported lazily so that ``rarn`` imports without torchattacks.
+* :mod:`~rarn.robust.attacks.external`: the reference AutoAttack (Croce and Hein 2020,
+  ``pyautoattack``; L-inf and L2, standard and rand), and torchattacks' PGD and AutoAttack
+  assembly, imported lazily so that ``rarn`` imports without them.
 * :mod:`~rarn.robust.attacks.registry`: one :class:`AttackSpec` per attack, looked up with
   :func:`get_attack`; ``ATTACKS``, ``ATTACK_NORM`` and ``ATTACK_IMPL`` are views of it.
 """
 
 from rarn.robust.attacks.adaptive import bpda, bpda_surrogate, pgd_eot
 from rarn.robust.attacks.black_box import square
-from rarn.robust.attacks.external import autoattack, pgd_torchattacks
+from rarn.robust.attacks.external import (
+    autoattack,
+    autoattack_l2,
+    autoattack_torchattacks,
+    pgd_torchattacks,
+    recording_components,
+)
 from rarn.robust.attacks.gradient import (
     cw,
     cw_margin_loss,
@@ -48,6 +55,8 @@ __all__ = [
     "Budget",
     "attack_spec",
     "autoattack",
+    "autoattack_l2",
+    "autoattack_torchattacks",
     "bpda",
     "bpda_surrogate",
     "cw",
@@ -60,6 +69,7 @@ __all__ = [
     "pgd_eot",
     "pgd_l2",
     "pgd_torchattacks",
+    "recording_components",
     "register_attack",
     "square",
     "uniform_attack",

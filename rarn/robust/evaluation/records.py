@@ -56,6 +56,7 @@ RECORDS_SCHEMA = pa.schema(
         _f("clean_pred", pa.int64(), "predicted label of the clean image"),
         _f("pred", pa.int64(), "predicted label after the attack; null: not run", True),
         _f("batch", pa.int64(), "the attack's batch the image ran in; null: not run", True),
+        _f("component", pa.string(), "AutoAttack's component that broke it; null: none", True),
         _f("batch_size", pa.int64(), "the attack's batch size (a batch is rerun whole)"),
         _f("subset_n", pa.int64(), "the attack's subset: it saw only images 0 .. subset_n-1"),
         _f("mode", pa.string(), "'per_attack' or 'survivors' (see RECORDS_SCHEMA's doc)"),
@@ -207,6 +208,9 @@ def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
             "pred": pa.array(pred.numpy().astype(np.int64), mask=~ran | (pred.numpy() < 0)),
             "batch": pa.array(batch.numpy().astype(np.int64), mask=~ran | (batch.numpy() < 0)),
         }
+        comp = r.components.get(name)
+        if comp is not None:
+            cols["component"] = pa.array(comp, type=pa.string())
         if name == "clean":
             cols["pred"] = cols["clean_pred"]
         for f in RECORDS_SCHEMA:

@@ -133,6 +133,8 @@ class RobustnessResult:
         sources: name -> "suite", "check", "adaptive" or "transfer".
         outcomes: raised flag -> "confirmed" / "refuted" by the adaptive attacks.
         weights_sha256: :func:`~rarn.robust.evaluation.weights_sha256` of the evaluated model.
+        components: name -> per image, the AutoAttack component that broke it (None: not
+            broken, or not recorded); only for the reference AutoAttack.
 
     ``correct``, ``attacked`` and ``survived`` are the per-image records
     (:func:`rarn.robust.evaluation.records_table`); ``robust`` is ``correct`` AND every
@@ -167,6 +169,7 @@ class RobustnessResult:
     sources: dict[str, str] = field(default_factory=dict)
     outcomes: dict[str, str] = field(default_factory=dict)
     weights_sha256: str | None = None
+    components: dict[str, list[str | None]] = field(default_factory=dict)
 
     def method(self, name: str) -> str:
         """The registry key of the attack called ``name`` in the suite."""

@@ -22,7 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from rarn.models.common import device_of
-from rarn.robust.attacks import ATTACK_NORM, get_attack, validate_attack_args
+from rarn.robust.attacks import (
+    ATTACK_NORM,
+    get_attack,
+    recording_components,
+    validate_attack_args,
+)
 from rarn.robust.evaluation._core import (
     Data,
     _attack_preds,
@@ -133,8 +138,9 @@ class SuiteSettings:
         return cls(**{**fields, **overrides})
 
 
-Records = dict[str, tuple[Tensor, Tensor]]
-"""Name -> per-image ``(attacked, predicted label after the attack or -1)`` of one batch."""
+Records = dict[str, tuple[Tensor, Tensor, list[str | None]]]
+"""Name -> per-image ``(attacked, predicted label after the attack or -1, component that broke
+it)`` of one batch (the component: AutoAttack's, else None)."""
 
 
 @dataclass
@@ -150,6 +156,7 @@ class _Tally:
     attacked: dict[str, list[Tensor]] = field(default_factory=dict)
     preds: dict[str, list[Tensor]] = field(default_factory=dict)
     batches: dict[str, list[Tensor]] = field(default_factory=dict)
+    components: dict[str, list[str | None]] = field(default_factory=dict)
     x_check: list[Tensor] = field(default_factory=list)
     y_check: list[Tensor] = field(default_factory=list)
     keep: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
@@ -160,7 +167,8 @@ class _Tally:
         self.labels.append(y.cpu())
         self.clean_pred.append(pred.cpu())
         self.correct.append((pred == y).cpu())
-        for name, (attacked, p) in records.items():
+        for name, (attacked, p, comp) in records.items():
+            self.components.setdefault(name, []).extend(comp)
             self.attacked.setdefault(name, []).append(attacked.cpu())
             self.preds.setdefault(name, []).append(p.cpu())
             batch = torch.where(attacked, b, -1).cpu()
@@ -318,6 +326,7 @@ def evaluate_robustness(
         sources=sources,
         outcomes=outcomes,
         weights_sha256=weights_sha256(model),
+        components={a: c for a, c in tally.components.items() if any(c)},
     )
 
 
@@ -366,8 +375,12 @@ def _attack_batch(
     for name, (a, seen) in suite.items():
         mask = (robust if in_turn else correct) & seen
         g = batch_generator(seeds[name], b, gdev)
-        pred = _attack_preds(model, a.attack, x, y, mask, g, a.params)
-        records[name] = (mask, pred)
+        with recording_components() as holder:  # AutoAttack: the component that broke each
+            pred = _attack_preds(model, a.attack, x, y, mask, g, a.params)
+        comp: list[str | None] = [None] * len(y)
+        for i, c in zip(mask.nonzero().squeeze(1).tolist(), holder[0] if holder else []):
+            comp[i] = c
+        records[name] = (mask, pred, comp)
         robust = robust & ((pred == y) | ~mask)
     return records, robust
 
