@@ -64,6 +64,28 @@ def _rows(state: RunState) -> list[tuple[str, ...]]:
     return rows
 
 
+def _paired_top_two(state: RunState, keys: list[str]) -> list[str]:
+    """Rank 1 vs rank 2 image by image (exact McNemar), when both have per-image records."""
+    from pipeline.promotion import candidate_mask
+    from rarn.robust.evaluation import paired_test, unpack_mask
+
+    evs = [state.evaluate.get(k) for k in keys]
+    if len(keys) < 2 or any(e is None or e.error for e in evs):
+        return []
+    try:
+        masks = [candidate_mask(e) for e in evs]
+    except (OSError, ValueError, KeyError):
+        return []
+    if any(m is None for m in masks):
+        return []
+    a, b = (unpack_mask(m) for m in masks)
+    if a.shape != b.shape:
+        return []
+    t = paired_test(a, b)
+    verdict = "significant" if t.significant() else "inside the noise"
+    return [f"rank 1 vs 2 ({keys[0]} vs {keys[1]}): {t} ({verdict} at 0.05)"]
+
+
 def summary(
     state: RunState, *, experiment: str, tracking_uri: str, parent_run_id: str, run_dir: Path
 ) -> str:
@@ -71,6 +93,7 @@ def summary(
     rows = [_HEADER, *_rows(state)]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += _paired_top_two(state, [r[1] for r in rows[1:3]])
     errored = [o for o in (state.search.outcomes if state.search else []) if o.error]
     lines += [f"errored trial {o.key} {o.overrides}: {o.error}" for o in errored]
     lines += [f"failed retraining {o.key}: {o.error}" for o in state.retrain.values() if o.error]
