@@ -5,6 +5,7 @@ intervals, the paired test, and a ledger whose rows rerun exactly."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -211,3 +212,28 @@ def test_batch_size_is_part_of_the_protocol():
     ev = EvaluationConfig()
     assert protocol_sha256(ev) != protocol_sha256(EvaluationConfig(batch_size=128))
     assert protocol_sha256(ev) == protocol_sha256(EvaluationConfig(transfer=True))
+
+
+def test_summary_pairs_rank_one_and_two_on_the_same_images(digits, tmp_path):
+    """The run summary shows the headline's interval and n, and tests rank 1 vs 2 image by
+    image from the records beside each results table."""
+    from pipeline.evaluate import summary_metrics
+    from pipeline.report import summary
+    from pipeline.state import EvalOutcome, RetrainOutcome, RunState
+    from rarn.robust.evaluation import write_records
+
+    net, x, y = digits
+    state = RunState()
+    for key, model in (("a", net), ("b", Quantised(net))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = evaluate_robustness(model, (x, y), SETTINGS, model_name=key)
+        (tmp_path / key).mkdir()
+        write_records(records_table([r]), tmp_path / key / "records.parquet")
+        state.retrain[key] = RetrainOutcome(key, "g" * 12, "", "run", "uri", "sha")
+        path = str(tmp_path / key / "results.parquet")
+        state.evaluate[key] = EvalOutcome(key, summary_metrics(r), {}, path)
+    text = summary(state, experiment="x", tracking_uri="sqlite:////x.db", parent_run_id="p",
+                   run_dir=tmp_path)  # fmt: skip
+    assert "robust [95% CI] n" in text and "n=96" in text
+    assert "rank 1 vs 2 (b vs a): paired on 96 images" in text and "significant at 0.05" in text

@@ -260,7 +260,12 @@ def test_flags_reach_the_results_table(digits):
     model, x, y = digits
     with pytest.warns(GradientMaskingWarning):
         r = evaluate_robustness(
-            Masked(model, "softmax"), (x[:64], y[:64]), attacks=("pgd",), **SMALL, check_n=64
+            Masked(model, "softmax"),
+            (x[:64], y[:64]),
+            attacks=("pgd",),
+            **SMALL,
+            check_n=64,
+            adaptive=False,  # the flags here; adaptive attacks: tests/test_adaptive.py
         )
     table = r.to_table()
     assert all(table.column("flag_probability_outputs").to_pylist())
@@ -323,7 +328,7 @@ def test_pure_checks_added_in_issue_9():
 def test_suite_flags_masking(digits, kind, flag):
     """Through evaluate_robustness: the suite's own per-image white-box evidence is used."""
     model, x, y = digits
-    s = SuiteSettings(attacks=SUITE, **SMALL, check_n=96, black_box_queries=200)
+    s = SuiteSettings(attacks=SUITE, **SMALL, check_n=96, black_box_queries=200, adaptive=False)
     with pytest.warns(GradientMaskingWarning):
         r = evaluate_robustness(Masked(model, kind), (x[:96], y[:96]), s)
     assert r.flags[flag]
