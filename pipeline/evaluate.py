@@ -93,7 +93,7 @@ def summary_tags(result: Any) -> dict[str, str]:
 
 
 def _aa_n(result: Any) -> int:
-    aa = [a for a in result.attacks if result.method(a) == "autoattack"]
+    aa = [a for a in result.attacks if result.method(a).startswith("autoattack")]
     return max((result.subset(a) for a in aa), default=0)
 
 

@@ -332,6 +332,11 @@ def evaluate_robustness(
 
 def _plan(s: SuiteSettings) -> tuple[Plan, list[float]]:
     """The resolved suite (and curve attack) and the sorted curve radii; fails before any work."""
+    if s.adaptive_square_queries < 1 or s.eot_samples < 1:
+        raise ValueError(
+            "adaptive_square_queries and eot_samples must be >= 1, got"
+            f" {s.adaptive_square_queries}, {s.eot_samples}"
+        )
     if s.batch_size < 1 or s.check_n < 0 or s.more_steps_factor < 2:
         raise ValueError(
             "batch_size must be >= 1, check_n >= 0 and more_steps_factor >= 2, got"
