@@ -269,6 +269,10 @@ def evaluate_robustness(
     robust = _worst(correct, attacked, survived)
     main = plan[s.main_attack]
     norm = ATTACK_NORM[main.attack]
+    curve = {e: tally.curve_hits[e] / tally.n for e in curve_eps}
+    large = unbounded_radius(norm, tally.image_numel)
+    if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
+        flags["eps_not_decreasing"] = True  # before the adaptive plan: this flag calls for it too
     outcomes: dict[str, str] = {}
     adaptive = adaptive_plan(flags, s, main, norm) if s.adaptive and tally.keep else ()
     if adaptive:
@@ -288,15 +292,12 @@ def evaluate_robustness(
             subsets[a.name], sizes[a.name] = tally.n, s.batch_size
         outcomes = flag_outcomes(flags, adaptive, fooled, tally.n)
         robust = _worst(correct, attacked, survived)
-    curve = {e: tally.curve_hits[e] / tally.n for e in curve_eps}
-    large = unbounded_radius(norm, tally.image_numel)
-    if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
-        flags["eps_not_decreasing"] = True
     per_attack = {a: _fraction(survived[a][: subsets[a]]) for a in names if a not in tally.attacks}
     if s.per_attack:
         per_attack = {a: _fraction(survived[a][: subsets[a]]) for a in tally.attacks} | per_attack
     per_attack = {a: v for a, v in per_attack.items() if not a.startswith("adaptive.")}
-    sources = {a: a.split(".")[0] if "." in a else "suite" for a in names}
+    sources = {a: "suite" for a in tally.attacks} | {a: "check" for a in runs}
+    sources |= {a.name: "adaptive" for a in adaptive}
     return RobustnessResult(
         model_name=model_name,
         n=tally.n,
