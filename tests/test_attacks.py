@@ -345,3 +345,29 @@ def test_reference_and_torchattacks_autoattack_agree_on_a_cifar_shaped_model():
     )
     assert lo_a <= hi_b and lo_b <= hi_a
     assert paired_test(a, b).p_a_better > 0.05 and paired_test(b, a).p_a_better > 0.05
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"), [("autoattack_l2", {"eps": 1.0}), ("autoattack", {"version": "rand"})]
+)
+def test_reference_autoattack_l2_and_rand(digits, name, kw):
+    """The reference's L2 threat model and its rand version (APGD-CE/DLR with EOT), small
+    budgets: inside the ball, at least as strong as nothing, components recorded."""
+    from rarn.robust.attacks import recording_components
+
+    pytest.importorskip("pyautoattack")
+    model, x, y = digits
+    x, y = x[:16], y[:16]
+    params = {"eps": 0.1, "step_size": 1.0, "steps": 1, "n_iter": 5, "n_queries": 20, **kw}
+    with recording_components() as comps:
+        x_adv = get_attack(name)(model, x, y, generator=torch.Generator(), **params)
+    norm = (x_adv - x).flatten(1).norm(dim=1) if name.endswith("l2") else (x_adv - x).abs()
+    assert norm.max() <= params["eps"] + 1e-5 and 0 <= x_adv.min() and x_adv.max() <= 1
+    fooled = (model(x_adv).argmax(1) != y) & (model(x).argmax(1) == y)
+    assert fooled.any() and len(comps) == 1
+    rand = kw.get("version") == "rand"
+    allowed = {"apgd-ce", "apgd-dlr"} if rand else {"apgd-ce", "apgd-t", "fab-t", "square"}
+    assert {comps[0][i] for i in fooled.nonzero().squeeze(1).tolist()} <= allowed
+        "fab-t",
+        "square",
+    }
