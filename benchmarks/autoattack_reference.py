@@ -1,5 +1,6 @@
-"""AutoAttack two ways on the same models: rarn's ``autoattack`` (torchattacks' components) and
-the reference implementation of Croce and Hein (PyPI ``pyautoattack`` 0.2.0, not a dependency).
+"""AutoAttack two ways on the same models: rarn's ``autoattack_torchattacks`` (torchattacks'
+components) and the reference implementation of Croce and Hein (PyPI ``pyautoattack`` 0.2.0,
+rarn's default ``autoattack`` since issue 17).
 
 Standard version (APGD-CE, APGD-T, FAB-T, Square; 100 iterations, 5,000 queries) at L-inf eps
 0.1 on the first ``--n`` test images of sklearn's 8x8 digits, for a small CNN (the tests'
@@ -80,7 +81,8 @@ class _Logged(logging.Handler):
 def _torchattacks(model, x, y, eps, seed):
     g = torch.Generator().manual_seed(seed)
     t = time.process_time()
-    x_adv = get_attack("autoattack")(model, x, y, eps=eps, step_size=1.0, steps=1, generator=g)
+    attack = get_attack("autoattack_torchattacks")
+    x_adv = attack(model, x, y, eps=eps, step_size=1.0, steps=1, generator=g)
     return x_adv, time.process_time() - t, []
 
 

@@ -5,10 +5,13 @@ A run registers its best retrained model as a new version every time; the alias
 
 1. it was evaluated (a failed or skipped evaluation is never promoted, not even by force);
 2. its evaluation raised no gradient-masking flag (a flagged robust accuracy may be inflated);
-3. it beats the current champion's headline robust accuracy (worst case over the attack suite,
-   ``eval_worst_case_acc``) strictly, measured on the same evaluation data (sha256 of the test
-   tensors) with the same evaluation protocol (sha256 of the evaluation settings). With no
-   current champion, rule 3 holds.
+3. it is significantly more robust than the current champion on the same images: the same
+   evaluation data (sha256 of the test tensors), the same evaluation protocol (sha256 of the
+   evaluation settings), and the exact one-sided McNemar test on the per-image headline
+   (``rarn.robust.evaluation.paired_test``: images robust for one model only) at
+   :data:`ALPHA` = 0.05. **Inside the noise** (a higher headline that is not significant, or
+   a lower or equal one) the alias stays where it is; so it does when either model lacks the
+   per-image evidence (the ``rarn.eval_robust`` mask). With no current champion, rule 3 holds.
 
 ``--force-promote`` overrides rules 2 and 3 (and says so in the reason and the tags). The
 evidence is read from, and written to, model-version tags (:data:`TAGS`), so the rule compares
@@ -20,10 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipeline.state import EvalOutcome
 
-__all__ = ["TAGS", "Decision", "decide", "evidence_tags"]
+__all__ = ["ALPHA", "TAGS", "Decision", "candidate_mask", "decide", "evidence_tags"]
+
+ALPHA = 0.05
+"""Significance level of the paired test a challenger must pass to take the alias."""
 
 # Model-version tags that carry the evaluation evidence.
 TAGS = {
@@ -32,6 +39,7 @@ TAGS = {
     "data": "rarn.eval_data_sha256",
     "protocol": "rarn.eval_protocol",
     "flags": "rarn.masking_flags",
+    "robust": "rarn.eval_robust",  # the per-image headline mask (rarn...stats.pack_mask)
 }
 
 
@@ -51,10 +59,24 @@ def evidence_tags(ev: EvalOutcome) -> dict[str, str]:
         TAGS["data"]: ev.data_sha256,
         TAGS["protocol"]: ev.protocol,
         TAGS["flags"]: ",".join(ev.raised_flags()) or "none",
-    }
+    } | ({TAGS["robust"]: mask} if (mask := candidate_mask(ev)) else {})
 
 
-def _against(ev: EvalOutcome, version: str, tags: Mapping[str, str]) -> Decision:
+def candidate_mask(ev: EvalOutcome) -> str | None:
+    """The packed per-image headline of ``ev``, recombined from the records beside its results
+    table (None: no records)."""
+    from rarn.robust.evaluation import pack_mask, worst_case_from_records
+
+    records = Path(ev.results_path).with_name("records.parquet") if ev.results_path else None
+    if records is None or not records.is_file():
+        return None
+    import pyarrow.parquet as pq
+
+    masks = worst_case_from_records(pq.read_table(records))
+    return pack_mask(masks[ev.key]) if ev.key in masks else None
+
+
+def _against(ev: EvalOutcome, version: str, tags: Mapping[str, str], mine: str | None) -> Decision:
     """Rule 3 against the current champion (its version number and tags)."""
     who = f"champion version {version}"
     if TAGS["worst"] not in tags:
@@ -67,11 +89,22 @@ def _against(ev: EvalOutcome, version: str, tags: Mapping[str, str]) -> Decision
         )  # fmt: skip
     if tags.get(TAGS["protocol"]) != ev.protocol:
         return Decision(False, f"{who} was evaluated with other evaluation settings")
+    from rarn.robust.evaluation import paired_test, unpack_mask
+
     new, old = float(ev.metrics["eval_worst_case_acc"]), float(tags[TAGS["worst"]])
     scores = f"worst-case robust accuracy {new:.4f} vs {old:.4f}"
-    if new > old:
-        return Decision(True, f"beats {who}: {scores}")
-    return Decision(False, f"does not beat {who}: {scores}")
+    theirs_mask = tags.get(TAGS["robust"])
+    if mine is None or theirs_mask is None:
+        return Decision(False, f"{scores}, but no per-image headline to pair with {who}")
+    a, b = unpack_mask(mine), unpack_mask(theirs_mask)
+    if a.shape != b.shape:
+        return Decision(False, f"{who} was evaluated on {len(b)} images, this model on {len(a)}")
+    test = paired_test(a, b)
+    if new > old and test.significant(ALPHA):
+        return Decision(True, f"beats {who}: {scores}; {test}")
+    return Decision(
+        False, f"does not beat {who} beyond the noise (alpha {ALPHA}): {scores}; {test}"
+    )
 
 
 def decide(
@@ -79,6 +112,7 @@ def decide(
     champion: tuple[str, Mapping[str, str]] | None,
     *,
     force: bool = False,
+    mask: str | None = None,
 ) -> Decision:
     """Whether the candidate with evaluation ``ev`` takes the alias.
 
@@ -86,6 +120,7 @@ def decide(
         ev: the candidate's evaluation (None: not evaluated).
         champion: ``(version, tags)`` of the version holding the alias now, or None.
         force: ``--force-promote``: overrides the masking and comparison rules.
+        mask: the candidate's packed per-image headline (None: :func:`candidate_mask` of ``ev``).
     """
     if ev is None or ev.error or "eval_worst_case_acc" not in ev.metrics:
         why = f"evaluation failed: {ev.error}" if ev is not None and ev.error else "not evaluated"
@@ -96,7 +131,7 @@ def decide(
     elif champion is None:
         d = Decision(True, "no current champion")
     else:
-        d = _against(ev, *champion)
+        d = _against(ev, *champion, mask if mask is not None else candidate_mask(ev))
     if force and not d.promote:
         return Decision(True, f"forced by --force-promote ({d.reason})", forced=True)
     return d

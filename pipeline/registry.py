@@ -4,13 +4,18 @@
 
     python -m pipeline.registry show rarn-digits@champion
     python -m pipeline.registry evaluate models:/rarn-digits@champion --attacks fgsm pgd --steps 20
+    python -m pipeline.registry verify rarn-digits@champion --rows 10
 
 ``show`` prints the chain search trial -> genotype -> retraining run -> metrics from the tags
 the pipeline recorded (the genotype artifact is re-hashed on the way). ``evaluate`` downloads the
 model, checks its sha256 against the one recorded at log time, loads it and runs the attack suite
 of :mod:`rarn.robust.evaluation` on the held-out test split of the data the model was trained on
 (the
-``data`` section of the run's logged ``config.yaml``, or ``--config``).
+``data`` section of the run's logged ``config.yaml``, or ``--config``). ``verify`` downloads the
+per-image records the evaluation logged (``evaluation/records.parquet`` of the retraining run,
+sha256-checked), reruns chosen rows (``--rows K`` drawn at random with ``--seed``, or ``--row I``
+repeated) on the sha256-checked weights and the same test split, and compares every predicted
+label exactly (``rarn.robust.evaluation.verify_records``; exit 1 on any mismatch).
 
 The tracking URI is ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else
 ``sqlite:///<cwd>/mlflow.db`` (the pipeline's default), so run it where the pipeline ran. The
@@ -34,7 +39,7 @@ from rarn.config import ConfigError, TrackingConfig, load_config
 if TYPE_CHECKING:  # MLflow (and torch) are imported once the store answered: a fast failure
     from pipeline.tracking import Tracking
 
-__all__ = ["check_store", "evaluate", "main", "parse_model_ref", "show"]
+__all__ = ["check_store", "evaluate", "main", "parse_model_ref", "show", "verify"]
 
 
 def parse_model_ref(ref: str) -> tuple[str, str, str]:
@@ -180,6 +185,48 @@ def evaluate(
     return "\n".join(lines)
 
 
+def verify(
+    tracking: Tracking,
+    ref: str,
+    *,
+    rows: int = 10,
+    row: Sequence[int] = (),
+    seed: int = 0,
+    config: str | None = None,
+    device: str = "cpu",
+) -> tuple[bool, str]:
+    """Rerun rows of a registered model's evaluation ledger; ``(all matched, report text)``."""
+    import pyarrow.parquet as pq
+
+    from pipeline.model_store import load_model_checked
+    from pipeline.tracking import download_checked
+    from rarn.data import as_tensors, load_dataset
+    from rarn.robust.evaluation import choose_rows, verify_records
+
+    mv = _version(tracking, ref)
+    expected = mv.tags.get("rarn.model_sha256")
+    if not expected:
+        raise ValueError(f"{ref}: no rarn.model_sha256 tag; refusing to load an unchecked model")
+    with tempfile.TemporaryDirectory() as d:
+        if config is None:
+            parent = mv.tags["rarn.parent_run_id"]
+            config = str(download_checked(tracking, parent, "config.yaml", Path(d) / "cfg"))
+        cfg = load_config(config)
+        run_id = mv.tags["rarn.retrain_run_id"]
+        table = pq.read_table(
+            download_checked(tracking, run_id, "evaluation/records.parquet", Path(d) / "rec")
+        )
+        model = load_model_checked(tracking, mv.source, expected)
+        x, y = as_tensors(load_dataset(cfg.data).test)
+    chosen = list(row) or choose_rows(table, rows, seed=seed)
+    checks = verify_records(model, x, y, table, chosen, device=device)
+    ok = all(c.ok for c in checks)
+    lines = [f"{mv.name} version {mv.version}: {len(checks)} ledger rows rerun"]
+    lines += [f"  {c}" for c in checks]
+    lines.append("verified: every row reproduced" if ok else "MISMATCH: see the rows above")
+    return ok, "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m pipeline.registry", description=__doc__.split("\n")[0]
@@ -197,6 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--output", default=None, help="write the results table (Parquet) here")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, repeatable, e.g. --set evaluation.steps=50")  # fmt: skip
+    v = sub.add_parser("verify", help="rerun rows of a model's evaluation ledger and compare")
+    v.add_argument("model")
+    v.add_argument("--rows", type=int, default=10, help="how many rows to draw (default 10)")
+    v.add_argument("--row", type=int, action="append", default=[], help="a row index, repeatable")
+    v.add_argument("--seed", type=int, default=0, help="seed of the row draw")
+    v.add_argument("--config", default=None, help="default: the config logged with the model")
+    v.add_argument("--device", default="cpu", help="the device kind the evaluation ran on")
     args = p.parse_args(argv)
     from pipeline.env import apply_env_defaults
 
@@ -209,6 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         tracking = Tracking(uri, experiment_id="", parent_run_id="")
         if args.command == "show":
             print(show(tracking, args.model))
+        elif args.command == "verify":
+            ok, text = verify(tracking, args.model, rows=args.rows, row=args.row,
+                              seed=args.seed, config=args.config, device=args.device)  # fmt: skip
+            print(text)
+            return 0 if ok else 1
         else:
             text = evaluate(tracking, args.model, attacks=args.attacks, config=args.config,
                             overrides=args.overrides, output=args.output)  # fmt: skip

@@ -1,9 +1,10 @@
 """The summary a finished run prints: the ranked models, what failed, and where to look next.
 
-One row per retrained model, best worst-case accuracy first (after ``--stages search``: one row
-per selected trial), then the errored trials and failed retrainings, the parent run, the
-registered champion, the command that opens the MLflow UI and the run directory. Built from the
-run state alone; this module imports neither Ray nor MLflow.
+One row per retrained model, best worst-case accuracy first, with its 95 % interval and n (rows
+whose intervals overlap may not differ; the promotion rule decides with a paired test); after
+``--stages search``: one row per selected trial. Then the errored trials and failed retrainings,
+the parent run, the registered champion, the command that opens the MLflow UI and the run
+directory. Built from the run state alone; this module imports neither Ray nor MLflow.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from pipeline.tracking_uri import redact_uri
 
 __all__ = ["done_message", "summary"]
 
-_HEADER = ("rank", "trial", "overrides", "genotype", "clean", "robust", "pgd", "log-Lip",
-           "search run", "retrain run")  # fmt: skip
+_HEADER = ("rank", "trial", "overrides", "genotype", "clean", "robust [95% CI] n", "pgd",
+           "log-Lip", "search run", "retrain run")  # fmt: skip
 
 
 def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
+
+
+def _robust(ev: Mapping[str, float]) -> str:
+    """The headline with its 95 % Wilson interval and its number of images."""
+    acc, lo, hi = (ev.get(f"eval_worst_case_{k}") for k in ("acc", "lo", "hi"))
+    if acc is None or lo is None or hi is None:
+        return _fmt(acc)
+    return f"{acc:.3f} [{lo:.3f}, {hi:.3f}] n={int(ev.get('eval_worst_case_n', 0))}"
 
 
 def _overrides(over: Mapping[str, Any]) -> str:
@@ -41,7 +50,7 @@ def _rows(state: RunState) -> list[tuple[str, ...]]:
         rows.append((
             str(i), o.key, "reference" if is_baseline(o.key) else _overrides(
                 trial.overrides if trial else {}), o.genotype_sha[:12],
-            _fmt(ev.get("eval_clean_acc")), _fmt(ev.get("eval_worst_case_acc")),
+            _fmt(ev.get("eval_clean_acc")), _robust(ev),
             _fmt(ev.get("eval_pgd_acc")), _fmt(o.metrics.get("final_log_lipschitz_upper"), 2),
             o.search_run_id or "-", o.retrain_run_id or "-",
         ))  # fmt: skip
@@ -55,6 +64,28 @@ def _rows(state: RunState) -> list[tuple[str, ...]]:
     return rows
 
 
+def _paired_top_two(state: RunState, keys: list[str]) -> list[str]:
+    """Rank 1 vs rank 2 image by image (exact McNemar), when both have per-image records."""
+    from pipeline.promotion import candidate_mask
+    from rarn.robust.evaluation import paired_test, unpack_mask
+
+    evs = [state.evaluate.get(k) for k in keys]
+    if len(keys) < 2 or any(e is None or e.error for e in evs):
+        return []
+    try:
+        masks = [candidate_mask(e) for e in evs]
+    except (OSError, ValueError, KeyError):
+        return []
+    if any(m is None for m in masks):
+        return []
+    a, b = (unpack_mask(m) for m in masks)
+    if a.shape != b.shape:
+        return []
+    t = paired_test(a, b)
+    verdict = "significant" if t.significant() else "inside the noise"
+    return [f"rank 1 vs 2 ({keys[0]} vs {keys[1]}): {t} ({verdict} at 0.05)"]
+
+
 def summary(
     state: RunState, *, experiment: str, tracking_uri: str, parent_run_id: str, run_dir: Path
 ) -> str:
@@ -62,6 +93,7 @@ def summary(
     rows = [_HEADER, *_rows(state)]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += _paired_top_two(state, [r[1] for r in rows[1:3]])
     errored = [o for o in (state.search.outcomes if state.search else []) if o.error]
     lines += [f"errored trial {o.key} {o.overrides}: {o.error}" for o in errored]
     lines += [f"failed retraining {o.key}: {o.error}" for o in state.retrain.values() if o.error]

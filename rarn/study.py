@@ -65,8 +65,8 @@ METRICS: dict[str, str] = {
     "supernet_val_acc": "search: supernet clean accuracy on D_V",
     "clean_acc": "eval: clean test accuracy of the retrained network",
     "pgd_acc": "eval: PGD accuracy",
-    "worst_case_acc": "eval: worst case over the whole suite, AutoAttack included (headline; "
-    "on the images every attack saw, e.g. AutoAttack's first n)",
+    "worst_case_acc": "eval: per-image worst case over every attack that ran on an image "
+    "(suite, AutoAttack on its subset, the checks' and adaptive attacks), over all test images",
     "worst_case_full_acc": "eval: worst case over the attacks that ran on every test image",
 }
 _OPS = [p for p in PRIMITIVES if p != "none"]

@@ -2,7 +2,8 @@
 
 Checks the registered model and its alias, the lineage (parent -> search trials -> retraining,
 tags pointing back), run statuses, the params allow-list, and the registry CLI (``show`` and
-``evaluate``, which re-checks the model's sha256 before loading it). Retraining uses two Ray
+``evaluate``, which re-checks the model's sha256 before loading it, and ``verify``, which reruns
+ten rows of the evaluation's ledger). Retraining uses two Ray
 Train workers, so DDP over gloo runs here too, and the search runs under the ASHA scheduler.
 """
 
@@ -72,3 +73,10 @@ def test_smoke_pipeline_registers_champion_with_lineage(ray_local, tmp_path, mon
     assert registry.main([*args, "--output", str(tmp_path / "re.parquet")]) == 0
     assert "sha256 verified" in capsys.readouterr().out
     assert (tmp_path / "re.parquet").stat().st_size > 0
+    # The ledger: ten rows of the logged records rerun on the checked weights, exactly.
+    assert registry.main(["--tracking-uri", uri, "verify", "rarn-smoke@champion"]) == 0
+    verified = capsys.readouterr().out
+    assert "10 ledger rows rerun" in verified and "every row reproduced" in verified, verified
+    assert retrain.data.tags["rarn.eval_headline"].endswith(
+        f"of {int(retrain.data.metrics['eval_n'])})"
+    )

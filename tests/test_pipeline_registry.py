@@ -38,25 +38,51 @@ NAME = "rarn-reg"
 DATA_A, DATA_B, PROTOCOL = "a" * 64, "b" * 64, "p" * 64
 
 
-def _ev(worst: float, data: str = DATA_A, flags: dict | None = None, error: str | None = None):
+def _mask(worst: float, n: int = 200) -> torch.Tensor:
+    """A per-image headline of ``n`` images: the first ``worst * n`` robust (nested masks)."""
+    return torch.arange(n) < round(worst * n)
+
+
+def _ev(worst: float, data: str = DATA_A, flags: dict | None = None, error: str | None = None,
+        root: Path | None = None):  # fmt: skip
+    """An evaluation outcome; with ``root``, its per-image records (``_mask``) beside it."""
     metrics = {} if error else {"eval_worst_case_acc": worst, "eval_clean_acc": 0.9}
     flags = flags or {"zero_gradients": False, "black_box_stronger": None}
-    return EvalOutcome("t00", metrics, flags, error=error, data_sha256=data, protocol=PROTOCOL)
+    path = ""
+    if root is not None:
+        from rarn.robust.evaluation import RobustnessResult, records_table, write_records
+
+        m, ones = _mask(worst), torch.ones(200, dtype=torch.bool)
+        r = RobustnessResult("t00", 200, 1.0, {}, worst, m, ("pgd",),
+                             {"pgd": {"eps": 0.1, "step_size": 0.1, "steps": 1}}, "pgd",
+                             correct=ones, attacked={"pgd": ones}, survived={"pgd": m},
+                             data_sha256=data)  # fmt: skip
+        d = root / f"ev-{worst}"
+        d.mkdir(exist_ok=True)
+        write_records(records_table([r]), d / "records.parquet")
+        path = str(d / "results.parquet")
+    return EvalOutcome("t00", metrics, flags, path, error=error, data_sha256=data,
+                       protocol=PROTOCOL)  # fmt: skip
 
 
 def test_promotion_rule():
+    from rarn.robust.evaluation import pack_mask
+
     champ = ("3", {"rarn.eval_worst_case_acc": "0.3", "rarn.eval_data_sha256": DATA_A,
-                   "rarn.eval_protocol": PROTOCOL})  # fmt: skip
+                   "rarn.eval_protocol": PROTOCOL,
+                   "rarn.eval_robust": pack_mask(_mask(0.3))})  # fmt: skip
     assert decide(None, None) == Decision(False, "not evaluated")
     assert not decide(_ev(0, error="RuntimeError: x"), None, force=True).promote  # never forced
     flagged = decide(_ev(0.9, flags={"zero_gradients": True}), None)
     assert not flagged.promote and "zero_gradients" in flagged.reason
     assert decide(_ev(0.1), None).promote  # no champion yet
-    assert (
-        decide(_ev(0.31), champ).promote
-        and "beats champion version 3" in decide(_ev(0.31), champ).reason
-    )
-    assert not decide(_ev(0.3), champ).promote  # a tie does not beat
+    better = decide(_ev(0.4), champ, mask=pack_mask(_mask(0.4)))  # 20 images only it survives
+    assert better.promote and "beats champion version 3" in better.reason, better.reason
+    noise = decide(_ev(0.31), champ, mask=pack_mask(_mask(0.31)))  # 2 images: inside the noise
+    assert not noise.promote and "beyond the noise" in noise.reason and "p = 0.25" in noise.reason
+    assert not decide(_ev(0.3), champ, mask=pack_mask(_mask(0.3))).promote  # a tie does not beat
+    unpaired = decide(_ev(0.9), champ)  # no per-image evidence: nothing to pair
+    assert not unpaired.promote and "no per-image headline" in unpaired.reason
     other = decide(_ev(0.9, data=DATA_B), champ)
     assert not other.promote and "other data" in other.reason
     protocol = decide(dataclasses.replace(_ev(0.9), protocol="q" * 64), champ)
@@ -132,7 +158,7 @@ def test_registry_promotes_only_what_earned_it(store):
                    run_dir=Path("/r"))  # fmt: skip
     assert f"models:/{NAME}/1 (version 1, trial t00, not champion: not evaluated)" in text
     # ... resumed once its evaluation finished: the same version is promoted (no champion yet).
-    _register(store, _ev(0.2), state=state)
+    _register(store, _ev(0.2, root=store["root"]), state=state)
     assert state.registered.promoted and _alias(store) == "1"
     assert state.registered.uri == f"models:/{NAME}@champion"
     tags = client.get_model_version(NAME, "1").tags
@@ -142,11 +168,13 @@ def test_registry_promotes_only_what_earned_it(store):
     assert not state.registered.promoted and _alias(store) == "1"
     assert "black_box_stronger" in client.get_model_version(NAME, "2").tags["rarn.promotion"]
     # 3. Worse, or better on other data: not promoted. Better on the same data: promoted.
-    assert not _register(store, _ev(0.1)).registered.promoted
+    assert not _register(store, _ev(0.1, root=store["root"])).registered.promoted
     assert "other data" in _register(store, _ev(0.9, data=DATA_B)).registered.reason
-    better = _register(store, _ev(0.25)).registered
+    better = _register(store, _ev(0.25, root=store["root"])).registered
     assert better.promoted and _alias(store) == better.version
-    assert better.reason == "beats champion version 1: worst-case robust accuracy 0.2500 vs 0.2000"
+    assert better.reason.startswith(
+        "beats champion version 1: worst-case robust accuracy 0.2500 vs 0.2000; paired on 200"
+    ), better.reason
     # 4. --force-promote: promoted anyway, and logged on the version and the pipeline run.
     forced = _register(store, _ev(0.01), force=True).registered
     assert forced.promoted and _alias(store) == forced.version

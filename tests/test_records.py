@@ -96,11 +96,13 @@ def test_every_setting_is_recorded(result):
         "steps": 50,
     }
     assert json.loads(rows["cw"]["settings"])["kappa"] == math.inf  # JSON's Infinity
-    assert {r["seed"] for r in rows.values()} == {0}
+    assert {r["eval_seed"] for r in rows.values()} == {0}
+    seeds = [r["seed"] for a, r in rows.items() if a != "clean"]
+    assert len(set(seeds)) == len(seeds)  # one generator per attack
 
 
 def test_autoattack_settings_are_recorded(digits):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("pyautoattack")
     model, x, y = digits
     r = evaluate_robustness(
         model,
@@ -111,7 +113,13 @@ def test_autoattack_settings_are_recorded(digits):
     )
     row = next(r for r in records_table([r]).to_pylist() if r["attack"] == "autoattack")
     assert (row["attack_version"], row["queries"], row["steps"]) == ("standard", 5, 2)
-    assert row["implementation"] == "torchattacks"
+    assert row["implementation"] == "pyautoattack" and row["impl_version"] == "0.2.0"
+    rows = [r for r in records_table([r]).to_pylist() if r["attack"] == "autoattack"]
+    broken = [row for row in rows if row["robust"] is False]
+    assert broken and all(
+        row["component"] in ("apgd-ce", "apgd-t", "fab-t", "square") for row in broken
+    )
+    assert all(row["component"] is None for row in rows if row["robust"] is not False)
 
 
 def test_an_attack_added_later_recombines_without_rerunning(digits):

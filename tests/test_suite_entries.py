@@ -81,7 +81,7 @@ def test_pgd20_and_pgd100_side_by_side_with_their_settings(digits, tmp_path):
         (({"name": "p", "attack": "pgd", "eps": 1.5},), {}, "attacks[0].eps"),
         (({"name": "p", "attack": "pgd_l2", "eps": 600.0},), {}, "(0, 512]"),
         (({"name": "p", "attack": "pgd", "steps": 2.5},), {}, "expected int"),
-        (({"name": "a", "attack": "autoattack", "version": "rand"},), {}, "standard"),
+        (({"name": "a", "attack": "autoattack", "version": "plus"},), {}, "standard"),
         (("pgd", {"name": "pgd", "attack": "pgd", "steps": 9}), {}, "listed twice"),
         (({"name": "worst_case", "attack": "pgd"},), {}, "worst_case"),
         (("square",), {}, "no white-box attack"),
@@ -113,15 +113,18 @@ def test_entries_resolve_the_same_from_names_mappings_and_records():
 
 
 @pytest.mark.parametrize("per_attack", [True, False], ids=["per_attack", "survivors"])
-def test_an_attack_on_a_subset_limits_the_headline_to_it(digits, tmp_path, per_attack):
+def test_an_attack_on_a_subset_enters_the_headline_on_its_images(digits, tmp_path, per_attack):
+    """The headline is over every image: an attack on the first 40 can only lower it there."""
     model, x, y = digits
     entries = ("fgsm", "pgd", {"name": "expensive", "attack": "mim", "n": 40})
     r = evaluate_robustness(model, (x, y), attacks=entries, per_attack=per_attack, **SMALL)
-    assert (r.n, r.worst_case_n, r.subset("expensive"), r.subset("pgd")) == (96, 40, 40, 96)
-    expected = r.correct[:40] & r.survived["fgsm"][:40] & r.survived["pgd"][:40]
-    assert torch.equal(r.robust, expected & r.survived["expensive"][:40])
+    assert (r.n, r.worst_case_n, r.subset("expensive"), r.subset("pgd")) == (96, 96, 40, 96)
+    expected = r.correct & r.survived["fgsm"] & r.survived["pgd"]
+    expected[:40] &= r.survived["expensive"][:40] | ~r.attacked["expensive"][:40]
+    assert torch.equal(r.robust, expected)
     assert not r.attacked["expensive"][40:].any()  # never shown the rest
-    assert _stored(r, tmp_path) == (r.worst_case_accuracy, 40)
+    assert _stored(r, tmp_path) == (r.worst_case_accuracy, 96)
+    assert r.coverage_text() == "expensive on 40 of 96"
     if per_attack:
         assert r.attacked["pgd"][40:].any()  # the other attacks see every image
         acc = int(r.survived["expensive"][:40].sum()) / 40
@@ -161,7 +164,7 @@ def test_suite_pgd_with_more_steps_feeds_the_more_steps_check(digits, monkeypatc
         {"name": "pgd2", "attack": "pgd", "steps": 2, "step_size": 0.01},
         {"name": "pgd50", "attack": "pgd", "steps": 50},
     )
-    settings = {**SMALL, "checks": True, "check_n": 16}
+    settings = {**SMALL, "checks": True, "check_n": 16, "adaptive": False}
     with pytest.warns(Warning, match="more PGD steps"):
         r = evaluate_robustness(model, (x, y), attacks=entries, **settings)
     assert r.robust_accuracy["pgd50"] < r.robust_accuracy["pgd2"] - 0.03
@@ -214,7 +217,7 @@ def test_default_suites_hold_standard_autoattack_on_a_recorded_subset(name):
     s = SuiteSettings.from_config(ev)
     aa = [a for a in named_suite(s.attacks, {"eps": ev.eps, "step_size": 1, "steps": 1})]
     aa = [a for a in aa if a.attack == "autoattack"]
-    assert len(aa) == 1 and aa[0].n > 0
+    assert len(aa) == 1 and (aa[0].n == 0 if name == "cifar10.yaml" else aa[0].n > 0)  # GPU: all
     assert "n_iter" not in aa[0].params and "n_queries" not in aa[0].params  # the standard budget
     assert s.main_attack == "pgd" and s.more_steps_factor == ev.more_steps_factor
     full = SuiteSettings.from_config(EvaluationConfig())
@@ -225,7 +228,7 @@ def test_default_suites_hold_standard_autoattack_on_a_recorded_subset(name):
 
 
 def test_evaluate_model_headline_is_the_recombined_worst_case(digits, tmp_path):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("pyautoattack")
     from pipeline.evaluate import RECORDS, evaluate_model, summary_metrics
 
     model, x, y = digits
@@ -238,8 +241,10 @@ def test_evaluate_model_headline_is_the_recombined_worst_case(digits, tmp_path):
         RECORDS,
         "results.parquet",
     ]
-    assert (metrics["eval_worst_case_n"], metrics["eval_n"]) == (24, 96)
-    assert metrics["eval_worst_case_acc"] <= metrics["eval_aa_acc"]
+    assert (metrics["eval_worst_case_n"], metrics["eval_n"], metrics["eval_aa_n"]) == (96, 96, 24)
+    ci = result.interval()
+    assert (metrics["eval_worst_case_lo"], metrics["eval_worst_case_hi"]) == (ci.low, ci.high)
+    assert metrics["eval_worst_case_lo"] < metrics["eval_worst_case_acc"]
     mask = worst_case_from_records(pq.read_table(tmp_path / RECORDS))["m"]
     assert int(mask.sum()) / len(mask) == metrics["eval_worst_case_acc"]
     aa_row = [r for r in pq.read_table(parquet).to_pylist() if r["attack"] == "aa"][0]
@@ -256,7 +261,7 @@ def test_full_set_worst_case_uses_every_image_without_the_subset_attacks(digits)
     suite = ("fgsm", "pgd", {"name": "pgd_sub", "attack": "pgd", "steps": 40, "n": 16})
     r = evaluate_robustness(model, (x, y), attacks=suite, **SMALL)
     m = summary_metrics(r)
-    assert m["eval_worst_case_n"] == 16  # the headline rests on the subset's images
+    assert m["eval_worst_case_n"] == 96  # the headline rests on every image
     assert m["eval_worst_case_full_n"] == 96
     both = r.correct & r.survived["fgsm"] & r.survived["pgd"]  # per_attack: each ran on all
     assert m["eval_worst_case_full_acc"] == pytest.approx(float(both.float().mean()))

@@ -299,6 +299,11 @@ class EvaluationConfig:
     check_n: Annotated[int, Range(1, 1_000_000)] = 256  # images of the masking checks
     black_box_queries: Annotated[int, Range(1, 1_000_000)] = 500  # the black-box (Square) check
     more_steps_factor: Annotated[int, Range(2, 100)] = 5  # PGD-k vs PGD-(factor * k)
+    # when a masking check fires: BPDA / EOT / a longer Square on the images still robust, in the
+    # headline (rarn.robust.evaluation.adaptive); the flag is then confirmed or refuted
+    adaptive: bool = True
+    adaptive_square_queries: Annotated[int, Range(1, 1_000_000)] = 5000
+    eot_samples: Annotated[int, ITERATIONS] = 20  # EOT-PGD: forward passes per step
     # the transfer matrix (source x target, PGD of the suite) of every evaluated model, once at
     # least two are: a Parquet table and a heatmap on the pipeline's parent run
     transfer: bool = False

@@ -16,8 +16,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from rarn.robust.attacks.adaptive import bpda, pgd_eot
 from rarn.robust.attacks.black_box import square
-from rarn.robust.attacks.external import autoattack, pgd_torchattacks
+from rarn.robust.attacks.external import (
+    autoattack,
+    autoattack_l2,
+    autoattack_torchattacks,
+    pgd_torchattacks,
+)
 from rarn.robust.attacks.gradient import cw, fgsm, mim, pgd, pgd_l2
 from rarn.robust.attacks.interface import AttackFn
 
@@ -169,6 +175,13 @@ def _dist_version(name: str) -> str:
 
 
 _RARN: dict[str, Any] = {"implementation": "rarn", "version": _dist_version("rarn")}
+_REFERENCE: dict[str, Any] = {
+    "implementation": "pyautoattack",
+    "version": _dist_version("pyautoattack"),
+    "needs": ("pyautoattack",),
+    "black_box_part": True,
+    "steps_from": ("n_iter", 100),
+}
 _TORCHATTACKS: dict[str, Any] = {
     "implementation": "torchattacks",
     "version": _dist_version("torchattacks"),
@@ -181,9 +194,13 @@ for _spec in (
     AttackSpec("mim", mim, "linf", **_RARN),
     AttackSpec("cw", cw, "linf", **_RARN),
     AttackSpec("square", square, "linf", **_RARN, white_box=False),
+    AttackSpec("bpda", bpda, "linf", **_RARN),  # adaptive: straight-through input transforms
+    AttackSpec("pgd_eot", pgd_eot, "linf", **_RARN),  # adaptive: randomised models
+    AttackSpec("autoattack", autoattack, "linf", **_REFERENCE),  # Croce and Hein's code
+    AttackSpec("autoattack_l2", autoattack_l2, "l2", **_REFERENCE),
     AttackSpec(
-        "autoattack",
-        autoattack,
+        "autoattack_torchattacks",
+        autoattack_torchattacks,
         "linf",
         **_TORCHATTACKS,
         black_box_part=True,

@@ -12,15 +12,21 @@ The evaluation protocol of spec section 6.1, in these modules:
   masking checks.
 * :mod:`~rarn.robust.evaluation.masking`: the nine named gradient-masking checks; every result
   carries their flags (:data:`MASKING_FLAGS`).
+* :mod:`~rarn.robust.evaluation.adaptive`: BPDA, EOT and a longer Square when a check fires,
+  folded into the worst case, each flag confirmed or refuted.
+* :mod:`~rarn.robust.evaluation.stats`: 95 % Wilson intervals and the exact paired (McNemar)
+  test of two models on the same images.
 * :mod:`~rarn.robust.evaluation.results`: :class:`RobustnessResult` and its fixed-schema pyarrow
   table (:data:`RESULTS_SCHEMA`), written as Parquet by :func:`write_results`.
 * :mod:`~rarn.robust.evaluation.records`: the per-image records (:data:`RECORDS_SCHEMA`, one
   row per image x attack, with every attack setting and a sha256 of the data), written by
   :func:`write_records` and recombined into worst cases by :func:`worst_case_from_records`.
+* :mod:`~rarn.robust.evaluation.verify`: reruns chosen rows of the records and compares them.
 * :mod:`~rarn.robust.evaluation.transfer` and :mod:`~rarn.robust.evaluation.plots`: the
   source x target transfer matrix (:data:`TRANSFER_SCHEMA`) and PNG plots of both tables.
 """
 
+from rarn.robust.evaluation.adaptive import adaptive_plan
 from rarn.robust.evaluation.masking import (
     MASKING_FLAGS,
     GradientMaskingWarning,
@@ -42,6 +48,7 @@ from rarn.robust.evaluation.records import (
     DataHasher,
     data_sha256,
     records_table,
+    weights_sha256,
     worst_case_from_records,
     write_records,
 )
@@ -52,8 +59,18 @@ from rarn.robust.evaluation.results import (
     results_table,
     write_results,
 )
+from rarn.robust.evaluation.stats import (
+    Interval,
+    PairedTest,
+    accuracy_interval,
+    pack_mask,
+    paired_test,
+    unpack_mask,
+    wilson_interval,
+)
 from rarn.robust.evaluation.suite import SuiteSettings, evaluate_robustness
-from rarn.robust.evaluation.transfer import transfer_matrix
+from rarn.robust.evaluation.transfer import add_transfer, transfer_matrix
+from rarn.robust.evaluation.verify import RowCheck, choose_rows, verify_records
 
 __all__ = [
     "MASKING_FLAGS",
@@ -62,9 +79,15 @@ __all__ = [
     "TRANSFER_SCHEMA",
     "DataHasher",
     "GradientMaskingWarning",
+    "Interval",
     "NamedAttack",
+    "PairedTest",
+    "RowCheck",
     "RobustnessResult",
     "SuiteSettings",
+    "accuracy_interval",
+    "adaptive_plan",
+    "add_transfer",
     "check_black_box",
     "check_black_box_per_image",
     "check_fgsm_vs_pgd",
@@ -74,15 +97,22 @@ __all__ = [
     "check_probability_outputs",
     "check_randomized",
     "check_zero_gradients",
+    "choose_rows",
     "data_sha256",
     "evaluate_robustness",
     "named_suite",
+    "pack_mask",
+    "paired_test",
     "plot_accuracy_vs_eps",
     "plot_transfer_heatmap",
     "records_table",
     "results_table",
     "run_masking_checks",
     "transfer_matrix",
+    "unpack_mask",
+    "verify_records",
+    "weights_sha256",
+    "wilson_interval",
     "worst_case_from_records",
     "write_records",
     "write_results",

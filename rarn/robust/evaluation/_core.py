@@ -6,6 +6,7 @@ each attack costs only what the earlier evidence has not settled (AutoAttack's `
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +48,39 @@ def _predict(model: nn.Module, x: Tensor) -> Tensor:
         return model(x).argmax(dim=1)
 
 
+def attack_seed(seed: int, name: str) -> int:
+    """The seed of the attack called ``name`` in an evaluation seeded ``seed``: one generator per
+    attack, so that adding, removing or reordering attacks changes no other attack's draws."""
+    digest = hashlib.sha256(f"rarn-attack-seed/1 {int(seed)} {name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63: any torch seed
+
+
+def batch_generator(seed: int, batch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one attack (``seed``: :func:`attack_seed`) on its batch number ``batch``:
+    a batch, hence a row of the records, can be rerun alone (``rarn.robust.evaluation.verify``)."""
+    digest = hashlib.sha256(f"rarn-batch-seed/1 {int(seed)} {int(batch)}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _attack_preds(
+    model: nn.Module,
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    mask: Tensor,
+    generator: torch.Generator,
+    params: Mapping[str, Any],
+) -> Tensor:
+    """Attack the points where ``mask`` holds with the registry attack ``name``; their predicted
+    labels after the attack (int64, -1 where ``mask`` does not hold)."""
+    out = torch.full_like(y, -1, dtype=torch.long)
+    idx = mask.nonzero().squeeze(1)
+    if idx.numel():
+        x_adv = get_attack(name)(model, x[idx], y[idx], generator=generator, **params)
+        out[idx] = _predict(model, x_adv)
+    return out
+
+
 def _survives(
     model: nn.Module,
     name: str,
@@ -58,9 +92,4 @@ def _survives(
 ) -> Tensor:
     """Attack the points where ``mask`` holds with the registry attack ``name``; return where
     they are still classified right (False where ``mask`` does not hold)."""
-    out = mask.clone()
-    idx = mask.nonzero().squeeze(1)
-    if idx.numel():
-        x_adv = get_attack(name)(model, x[idx], y[idx], generator=generator, **params)
-        out[idx] = _predict(model, x_adv) == y[idx]
-    return out
+    return _attack_preds(model, name, x, y, mask, generator, params) == y

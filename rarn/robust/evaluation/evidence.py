@@ -33,8 +33,13 @@ def masking_flags(
     tally: Any,
     survived: dict[str, Tensor],
     generator: torch.Generator,
+    runs: dict[str, tuple[str, dict[str, Any], Tensor]] | None = None,
 ) -> dict[str, bool | None]:
     """The masking checks on the first ``check_n`` points, against the suite's white-box evidence.
+
+    ``runs``, when given, is filled with the check attacks at the suite's eps (label ->
+    ``(registry key, params, predicted labels on the check subset)``), each drawn from its own
+    generator seeded from ``generator``'s seed and its label, for the worst case.
 
     ``s`` is the :class:`~rarn.robust.evaluation.SuiteSettings`, ``plan`` its resolved entries,
     ``tally`` what the batches added up to (the check subset) and ``survived`` the per-image
@@ -67,6 +72,8 @@ def masking_flags(
         norm=ATTACK_NORM[plan[s.main_attack].attack],
         black_box_queries=s.black_box_queries,
         more_steps_factor=s.more_steps_factor,
+        seed=generator.initial_seed(),
+        evidence=runs,
     )
     if s.per_attack:  # the whole data: more evidence
         _suite_evidence(flags, [a for a in full if a.subset(tally.n) == tally.n], survived)

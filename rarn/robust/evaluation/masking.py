@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from rarn.models.common import eval_mode
 from rarn.robust.attacks.gradient import input_gradient
-from rarn.robust.evaluation._core import _predict, _survives
+from rarn.robust.evaluation._core import _attack_preds, _predict, attack_seed, batch_generator
 
 __all__ = [  # in the order of MASKING_FLAGS
     "MASKING_FLAGS",
@@ -322,6 +322,8 @@ def run_masking_checks(
     black_box_queries: int = 500,
     more_steps_factor: int = 5,
     tol: float = 0.02,
+    seed: int | None = None,
+    evidence: dict[str, tuple[str, dict[str, Any], Tensor]] | None = None,
 ) -> dict[str, bool | None]:
     """Run the gradient-masking checks on one batch.
 
@@ -347,6 +349,12 @@ def run_masking_checks(
         more_steps_factor: how many times the steps of the more-steps check (>= 2).
         tol: tolerance of the 1-vs-k steps, FGSM, eps and aggregate black-box checks (the
             more-steps and per-image checks keep their own defaults).
+        seed: when given, each check attack draws from its own generator
+            (:func:`~rarn.robust.evaluation._core.attack_seed` of ``seed`` and its label, batch 0
+            on ``generator``'s device) instead of sharing ``generator``.
+        evidence: filled with label -> ``(registry key, params, predicted labels)`` of every
+            check attack at ``eps`` (predictions -1 where not run: misclassified clean), so that
+            the suite folds them into its worst case; labels ``check.<attack><steps>``.
 
     Returns:
         Flag name (:data:`MASKING_FLAGS`) -> bool, or None when the check was not run.
@@ -359,7 +367,16 @@ def run_masking_checks(
 
     def survives(name: str, e: float, k: int, **extra: Any) -> Tensor:
         params = {"eps": e, "step_size": step_size * e / eps, "steps": k, **extra}
-        return _survives(model, name, x, y, correct, generator, params)
+        label = f"check.{name}{k if name != 'fgsm' else ''}" + ("" if e == eps else "@large")
+        g = (
+            generator
+            if seed is None
+            else batch_generator(attack_seed(seed, label), 0, generator.device)
+        )
+        preds = _attack_preds(model, name, x, y, correct, g, params)
+        if evidence is not None and e == eps:
+            evidence[label] = (name, params, preds)
+        return preds == y
 
     def acc(mask: Tensor) -> float:
         return int(mask.sum()) / n

@@ -53,6 +53,7 @@ PARAM_RANGES: dict[str, Range | tuple[str, ...]] = {
     "n_queries": Range(1, 1_000_000),  # AutoAttack's Square queries
     "p_init": Range(0, 1, "(]"),  # Square's initial fraction of pixels
     "version": AUTOATTACK_VERSIONS,  # AutoAttack's composition
+    "samples": Range(1, 10_000),  # EOT's forward passes per step
 }
 """Parameter -> its range (or choices), whichever attack it belongs to."""
 

@@ -36,6 +36,7 @@ __all__ = [
     "DataHasher",
     "data_sha256",
     "records_table",
+    "weights_sha256",
     "worst_case_from_records",
     "write_records",
 ]
@@ -45,10 +46,18 @@ RECORDS_SCHEMA = pa.schema(
     [
         _f("model", pa.string(), "model label"),
         _f("data_sha256", pa.string(), "sha256 of the evaluated inputs and labels (data_sha256)"),
+        _f("weights_sha256", pa.string(), "sha256 of the evaluated weights (weights_sha256)"),
         _f("image", pa.int64(), "index of the image in evaluation order, 0 .. n-1"),
-        _f("attack", pa.string(), "the attack's name in the suite, or 'clean'"),
+        _f("label", pa.int64(), "the image's true label"),
+        _f("attack", pa.string(), "the attack's name in the worst case, or 'clean'"),
         _f("method", pa.string(), "registry key (rarn.robust.attacks.ATTACKS), or 'clean'"),
+        _f("source", pa.string(), "'clean', 'suite', 'check', 'adaptive' or 'transfer'"),
         _f("robust", pa.bool_(), "classified correctly after the attack; null: not run", True),
+        _f("clean_pred", pa.int64(), "predicted label of the clean image"),
+        _f("pred", pa.int64(), "predicted label after the attack; null: not run", True),
+        _f("batch", pa.int64(), "the attack's batch the image ran in; null: not run", True),
+        _f("component", pa.string(), "AutoAttack's component that broke it; null: none", True),
+        _f("batch_size", pa.int64(), "the attack's batch size (a batch is rerun whole)"),
         _f("subset_n", pa.int64(), "the attack's subset: it saw only images 0 .. subset_n-1"),
         _f("mode", pa.string(), "'per_attack' or 'survivors' (see RECORDS_SCHEMA's doc)"),
         _f("norm", pa.string(), "threat model of eps: 'linf', 'l2' or 'none' (clean)"),
@@ -63,9 +72,10 @@ RECORDS_SCHEMA = pa.schema(
         _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
         _f("impl_version", pa.string(), "version of that implementation"),
         _f("settings", pa.string(), "every keyword argument it ran with, defaults too, as JSON"),
-        _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
+        _f("seed", pa.uint64(), "the attack's own seed (attack_seed(eval_seed, attack))", True),
+        _f("eval_seed", pa.uint64(), "the evaluation's seed", nullable=True),
     ],
-    metadata={"rarn.schema": "robustness-records/2"},
+    metadata={"rarn.schema": "robustness-records/3"},
 )
 """One row per model x image x attack (``clean`` included): the evidence of the worst case.
 
@@ -78,6 +88,11 @@ images the attack was limited to (``n`` of its suite entry: the first ones; the 
 when it saw all), so an image ``>= subset_n`` with ``robust`` null was never shown to it.
 ``queries`` is Square's query budget (its
 ``steps``) or AutoAttack's ``n_queries``; ``settings`` is JSON with sorted keys.
+
+The ledger: ``weights_sha256`` names the weights, ``clean_pred`` and ``pred`` the labels before and
+after the attack, ``seed`` the attack's own seed; batch ``batch`` of that attack (the rows of the
+attack with that batch and a non-null ``robust``) drew from ``batch_generator(seed, batch)``, so
+:func:`~rarn.robust.evaluation.verify_records` reruns it alone and compares every ``pred``.
 """
 
 
@@ -105,6 +120,17 @@ class DataHasher:
     def hexdigest(self) -> str:
         head = f"rarn-data/1 x {self._layout} n={self._n}\n".encode()
         return hashlib.sha256(head + self._x.digest() + self._y.digest()).hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's ``state_dict``: every entry's name, dtype, shape and bytes, in order
+    (independent of how the weights were serialised)."""
+    h = hashlib.sha256(b"rarn-weights/1\n")
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def data_sha256(x: Tensor, y: Tensor) -> str:
@@ -147,27 +173,49 @@ def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
     if r.correct is None or r.data_sha256 is None or set(r.survived) != set(r.attacks):
         raise ValueError(f"result {r.model_name!r} carries no per-image records")
     rarn = attack_spec("pgd")  # the clean rows are credited to rarn
+    n = r.n
+    none = torch.full((n,), -1, dtype=torch.long)
+    clean_pred = r.clean_pred if r.clean_pred is not None else none
     base = {
         "model": r.model_name,
         "data_sha256": r.data_sha256,
+        "weights_sha256": r.weights_sha256 or "",
         "mode": "per_attack" if r.per_attack else "survivors",
-        "seed": r.seed,
+        "eval_seed": r.seed,
         "implementation": rarn.implementation,
         "impl_version": rarn.version,
     }
-    blocks = [("clean", r.correct, torch.ones_like(r.correct), {**_CLEAN, "settings": "{}"})]
+    clean = {**_CLEAN, "settings": "{}", "source": "clean", "batch_size": 0, "seed": r.seed}
+    blocks = [("clean", r.correct, torch.ones_like(r.correct), clean_pred, none, clean)]
     for a in r.attacks:
         settings = _settings_columns(r.method(a), r.params[a])
-        blocks.append((a, r.survived[a], r.attacked[a], settings))
-    for name, survived, attacked, settings in blocks:
-        consts = {**base, **settings, "attack": name, "subset_n": r.subset(name)}
-        cols: dict[str, Any] = {
-            "image": pa.array(np.arange(r.n, dtype=np.int64)),
-            "robust": pa.array(survived.numpy(), mask=~attacked.numpy()),
+        settings |= {
+            "source": r.sources.get(a, "suite"),
+            "batch_size": r.batch_sizes.get(a, 0),
+            "seed": r.seeds.get(a, r.seed),
         }
+        pred = r.preds.get(a, none)
+        blocks.append((a, r.survived[a], r.attacked[a], pred, r.batches.get(a, none), settings))
+    labels = r.labels if r.labels is not None else none
+    for name, survived, attacked, pred, batch, settings in blocks:
+        consts = {**base, **settings, "attack": name, "subset_n": r.subset(name)}
+        ran = attacked.numpy()
+        cols: dict[str, Any] = {
+            "image": pa.array(np.arange(n, dtype=np.int64)),
+            "label": pa.array(labels.numpy().astype(np.int64)),
+            "robust": pa.array(survived.numpy(), mask=~ran),
+            "clean_pred": pa.array(clean_pred.numpy().astype(np.int64)),
+            "pred": pa.array(pred.numpy().astype(np.int64), mask=~ran | (pred.numpy() < 0)),
+            "batch": pa.array(batch.numpy().astype(np.int64), mask=~ran | (batch.numpy() < 0)),
+        }
+        comp = r.components.get(name)
+        if comp is not None:
+            cols["component"] = pa.array(comp, type=pa.string())
+        if name == "clean":
+            cols["pred"] = cols["clean_pred"]
         for f in RECORDS_SCHEMA:
             if f.name not in cols:
-                cols[f.name] = pa.repeat(pa.scalar(consts.get(f.name), f.type), r.n)
+                cols[f.name] = pa.repeat(pa.scalar(consts.get(f.name), f.type), n)
         yield pa.table(cols).select(RECORDS_SCHEMA.names).cast(RECORDS_SCHEMA)
 
 
@@ -200,27 +248,31 @@ def write_records(table: pa.Table, path: str | os.PathLike[str]) -> Path:
 
 
 def _worst_case_of(rows: pa.Table, model: str) -> Tensor:
-    """AND over the rows of one model, on the images every attack saw (the smallest subset); an
-    image there neither fooled nor seen by every attack fails."""
-    m = pc.min(rows.column("subset_n")).as_py()
-    rows = rows.filter(pc.less(rows.column("image"), m))
+    """Per image of one model: classified correctly and fooled by none of the attacks of
+    ``rows`` that ran on it; an image inside an attack's subset that the attack skipped
+    (survivors mode) and no chosen attack fooled is undetermined."""
     image = rows.column("image").to_numpy()
     robust = rows.column("robust")
     known = pc.is_valid(robust).to_numpy()
     value = pc.fill_null(robust, True).to_numpy()
-    clean = np.unique(image[rows.column("attack").to_numpy(zero_copy_only=False) == "clean"])
+    attack = rows.column("attack").to_numpy(zero_copy_only=False)
+    clean = np.unique(image[attack == "clean"])
     n = clean.size
     if not np.array_equal(clean, np.arange(n)) or image.max(initial=-1) >= n:
         raise ValueError(f"model {model!r}: the clean rows must cover the images 0 .. n-1")
-    broken = np.zeros(n, dtype=bool)
+    is_clean = attack == "clean"
+    correct = np.zeros(n, dtype=bool)
+    correct[image[is_clean]] = value[is_clean] & known[is_clean]
+    broken = ~correct
     np.logical_or.at(broken, image, known & ~value)
-    unseen = np.zeros(n, dtype=bool)
-    np.logical_or.at(unseen, image, ~known)
-    if (unseen & ~broken).any():
+    inside = image < rows.column("subset_n").to_numpy()
+    skipped = np.zeros(n, dtype=bool)
+    np.logical_or.at(skipped, image, ~known & inside & ~is_clean)
+    if (skipped & ~broken).any():
         raise ValueError(
-            f"model {model!r}: images {np.flatnonzero(unseen & ~broken)[:5].tolist()}... were not"
-            " attacked by every chosen attack and none of them fooled it (an attack left out was"
-            " the one that did, in 'survivors' mode): rerun with per_attack"
+            f"model {model!r}: images {np.flatnonzero(skipped & ~broken)[:5].tolist()}... were"
+            " skipped by a chosen attack and none of them fooled it (an attack left out was the"
+            " one that did, in 'survivors' mode): rerun with per_attack"
         )
     return torch.from_numpy(~broken)
 
@@ -231,17 +283,18 @@ def worst_case_from_records(
     """Recombine per-image records into the worst case: robust against every chosen attack.
 
     Rows of several evaluations of one model on the same data (same ``data_sha256``), e.g. the
-    original suite and an attack added later, are combined image by image, on the images every
-    chosen attack saw (the first ``min(subset_n)``: an attack run on a subset limits the worst
-    case to it). The worst-case robust accuracy is ``mask.sum() / len(mask)``, exactly as stored
-    in the results table.
+    original suite and an attack added later, are combined image by image over all images: an
+    image is robust when it is classified correctly and no chosen attack that ran on it fooled
+    it (an attack on a subset says nothing about the other images, and adding an attack can
+    only lower the result). The worst-case robust accuracy is ``mask.sum() / len(mask)``,
+    exactly as stored in the results table.
 
     Args:
         table: a :data:`RECORDS_SCHEMA` table (or a concatenation of several).
         attacks: the attacks to combine (default: all in the table); ``clean`` always counts.
 
     Returns:
-        Model -> (m,) bool on CPU over images 0 .. m-1, True where the image was classified
+        Model -> (n,) bool on CPU over images 0 .. n-1, True where the image was classified
         correctly and no chosen attack fooled it.
 
     Raises:

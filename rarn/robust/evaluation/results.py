@@ -23,6 +23,7 @@ from torch import Tensor
 from rarn.checkpoint import atomic_path
 from rarn.robust.attacks import ATTACK_NORM, attack_spec
 from rarn.robust.evaluation.masking import MASKING_FLAGS
+from rarn.robust.evaluation.stats import Interval, wilson_interval
 
 __all__ = [
     "RESULTS_SCHEMA",
@@ -46,6 +47,8 @@ _COMMON = [
     _f("steps", pa.int64(), "attack iterations actually run (FGSM 1, AutoAttack n_iter)"),
     _f("accuracy", pa.float64(), "fraction of the n points classified correctly"),
     _f("n", pa.int64(), "number of evaluated points (an attack's subset: the first n)"),
+    _f("ci_low", pa.float64(), "95 % Wilson interval of the accuracy over n: lower end"),
+    _f("ci_high", pa.float64(), "95 % Wilson interval of the accuracy over n: upper end"),
     _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
     _f("impl_version", pa.string(), "version of that implementation"),
     _f("seed", pa.uint64(), "initial seed of the attack generator", nullable=True),
@@ -55,19 +58,29 @@ RESULTS_SCHEMA = pa.schema(
         _f("model", pa.string(), "model label"),
         *_COMMON,
         _f("suite", pa.string(), "attacks of the worst case, '+'-joined, in order"),
+        _f("coverage", pa.string(), "attacks that saw only some images: '<attack> on k of n'"),
+        _f(
+            "outcome",
+            pa.string(),
+            "adaptive attacks on the raised flags: 'confirmed' (any"
+            " flag) or 'refuted'; null: no flag raised or none answered",
+            True,
+        ),
         *(
             _f(f"flag_{k}", pa.bool_(), f"masking check {k}; null: not run", True)
             for k in MASKING_FLAGS
         ),
         _f("masking_suspected", pa.bool_(), "any flag raised; null: no check run", True),
     ],
-    metadata={"rarn.schema": "robustness-results/3"},
+    metadata={"rarn.schema": "robustness-results/4"},
 )
 """One row per model x attack x eps (clean, each attack alone, worst case, curve points).
 
-An attack run on a subset (``n`` in its suite entry: the first n images) has that ``n`` and its
-accuracy over those images; the worst case is over the images every attack saw (the smallest
-subset), and its ``n`` says how many.
+An attack run on a subset (``n`` in its suite entry: the first n images; the masking checks'
+attacks: the first ``check_n``) has that ``n`` and its accuracy over those images; the worst case
+is over all images, each robust when no attack that ran on it fooled it, and ``coverage`` says
+which attacks saw only some of them ("autoattack on 100 of 359"). ``ci_low``/``ci_high``: the
+95 % Wilson interval of ``accuracy`` over ``n``.
 """
 
 TRANSFER_SCHEMA = pa.schema(
@@ -76,7 +89,7 @@ TRANSFER_SCHEMA = pa.schema(
         _f("target", pa.string(), "model evaluated on them (source == target: white-box)"),
         *_COMMON,
     ],
-    metadata={"rarn.schema": "transfer-matrix/2"},
+    metadata={"rarn.schema": "transfer-matrix/3"},
 )
 """One row per source x target model pair."""
 
@@ -91,10 +104,12 @@ class RobustnessResult:
         clean_accuracy: accuracy on clean inputs.
         robust_accuracy: name -> robust accuracy of that attack alone (empty if not computed),
             over its subset.
-        worst_case_accuracy: ``robust.float().mean()``: over the first :attr:`worst_case_n`
-            images, those every attack of the suite saw.
-        robust: (worst_case_n,) bool on CPU, True where every attack of the suite failed.
-        attacks: the names of the suite, in order.
+        worst_case_accuracy: ``robust.float().mean()``, over all ``n`` images.
+        robust: (n,) bool on CPU, True where the image is classified correctly and every attack
+            that ran on it failed.
+        attacks: the names of every attack in the worst case, in order: the suite, then the
+            masking checks' attacks at the suite's eps (``check.*``), then adaptive attacks
+            (``adaptive.*``), then any added later (``transfer.*``, :func:`add_attack`).
         params: name -> effective ``eps``, ``step_size``, ``steps`` (and extra kwargs).
         main_attack: name of the attack of the accuracy-vs-eps curve.
         curve: eps -> robust accuracy of ``main_attack``.
@@ -109,6 +124,17 @@ class RobustnessResult:
             (:func:`rarn.robust.evaluation.data_sha256`).
         methods: name -> registry key of the attack (missing: the name is the key).
         subsets: name -> how many images it ran on, the first ones (missing: all ``n``).
+        preds: name -> (n,) int64, the predicted label after the attack (-1: not run).
+        batches: name -> (n,) int64, the batch the attack ran the image in (-1: not run).
+        clean_pred: (n,) int64, the predicted label of the clean image.
+        labels: (n,) int64, the true labels.
+        seeds: name -> the attack's own seed (``attack_seed(seed, name)``).
+        batch_sizes: name -> its batch size (its batch ``b`` is rerun alone by ``verify_records``).
+        sources: name -> "suite", "check", "adaptive" or "transfer".
+        outcomes: raised flag -> "confirmed" / "refuted" by the adaptive attacks.
+        weights_sha256: :func:`~rarn.robust.evaluation.weights_sha256` of the evaluated model.
+        components: name -> per image, the AutoAttack component that broke it (None: not
+            broken, or not recorded); only for the reference AutoAttack.
 
     ``correct``, ``attacked`` and ``survived`` are the per-image records
     (:func:`rarn.robust.evaluation.records_table`); ``robust`` is ``correct`` AND every
@@ -134,6 +160,16 @@ class RobustnessResult:
     data_sha256: str | None = None
     methods: dict[str, str] = field(default_factory=dict)
     subsets: dict[str, int] = field(default_factory=dict)
+    preds: dict[str, Tensor] = field(default_factory=dict)
+    batches: dict[str, Tensor] = field(default_factory=dict)
+    clean_pred: Tensor | None = None
+    labels: Tensor | None = None
+    seeds: dict[str, int] = field(default_factory=dict)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    outcomes: dict[str, str] = field(default_factory=dict)
+    weights_sha256: str | None = None
+    components: dict[str, list[str | None]] = field(default_factory=dict)
 
     def method(self, name: str) -> str:
         """The registry key of the attack called ``name`` in the suite."""
@@ -145,8 +181,34 @@ class RobustnessResult:
 
     @property
     def worst_case_n(self) -> int:
-        """Images of the worst case: those every attack saw (all ``n`` without subsets)."""
+        """Images of the worst case: all ``n``."""
         return int(self.robust.numel())
+
+    def coverage(self) -> dict[str, int]:
+        """Attack -> how many images it saw, for the attacks that saw fewer than all ``n``."""
+        return {a: self.subset(a) for a in self.attacks if self.subset(a) < self.n}
+
+    def coverage_text(self) -> str:
+        """E.g. ``"autoattack on 100 of 359; check.square200 on 128 of 359"`` ("" if none)."""
+        return "; ".join(f"{a} on {k} of {self.n}" for a, k in self.coverage().items())
+
+    def outcome(self) -> str | None:
+        """ "confirmed" if an adaptive attack confirmed any raised flag, "refuted" if all were
+        refuted, None if no flag was answered."""
+        if not self.outcomes:
+            return None
+        return "confirmed" if "confirmed" in self.outcomes.values() else "refuted"
+
+    def interval(self, name: str = "worst_case") -> Interval:
+        """The 95 % Wilson interval of an accuracy: "worst_case", "clean" or an attack's name."""
+        if name == "worst_case":
+            k, n = int(self.robust.sum()), self.n
+        elif name == "clean":
+            k, n = round(self.clean_accuracy * self.n), self.n
+        else:
+            n = self.subset(name)
+            k = round(self.robust_accuracy[name] * n)
+        return Interval(k, n, *wilson_interval(k, n))
 
     def to_table(self) -> pa.Table:
         """Rows: clean, each attack alone, worst case, and the curve (schema RESULTS_SCHEMA)."""
@@ -187,6 +249,8 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
             "n": r.n,
             "seed": r.seed,
             "suite": "+".join(r.attacks),
+            "coverage": "",
+            "outcome": r.outcome(),
             **{f"flag_{k}": r.flags.get(k) for k in MASKING_FLAGS},
             "masking_suspected": any(bool(r.flags.get(k)) for k in MASKING_FLAGS)
             if any(r.flags.get(k) is not None for k in MASKING_FLAGS)
@@ -205,6 +269,7 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
             "step_size": 0.0,
             "steps": 0,
             "n": r.worst_case_n,
+            "coverage": r.coverage_text(),
         }
         rows.append({**base, **worst, "accuracy": r.worst_case_accuracy})
         main, alone = r.params[r.main_attack], r.subset(r.main_attack) == r.n
@@ -214,10 +279,18 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
             p = {**main, "eps": e, "step_size": main["step_size"] * e / main["eps"]}
             row = _attack_row(r.main_attack, p, r.method(r.main_attack))
             rows.append({**base, **row, "accuracy": acc})
+    _with_intervals(rows)
     for row in rows:
         row.setdefault("implementation", rarn.implementation)
         row.setdefault("impl_version", rarn.version)
     return pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
+
+
+def _with_intervals(rows: list[dict[str, Any]]) -> None:
+    """Fill ``ci_low``/``ci_high``: the 95 % Wilson interval of ``accuracy`` over ``n``."""
+    for row in rows:
+        n = int(row["n"])
+        row["ci_low"], row["ci_high"] = wilson_interval(round(row["accuracy"] * n), n)
 
 
 def _checked(table: pa.Table) -> pa.Table:

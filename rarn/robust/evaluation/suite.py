@@ -22,24 +22,35 @@ import torch
 from torch import Tensor, nn
 
 from rarn.models.common import device_of
-from rarn.robust.attacks import ATTACK_NORM, get_attack, validate_attack_args
+from rarn.robust.attacks import (
+    ATTACK_NORM,
+    get_attack,
+    recording_components,
+    validate_attack_args,
+)
 from rarn.robust.evaluation._core import (
     Data,
+    _attack_preds,
     _batches,
     _check_budget,
     _fraction,
     _predict,
     _survives,
+    attack_seed,
+    batch_generator,
 )
+from rarn.robust.evaluation.adaptive import adaptive_plan, flag_outcomes, run_adaptive
 from rarn.robust.evaluation.evidence import masking_flags
 from rarn.robust.evaluation.masking import check_larger_eps, unbounded_radius
 from rarn.robust.evaluation.named import NamedAttack, config_suite, named_attack, named_suite
-from rarn.robust.evaluation.records import DataHasher
+from rarn.robust.evaluation.records import DataHasher, weights_sha256
 from rarn.robust.evaluation.results import RobustnessResult
 
 __all__ = ["SuiteSettings", "evaluate_robustness"]
 
 logger = logging.getLogger(__name__)
+
+_ADAPTIVE = ("adaptive", "adaptive_square_queries", "eot_samples")
 
 Plan = dict[str, NamedAttack]
 """Name -> the resolved entry: the suite in order, then the curve's attack if not in it."""
@@ -69,7 +80,13 @@ class SuiteSettings:
         black_box_queries: query budget of the black-box check.
         more_steps_factor: the more-steps check compares PGD-``steps`` with this many times the
             steps (default 5: PGD-20 vs PGD-100).
-        batch_size: batch size when the data is a pair of tensors.
+        batch_size: batch size when the data is a pair of tensors (recorded per row; part of
+            the protocol: it changes the attacks' random draws).
+        adaptive: when a masking check fires, run the adaptive attacks it calls for (BPDA,
+            EOT, a longer Square; :mod:`~rarn.robust.evaluation.adaptive`) on the images still
+            robust, and fold them into the worst case (needs ``checks``).
+        adaptive_square_queries: queries of the adaptive Square.
+        eot_samples: forward passes per step of EOT-PGD.
     """
 
     attacks: tuple[str | Mapping[str, Any] | NamedAttack, ...] = ("fgsm", "pgd", "mim", "cw")
@@ -85,6 +102,9 @@ class SuiteSettings:
     black_box_queries: int = 500
     more_steps_factor: int = 5
     batch_size: int = 256
+    adaptive: bool = True
+    adaptive_square_queries: int = 5000
+    eot_samples: int = 20
 
     def __post_init__(self) -> None:  # accept any sequence, store tuples (the record is frozen)
         object.__setattr__(self, "attacks", tuple(self.attacks))
@@ -113,12 +133,14 @@ class SuiteSettings:
             "check_n": ev.check_n,
             "black_box_queries": ev.black_box_queries,
             "more_steps_factor": ev.more_steps_factor,
+            **{k: getattr(ev, k) for k in _ADAPTIVE if hasattr(ev, k)},
         }
         return cls(**{**fields, **overrides})
 
 
-Records = dict[str, tuple[Tensor, Tensor]]
-"""Name -> per-image ``(attacked, survived)`` masks of one batch."""
+Records = dict[str, tuple[Tensor, Tensor, list[str | None]]]
+"""Name -> per-image ``(attacked, predicted label after the attack or -1, component that broke
+it)`` of one batch (the component: AutoAttack's, else None)."""
 
 
 @dataclass
@@ -129,23 +151,46 @@ class _Tally:
     curve_hits: dict[float, int]
     n: int = 0
     correct: list[Tensor] = field(default_factory=list)
+    clean_pred: list[Tensor] = field(default_factory=list)
+    labels: list[Tensor] = field(default_factory=list)
     attacked: dict[str, list[Tensor]] = field(default_factory=dict)
-    survived: dict[str, list[Tensor]] = field(default_factory=dict)
+    preds: dict[str, list[Tensor]] = field(default_factory=dict)
+    batches: dict[str, list[Tensor]] = field(default_factory=dict)
+    components: dict[str, list[str | None]] = field(default_factory=dict)
     x_check: list[Tensor] = field(default_factory=list)
     y_check: list[Tensor] = field(default_factory=list)
+    keep: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
     data: DataHasher = field(default_factory=DataHasher)
     image_numel: int = 0
 
-    def add(self, correct: Tensor, records: Records) -> None:
-        self.correct.append(correct.cpu())
-        for name, (attacked, survived) in records.items():
+    def add(self, b: int, y: Tensor, pred: Tensor, records: Records) -> None:
+        self.labels.append(y.cpu())
+        self.clean_pred.append(pred.cpu())
+        self.correct.append((pred == y).cpu())
+        for name, (attacked, p, comp) in records.items():
+            self.components.setdefault(name, []).extend(comp)
             self.attacked.setdefault(name, []).append(attacked.cpu())
-            self.survived.setdefault(name, []).append(survived.cpu())
+            self.preds.setdefault(name, []).append(p.cpu())
+            batch = torch.where(attacked, b, -1).cpu()
+            self.batches.setdefault(name, []).append(batch)
 
-    def masks(self) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """``correct``, ``attacked`` and ``survived`` over all batches."""
-        cat = {k: torch.cat(v) for k, v in self.attacked.items()}
-        return torch.cat(self.correct), cat, {k: torch.cat(v) for k, v in self.survived.items()}
+    def masks(self) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """``correct``, and per attack ``attacked``, ``pred`` and ``batch`` over all batches."""
+        cat = torch.cat
+        return (
+            cat(self.correct),
+            {k: cat(v) for k, v in self.attacked.items()},
+            {k: cat(v) for k, v in self.preds.items()},
+            {k: cat(v) for k, v in self.batches.items()},
+        )
+
+
+def _worst(correct: Tensor, attacked: dict[str, Tensor], survived: dict[str, Tensor]) -> Tensor:
+    """Per image: correct clean and not fooled by any attack that ran on it."""
+    robust = correct.clone()
+    for a, ran in attacked.items():
+        robust &= survived[a] | ~ran
+    return robust
 
 
 def evaluate_robustness(
@@ -161,16 +206,27 @@ def evaluate_robustness(
     """Clean, per-attack and worst-case robust accuracy, the eps curve and the masking flags.
 
     Only clean-correct points are attacked (a misclassified point is never robust). With
-    ``per_attack`` every attack runs alone on all clean-correct points and the worst case is the
-    per-sample AND of those runs; without it, AutoAttack-style, each attack runs only on the
-    points that survived the earlier ones (cheaper, but no per-attack numbers). Either way
-    ``worst_case_accuracy <= min(robust_accuracy.values())``.
+    ``per_attack`` every attack runs alone on all clean-correct points of its subset; without
+    it, AutoAttack-style, each attack runs only on the points that survived the earlier ones
+    (cheaper, but no per-attack numbers). The masking checks' attacks at the suite's eps (their
+    PGD, PGD with more steps, FGSM and the black-box Square, on the first ``check_n`` images)
+    and, when a check fires, the adaptive attacks (:mod:`~rarn.robust.evaluation.adaptive`)
+    join them. The headline ``worst_case_accuracy`` is over **all** images: an image is robust
+    when it is classified correctly and no attack that ran on it fooled it, so adding an attack
+    can only lower it, and ``worst_case_accuracy <= min(robust_accuracy.values())`` for attacks
+    that saw every image.
+
+    Randomness: every attack (and curve point) draws from its own generator, seeded from the
+    evaluation's seed (``generator``'s initial seed), the attack's name and the batch number
+    (:func:`~rarn.robust.evaluation._core.batch_generator`), so one batch of one attack can be
+    rerun alone (:func:`~rarn.robust.evaluation.verify_records`).
 
     Args:
         model: classifier returning logits; its train/eval mode is restored afterwards.
         data: a loader of ``(x, y, ...)`` batches or one ``(x, y)`` pair; x in [0, 1], NCHW.
         settings: what to run (default: ``SuiteSettings()``).
-        generator: randomness of all attacks (None: seeded with 0); its seed is recorded.
+        generator: its initial seed seeds every attack (None: 0); its device is where the
+            attacks draw.
         model_name: label for the results table.
         device: where to evaluate (None: the model's device).
         **overrides: fields of :class:`SuiteSettings` replacing those of ``settings``, e.g.
@@ -188,47 +244,100 @@ def evaluate_robustness(
     plan, curve_eps = _plan(s)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
+    seed, gdev = generator.initial_seed(), generator.device
     device = torch.device(device) if device is not None else device_of(model)
-    tally = _run_batches(model, data, s, plan, curve_eps, generator, device)
-    correct, attacked, survived = tally.masks()
-    suite = [plan[a] for a in tally.attacks]
+    tally = _run_batches(model, data, s, plan, curve_eps, seed, gdev, device)
+    correct, attacked, preds, batches = tally.masks()
+    y = torch.cat(tally.labels)
+    survived = {a: p == y for a, p in preds.items()}
     subsets = {a.name: a.subset(tally.n) for a in plan.values()}
-    m = min(subsets[a.name] for a in suite)  # the images every attack saw: the worst case's
-    robust = correct[:m].clone()
-    for ok in survived.values():
-        robust &= ok[:m]
-    flags = masking_flags(model, s, plan, tally, survived, generator)
+    params = {a.name: dict(a.params) for a in plan.values()}
+    methods = {a.name: a.attack for a in plan.values()}
+    sizes = dict.fromkeys(tally.attacks, s.batch_size)
+    names = list(tally.attacks)
+    runs: dict[str, tuple[str, dict[str, Any], Tensor]] = {}
+    flags = masking_flags(model, s, plan, tally, survived, generator, runs)
+    m = len(torch.cat(tally.y_check)) if tally.y_check else 0
+    for label, (method, p, pr) in runs.items():  # the checks' attacks at the suite's eps
+        pad = torch.full((tally.n,), -1, dtype=torch.long)
+        pad[:m] = pr.cpu()
+        names.append(label)
+        attacked[label], preds[label] = pad >= 0, pad
+        batches[label] = torch.where(pad >= 0, 0, -1)
+        survived[label] = pad == y
+        params[label], methods[label], subsets[label], sizes[label] = p, method, m, m
+    robust = _worst(correct, attacked, survived)
+    main = plan[s.main_attack]
+    norm = ATTACK_NORM[main.attack]
     curve = {e: tally.curve_hits[e] / tally.n for e in curve_eps}
-    large = unbounded_radius(ATTACK_NORM[plan[s.main_attack].attack], tally.image_numel)
+    large = unbounded_radius(norm, tally.image_numel)
     if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
-        flags["eps_not_decreasing"] = True
+        flags["eps_not_decreasing"] = True  # before the adaptive plan: this flag calls for it too
+    outcomes: dict[str, str] = {}
+    adaptive = adaptive_plan(flags, s, main, norm) if s.adaptive and tally.keep else ()
+    if adaptive:
+        index, xk, yk = (torch.cat(t) for t in zip(*tally.keep))
+        done = run_adaptive(
+            model, adaptive, index, xk, yk, robust,
+            seed=seed, batch_size=s.batch_size, device=device, generator_device=gdev,
+        )  # fmt: skip
+        fooled = {}
+        for a in adaptive:
+            ran, pr, b = done[a.name]
+            names.append(a.name)
+            attacked[a.name], preds[a.name], batches[a.name] = ran, pr, b
+            survived[a.name] = pr == y
+            fooled[a.name] = int((ran & ~survived[a.name]).sum())
+            params[a.name], methods[a.name] = dict(a.params), a.attack
+            subsets[a.name], sizes[a.name] = tally.n, s.batch_size
+        outcomes = flag_outcomes(flags, adaptive, fooled, tally.n)
+        robust = _worst(correct, attacked, survived)
+    per_attack = {a: _fraction(survived[a][: subsets[a]]) for a in names if a not in tally.attacks}
+    if s.per_attack:
+        per_attack = {a: _fraction(survived[a][: subsets[a]]) for a in tally.attacks} | per_attack
+    per_attack = {a: v for a, v in per_attack.items() if not a.startswith("adaptive.")}
+    sources = {a: "suite" for a in tally.attacks} | {a: "check" for a in runs}
+    sources |= {a.name: "adaptive" for a in adaptive}
     return RobustnessResult(
         model_name=model_name,
         n=tally.n,
         clean_accuracy=_fraction(correct),
-        robust_accuracy={a: _fraction(k[: subsets[a]]) for a, k in survived.items()}
-        if s.per_attack
-        else {},
+        robust_accuracy=per_attack,
         worst_case_accuracy=_fraction(robust),
         robust=robust,
-        attacks=tally.attacks,
-        params={a.name: dict(a.params) for a in plan.values()},
+        attacks=tuple(names),
+        params=params,
         main_attack=s.main_attack,
         curve=curve,
         flags=flags,
-        seed=generator.initial_seed(),
+        seed=seed,
         correct=correct,
-        attacked=attacked,
-        survived=survived,
+        attacked={a: attacked[a] for a in names},
+        survived={a: survived[a] for a in names},
         per_attack=s.per_attack,
         data_sha256=tally.data.hexdigest(),
-        methods={a.name: a.attack for a in plan.values()},
+        methods=methods,
         subsets=subsets,
+        preds={a: preds[a] for a in names},
+        batches={a: batches[a] for a in names},
+        clean_pred=torch.cat(tally.clean_pred),
+        labels=y,
+        seeds={a: attack_seed(seed, a) for a in names},
+        batch_sizes=sizes,
+        sources=sources,
+        outcomes=outcomes,
+        weights_sha256=weights_sha256(model),
+        components={a: c for a, c in tally.components.items() if any(c)},
     )
 
 
 def _plan(s: SuiteSettings) -> tuple[Plan, list[float]]:
     """The resolved suite (and curve attack) and the sorted curve radii; fails before any work."""
+    if s.adaptive_square_queries < 1 or s.eot_samples < 1:
+        raise ValueError(
+            "adaptive_square_queries and eot_samples must be >= 1, got"
+            f" {s.adaptive_square_queries}, {s.eot_samples}"
+        )
     if s.batch_size < 1 or s.check_n < 0 or s.more_steps_factor < 2:
         raise ValueError(
             "batch_size must be >= 1, check_n >= 0 and more_steps_factor >= 2, got"
@@ -257,22 +366,29 @@ def _attack_batch(
     x: Tensor,
     y: Tensor,
     correct: Tensor,
-    g: torch.Generator,
+    b: int,
+    seeds: dict[str, int],
+    gdev: torch.device,
     suite: dict[str, tuple[NamedAttack, Tensor]],
     *,
     in_turn: bool,
-) -> Records:
+) -> tuple[Records, Tensor]:
     """Every attack on the clean-correct points of its subset (``suite``: name -> entry, subset
     mask): alone (per-attack mode) or, ``in_turn`` (AutoAttack's way), only on the points no
-    earlier attack fooled."""
+    earlier attack fooled. Each draws from its own generator for batch ``b``. Returns the records
+    and where the batch is still robust."""
     records, robust = {}, correct
     for name, (a, seen) in suite.items():
         mask = (robust if in_turn else correct) & seen
-        survived = _survives(model, a.attack, x, y, mask, g, a.params)
-        records[name] = (mask, survived)
-        if in_turn:
-            robust = torch.where(seen, survived, robust)
-    return records
+        g = batch_generator(seeds[name], b, gdev)
+        with recording_components() as holder:  # AutoAttack: the component that broke each
+            pred = _attack_preds(model, a.attack, x, y, mask, g, a.params)
+        comp: list[str | None] = [None] * len(y)
+        for i, c in zip(mask.nonzero().squeeze(1).tolist(), holder[0] if holder else []):
+            comp[i] = c
+        records[name] = (mask, pred, comp)
+        robust = robust & ((pred == y) | ~mask)
+    return records, robust
 
 
 def _run_batches(
@@ -281,14 +397,17 @@ def _run_batches(
     s: SuiteSettings,
     plan: Plan,
     curve_eps: list[float],
-    generator: torch.Generator,
+    seed: int,
+    gdev: torch.device,
     device: torch.device,
 ) -> _Tally:
     """Attack every batch (in the mode of ``s.per_attack``) and add up the masks and the curve."""
     names = tuple(plan)[: len(s.attacks)]  # the suite; then, maybe, the curve's own attack
     main = plan[s.main_attack]
+    seeds = {a: attack_seed(seed, a) for a in names}
     tally = _Tally(attacks=names, curve_hits=dict.fromkeys(curve_eps, 0))
-    for xb, yb in _batches(data, s.batch_size):
+    keep = s.adaptive and s.checks and s.check_n > 0  # the survivors, for adaptive attacks
+    for b, (xb, yb) in enumerate(_batches(data, s.batch_size)):
         xb, yb = xb.to(device), yb.to(device)
         validate_attack_args(xb, yb, eps=s.eps, step_size=s.step_size, steps=s.steps)
         tally.data.update(xb, yb)
@@ -298,19 +417,25 @@ def _run_batches(
             tally.y_check.append(yb[: s.check_n - tally.n])
         index = torch.arange(tally.n, tally.n + xb.shape[0], device=device)
         tally.n += xb.shape[0]
-        correct = _predict(model, xb) == yb
+        pred = _predict(model, xb)
+        correct = pred == yb
         suite = {a: (plan[a], index < plan[a].n if plan[a].n else index >= 0) for a in names}
-        records = _attack_batch(model, xb, yb, correct, generator, suite, in_turn=not s.per_attack)
+        records, robust = _attack_batch(
+            model, xb, yb, correct, b, seeds, gdev, suite, in_turn=not s.per_attack
+        )
+        if keep and robust.any():
+            tally.keep.append((index[robust].cpu(), xb[robust].cpu(), yb[robust].cpu()))
         for e in curve_eps:
             reuse = s.per_attack and s.main_attack in records and main.n == 0
             if reuse and math.isclose(e, main.params["eps"]):
-                hits = records[s.main_attack][1]  # the curve point is the attack alone: reuse it
+                hits = records[s.main_attack][1] == yb  # the curve point is the attack alone
             else:
                 step = main.params["step_size"] * e / main.params["eps"]
                 p = {**main.params, "eps": e, "step_size": step}
-                hits = _survives(model, main.attack, xb, yb, correct, generator, p)
+                g = batch_generator(attack_seed(seed, f"curve@{e!r}"), b, gdev)
+                hits = _survives(model, main.attack, xb, yb, correct, g, p)
             tally.curve_hits[e] += int(hits.sum())
-        tally.add(correct, records)
+        tally.add(b, yb, pred, records)
     if tally.n == 0:
         raise ValueError("no data: the loader yielded no points")
     return tally
