@@ -195,7 +195,8 @@ def _evaluate(
         log.exception("evaluation of %s failed", retrained.key)
         return EvalOutcome(retrained.key, error=f"{type(e).__name__}: {e}")
     return EvalOutcome(retrained.key, metrics, dict(result.flags), str(parquet),
-                       data_sha256=data, protocol=protocol)  # fmt: skip
+                       data_sha256=data, protocol=protocol,
+                       robust_mask=summary_tags(result)["rarn.eval_robust"])  # fmt: skip
 
 
 def run_evaluate_stage(

@@ -58,6 +58,7 @@ def _evaluation(key: str, run: Any) -> EvalOutcome | None:
         flags=flags,
         data_sha256=tags.get("rarn.eval_data_sha256", ""),
         protocol=tags["rarn.eval_protocol"],
+        robust_mask=tags.get("rarn.eval_robust", ""),
     )
 
 

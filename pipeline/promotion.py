@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.state import EvalOutcome
 
@@ -63,17 +62,9 @@ def evidence_tags(ev: EvalOutcome) -> dict[str, str]:
 
 
 def candidate_mask(ev: EvalOutcome) -> str | None:
-    """The packed per-image headline of ``ev``, recombined from the records beside its results
-    table (None: no records)."""
-    from rarn.robust.evaluation import pack_mask, worst_case_from_records
-
-    records = Path(ev.results_path).with_name("records.parquet") if ev.results_path else None
-    if records is None or not records.is_file():
-        return None
-    import pyarrow.parquet as pq
-
-    masks = worst_case_from_records(pq.read_table(records))
-    return pack_mask(masks[ev.key]) if ev.key in masks else None
+    """The packed per-image headline of ``ev`` as the tracking store recorded it (tag
+    ``rarn.eval_robust``; None: none recorded). Never read from the run directory."""
+    return ev.robust_mask or None
 
 
 def _against(ev: EvalOutcome, version: str, tags: Mapping[str, str], mine: str | None) -> Decision:

@@ -111,6 +111,7 @@ class EvalOutcome:
     error: str | None = None
     data_sha256: str = ""  # of the evaluated test tensors (pipeline.evaluate.data_sha256)
     protocol: str = ""  # sha256 of the evaluation settings (pipeline.evaluate.protocol_sha256)
+    robust_mask: str = ""  # the per-image headline, packed (tag rarn.eval_robust)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
