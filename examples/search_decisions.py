@@ -5,14 +5,16 @@ architecture means' movement, and every decoding's genotype with its op-family c
         --data cifar --variants racl constraint_off --seeds 3 4 --out docs/study/decisions.json
 
 ``--data cifar`` swaps the config's data for the CIFAR-10 JPEG copy in ../shared/data (the first
-2,000 training images at 16 x 16: D_T 1,000 / D_V 1,000): CIFAR-type images at the config's own
-search settings. Prints one JSON line per search and writes all of them to ``--out``.
+1,440 training images at 8 x 8, as many as the digits default: D_T 720 / D_V 720): CIFAR-type
+images at the config's own search settings. Prints one JSON line per search and writes all of
+them to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import Counter
@@ -32,9 +34,9 @@ CIFAR = {
     "data.path": str(ROOT.parent / "shared/data/cifar10_jpeg.npz"),
     "data.sha256": "e29c226e1bae1062b7e2249a05a25a0934f569331e30dbd7bf31e7a8430f03f6",
     "data.root": str(ROOT / "data"),
-    "data.limit": 2000,
+    "data.limit": 1440,
     "data.test_limit": 10,
-    "data.image_size": 16,
+    "data.image_size": 8,
 }
 FAMILIES = {"sep": "sep", "dil": "dil", "max": "pool", "avg": "pool", "ski": "skip"}
 
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides key=value")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = load_config(a.config)
     extra = dict(kv.split("=", 1) for kv in a.set)
     rows = []
@@ -68,8 +71,17 @@ def main(argv: list[str] | None = None) -> None:
             data = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
             t0 = time.perf_counter()
             res = run_search(cfg.search, cfg.constraint, data)
-            keys = ("arch_steps", "frac_dual_positive", "frac_satisfied", "mu_move", "kappa",
-                    "val_acc", "val_pgd_acc", "log_lambda_faithful", "epoch_time")
+            keys = (
+                "arch_steps",
+                "frac_dual_positive",
+                "frac_satisfied",
+                "mu_move",
+                "kappa",
+                "val_acc",
+                "val_pgd_acc",
+                "log_lambda_faithful",
+                "epoch_time",
+            )
             row = {
                 "variant": variant,
                 "seed": seed,
@@ -77,19 +89,25 @@ def main(argv: list[str] | None = None) -> None:
                 "decode": cfg.search.decode,
                 "epochs": [{k: round(m[k], 4) for k in keys if k in m} for m in res.history],
                 "genotypes": {
-                    mode: {"families": families(g), "collapsed": res.reports[mode].collapsed,
-                           "genotype": g.to_dict()}
+                    mode: {
+                        "families": families(g),
+                        "collapsed": res.reports[mode].collapsed,
+                        "genotype": g.to_dict(),
+                    }
                     for mode, g in res.genotypes.items()
                 },
             }
             arch = [m for m in res.history if m.get("arch_steps", 0) > 0]
-            row["binding_share"] = (
-                sum(m["frac_dual_positive"] * m["arch_steps"] for m in arch)
-                / max(1.0, sum(m["arch_steps"] for m in arch))
+            row["binding_share"] = sum(
+                m["frac_dual_positive"] * m["arch_steps"] for m in arch
+            ) / max(1.0, sum(m["arch_steps"] for m in arch))
+            print(
+                json.dumps(
+                    {k: row[k] for k in ("variant", "seed", "time_s", "binding_share")}
+                    | {m: g["families"] for m, g in row["genotypes"].items()}
+                ),
+                flush=True,
             )
-            print(json.dumps({k: row[k] for k in ("variant", "seed", "time_s", "binding_share")}
-                             | {m: g["families"] for m, g in row["genotypes"].items()}),
-                  flush=True)
             rows.append(row)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))

@@ -178,3 +178,13 @@ def test_choice_errors_are_config_errors_and_key_errors():
     assert isinstance(info.value, ConfigError) and isinstance(info.value, KeyError)
     assert str(info.value).startswith("retrain.method: 'free' not allowed; must be one of: ")
     assert "standard, pgd, trades, fast" in str(info.value)
+
+
+def test_every_shipped_config_gives_mixed_ops_at_least_four_channels():
+    """PC-DARTS passes 1/K of a node's channels through the mixed op: at C = 8 with K = 4 the
+    first cells' convolutions saw 2 channels (issue 19). Every shipped config keeps C / K >= 4."""
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        s = load_config(path).search
+        assert s.init_channels // s.partial_channels >= 4, (path.name, s.init_channels)
