@@ -131,10 +131,9 @@ class _Zero(nn.Module):
         return x[:, :, :: self.stride, :: self.stride] * 0.0
 
 
-def test_picks_the_only_op_that_matters():
-    """A supernet whose every mixed op but sep_conv_3x3 outputs zeros, trained to fit its data:
-    removing any other op changes nothing, removing sep_conv_3x3 raises the loss, so every edge
-    of both cells selects it, one shot and progressively (edges in a random order)."""
+@pytest.fixture(scope="module")
+def known_op():
+    """A supernet whose every mixed op but sep_conv_3x3 outputs zeros, trained to fit its data."""
     torch.manual_seed(0)
     model = Supernet(C=4, num_classes=3, layers=3, in_channels=1, nodes=2, k=1, fused=False)
     for cell in model.cells:
@@ -149,6 +148,14 @@ def test_picks_the_only_op_that_matters():
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+    return model, x, y
+
+
+def test_picks_the_only_op_that_matters(known_op):
+    """A supernet whose every mixed op but sep_conv_3x3 outputs zeros, trained to fit its data:
+    removing any other op changes nothing, removing sep_conv_3x3 raises the loss, so every edge
+    of both cells selects it, one shot and progressively (edges in a random order)."""
+    model, x, y = known_op
     for progressive in (False, True):  # one shot (the default), and darts-pt's order
         gen = torch.Generator().manual_seed(3)
         g, imp = perturbation_select(
@@ -214,3 +221,33 @@ def test_warmup_in_steps_and_kappa_ramp():
     assert ks[0] == pytest.approx(0.1 / 50) and ks[49] == pytest.approx(0.1) and ks[-1] == 0.1
     assert all(a <= b for a, b in zip(ks, ks[1:]))
     assert ramped_kappa(ConstraintConfig(kappa=0.1), 0, 100) == 0.1
+
+
+def test_robust_selection_attacks_each_candidate_and_picks_what_matters(known_op):
+    """``perturbation_robust``: every loss is measured on PGD examples (inside the L-inf ball of
+    ``robust_eval_eps``, in [0, 1]) made against the very supernet being measured, with its
+    running statistics untouched; on the supernet where only sep_conv_3x3 carries signal the
+    robust selection picks it. A fixed set of examples, made against the unperturbed supernet,
+    picked max_pool on 2 of 4 normal edges: it rewards removing what the examples exploit."""
+    from rarn.data import TensorImageDataset
+    from rarn.nas.perturbation import FixedWeights
+    from rarn.nas.selection import base_logits, robust_attack, selection_batches
+
+    model, x, y = known_op
+    cfg = SearchConfig(batch_size=8, decode_n=12, robust_eval_eps=0.05, robust_eval_steps=2)
+    s = SimpleNamespace(cfg=cfg, ccfg=ConstraintConfig(), model=model, device=torch.device("cpu"))
+    batches = selection_batches(s, TensorImageDataset(x, y))
+    assert sum(len(b[1]) for b in batches) == 12
+    attack, w = robust_attack(s), model.mixing_weights(base_logits(s))
+    xc, yc = batches[0]
+    with torch.no_grad():
+        model.eval()  # the attack itself keeps the caller's mode: no statistic moves here
+        xa = attack(FixedWeights(model, w), xc, yc)
+        model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert (xa - xc).abs().max() <= 0.05 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    assert not torch.equal(xa, xc)
+    assert supernet_loss(model, batches, w, attack) > supernet_loss(model, batches, w)
+    g, _ = perturbation_select(model, batches, base_logits(s), estimate="exact", attack=attack)
+    assert {op for op, _ in g.normal + g.reduce} == {"sep_conv_3x3"}, g
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -17,10 +17,11 @@ Here, with our choices marked (docs/method.md, "Decoding"):
 * The base architecture is the eta-lower quantile ``mu - Phi^{-1}(eta) sigma`` of the logits
   (spec §2.8), so the confidence enters the decision: of two ops with equal mean the less certain
   one weighs less in the supernet and removing it costs less. [ours]
-* ``robust``: the loss on PGD examples of D_V computed once against the base supernet (at the
-  retraining's radius, ``search.robust_eval_*``) and held fixed while ops are removed: the op's
-  importance for the supernet's robust loss, at the cost of one attack rather than one per
-  candidate. [ours; no public robust-NAS code selects ops by their robust importance]
+* ``attack``: the robust loss, on the attack's examples made anew against every candidate
+  supernet (``perturbation_robust``: PGD at the retraining's radius, ``search.robust_eval_*``).
+  A fixed set made against the unperturbed supernet rewards removing whatever it exploits
+  (measured: tests/test_perturbation.py). [ours; no public robust-NAS code selects ops by their
+  robust importance]
 * Removing an op zeroes its mixing weight without renormalising the others (darts-pt);
   removing an edge zeroes its PC-DARTS ``beta`` (its bypass channels go with it).
 * The loss rise is measured ``exact`` (one supernet pass per removal, about 250 for the DARTS
@@ -52,7 +53,14 @@ from rarn.nas.genotype import Genotype
 from rarn.nas.ops import PRIMITIVES
 from rarn.nas.supernet import ArchSample, node_softmax
 
-__all__ = ["ESTIMATES", "Importance", "perturbation_select", "supernet_loss"]
+__all__ = [
+    "ESTIMATES",
+    "Attack",
+    "FixedWeights",
+    "Importance",
+    "perturbation_select",
+    "supernet_loss",
+]
 
 Batch = tuple[Tensor, Tensor]
 _CELLS = ("normal", "reduce")
@@ -95,13 +103,48 @@ def _frozen_statistics(model: nn.Module):
         model.train(was_training)
 
 
-def supernet_loss(model: nn.Module, batches: Sequence[Batch], weights: tuple[Tensor, ...]) -> float:
+Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
+"""``attack(net, x, y) -> x_adv`` against ``net`` (an ``x -> logits`` model)."""
+
+
+class FixedWeights(nn.Module):
+    """The supernet under fixed mixing weights, as a plain ``x -> logits`` model that keeps the
+    supernet's mode: an attack's eval mode must not swap the batch statistics the selection
+    measures with for the supernet's running ones."""
+
+    def __init__(self, model: nn.Module, weights: tuple[Tensor, ...]) -> None:
+        super().__init__()
+        self.model, self.weights = model, tuple(w.detach() for w in weights)
+
+    def train(self, mode: bool = True) -> FixedWeights:
+        self.training = mode  # this wrapper only; the supernet stays as it is
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x, weights=self.weights)
+
+
+def _attacked(model: nn.Module, x: Tensor, y: Tensor, weights: tuple, attack: Attack | None):
+    if attack is None:
+        return x
+    with torch.enable_grad():
+        return attack(FixedWeights(model, weights), x, y).detach()
+
+
+def supernet_loss(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    weights: tuple[Tensor, ...],
+    attack: Attack | None = None,
+) -> float:
     """Mean CE of ``model(x, weights=weights)`` over ``batches`` (batch statistics, the running
-    statistics untouched)."""
+    statistics untouched); with ``attack``, on its examples against this very supernet."""
     total, n = 0.0, 0
-    with torch.no_grad(), _frozen_statistics(model):
+    with _frozen_statistics(model):
         for x, y in batches:
-            logits = model(x, weights=weights)
+            x = _attacked(model, x, y, weights, attack)
+            with torch.no_grad():
+                logits = model(x, weights=weights)
             total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             n += len(y)
     return total / max(n, 1)
@@ -121,10 +164,13 @@ class _Scorer:
     al. 2019's Taylor importance, arXiv:1906.10771), both with batch statistics and the running
     statistics untouched."""
 
-    def __init__(self, model: nn.Module, batches: Sequence[Batch], estimate: str) -> None:
+    def __init__(
+        self, model: nn.Module, batches: Sequence[Batch], estimate: str, attack: Attack | None
+    ) -> None:
         if estimate not in ESTIMATES:
             raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
         self.model, self.batches, self.exact = model, batches, estimate == "exact"
+        self.attack = attack
         self.evaluations = 0  # passes over the batches (a backward counts as one more)
         self._grads: dict[str, Tensor] | None = None
 
@@ -133,7 +179,7 @@ class _Scorer:
 
     def loss(self, w: dict[str, Tensor]) -> float:
         self.evaluations += 1
-        return supernet_loss(self.model, self.batches, self.weights(w))
+        return supernet_loss(self.model, self.batches, self.weights(w), self.attack)
 
     def changed(self) -> None:
         self._grads = None
@@ -142,10 +188,12 @@ class _Scorer:
         if self._grads is None:
             leaves = {k: w[k].detach().clone().requires_grad_(True) for k in _KEYS}
             n = sum(len(y) for _, y in self.batches)
-            with torch.enable_grad(), _frozen_statistics(self.model):
+            with _frozen_statistics(self.model):  # Danskin: the loss at the attack's point
                 for x, y in self.batches:
-                    logits = self.model(x, weights=self.weights(leaves))
-                    (F.cross_entropy(logits.float(), y, reduction="sum") / n).backward()
+                    x = _attacked(self.model, x, y, self.weights(w), self.attack)
+                    with torch.enable_grad():
+                        logits = self.model(x, weights=self.weights(leaves))
+                        (F.cross_entropy(logits.float(), y, reduction="sum") / n).backward()
             self.evaluations += 2
             self._grads = {k: v.grad.detach().double() for k, v in leaves.items()}
         return self._grads
@@ -182,6 +230,7 @@ def perturbation_select(
     progressive: bool = False,
     generator: torch.Generator | None = None,
     tune: Callable[[ArchSample], None] | None = None,
+    attack: Attack | None = None,
 ) -> tuple[Genotype, Importance]:
     """Selection by perturbation (darts-pt) from the base logits ``base``.
 
@@ -198,6 +247,9 @@ def perturbation_select(
             op-projected one.
         generator: the order in which the edges are projected (default: natural order).
         tune: called with the projected logits after each op projection (weight steps).
+        attack: the robust loss: every loss is measured on this attack's examples against the
+            supernet being measured (each candidate attacked anew: a fixed set of examples,
+            made against the unperturbed supernet, rewards removing whatever they exploit).
 
     Returns:
         The genotype (per node the two edges whose removal raises the loss most, each with the
@@ -211,7 +263,7 @@ def perturbation_select(
             "normal_edges": node_softmax(base.normal_edges, nodes).clone(),
             "reduce_edges": node_softmax(base.reduce_edges, nodes).clone(),
         }
-    score = _Scorer(model, batches, estimate)
+    score = _Scorer(model, batches, estimate, attack)
     base_loss = score.loss(w)
     E, n_ops = w["normal"].shape
     op_imp = {c: torch.full((E, n_ops), float("nan"), dtype=torch.float64) for c in _CELLS}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
 from rarn.nas.decode import (
@@ -28,10 +28,10 @@ from rarn.nas.decode import (
     quantile_logits,
 )
 from rarn.nas.genotype import Genotype
-from rarn.nas.perturbation import Importance, _frozen_statistics, perturbation_select
+from rarn.nas.perturbation import Attack, Importance, perturbation_select
 from rarn.nas.supernet import ArchSample
 
-__all__ = ["Selection", "decode_search", "selection_batches"]
+__all__ = ["Selection", "base_logits", "decode_search", "robust_attack", "selection_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +51,10 @@ class Selection:
         return self.reports[self.rule]
 
 
-def selection_batches(s: Any, dataset: Any, robust: bool) -> list[tuple[Tensor, Tensor]]:
+def selection_batches(s: Any, dataset: Any) -> list[tuple[Tensor, Tensor]]:
     """The first ``search.decode_n`` images of ``dataset`` (D_V) as fixed batches on the search's
-    device; ``robust``: their PGD examples (``robust_eval_eps``, ``robust_eval_steps`` steps of
-    2.5 eps / steps, seeded random start) against the eta-quantile supernet, batch statistics."""
+    device."""
     from rarn.data import make_loader
-    from rarn.robust.attacks.gradient import pgd
-    from rarn.robust.attacks.interface import Budget
 
     cfg, out, seen = s.cfg, [], 0
     for x, y in make_loader(dataset, 2 * cfg.batch_size, shuffle=False):
@@ -66,25 +63,20 @@ def selection_batches(s: Any, dataset: Any, robust: bool) -> list[tuple[Tensor, 
         seen += len(y)
         if seen >= cfg.decode_n:
             break
-    if not robust:
-        return out
-    net = _Fixed(s.model, s.model.mixing_weights(base_logits(s)))
+    return out
+
+
+def robust_attack(s: Any) -> Attack:
+    """The attack of ``perturbation_robust``: PGD at ``robust_eval_eps`` (``robust_eval_steps``
+    steps of 2.5 eps / steps, random start from a generator seeded by the search seed), made
+    anew against every candidate supernet."""
+    from rarn.robust.attacks import get_attack
+
+    cfg, pgd = s.cfg, get_attack("pgd")
     eps, steps = cfg.robust_eval_eps, cfg.robust_eval_steps
     gen = torch.Generator(device=s.device).manual_seed(cfg.seed + 4)
-    budget = Budget(eps, 2.5 * eps / steps, steps, gen)
-    with _frozen_statistics(s.model), torch.enable_grad():
-        return [(pgd(net, x, y, budget).detach(), y) for x, y in out]
-
-
-class _Fixed(nn.Module):
-    """The supernet under fixed mixing weights, as a plain ``x -> logits`` model."""
-
-    def __init__(self, model: nn.Module, weights: tuple[Tensor, ...]) -> None:
-        super().__init__()
-        self.model, self.weights = model, tuple(w.detach() for w in weights)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x, weights=self.weights)
+    kw = {"eps": eps, "step_size": 2.5 * eps / steps, "steps": steps, "generator": gen}
+    return lambda net, x, y: pgd(net, x, y, **kw)
 
 
 def base_logits(s: Any) -> ArchSample:
@@ -106,7 +98,8 @@ def decode_search(s: Any, val: Any) -> Selection:
     for mode in dict.fromkeys(("perturbation", cfg.decode)):
         if mode not in PERTURBATION_DECODERS:
             continue
-        batches = selection_batches(s, val, robust=mode == "perturbation_robust")
+        batches = selection_batches(s, val)
+        attack = robust_attack(s) if mode == "perturbation_robust" else None
         gen = torch.Generator().manual_seed(cfg.seed + 5)
         genotypes[mode], importance[mode] = perturbation_select(
             s.model,
@@ -115,6 +108,7 @@ def decode_search(s: Any, val: Any) -> Selection:
             estimate=cfg.decode_estimate,
             progressive=cfg.decode_progressive,
             generator=gen,
+            attack=attack,
         )
     reports = {m: detect_collapse(g, log_lam, limits) for m, g in genotypes.items()}
     rule = cfg.decode
