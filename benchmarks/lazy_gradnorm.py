@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--schedules", default=",".join(SCHEDULES), help="subset of " + ",".join(SCHEDULES))
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help="comma list")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = digits()
