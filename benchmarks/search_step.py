@@ -28,7 +28,7 @@ benchmark near 3 minutes.
 ``profile`` (both shapes, also alone with ``--profile-only``): per-phase seconds of the default
 RACL iteration's pieces, wall and CPU: ``forward``, ``backward``, ``bound`` (Lipschitz constants
 and log-bound moments), ``grad_norm_term`` (the default estimator's extra cost over a plain
-forward + backward), ``optimiser``, and whole ``iteration`` / ``plain_iteration`` for scale.
+forward + backward), and ``optimiser``.
 
 For the default estimator (``default_estimator``) the search iterations report
 ``ratio_default_to_plain`` (wall) and ``cpu_ratio_default_to_plain``, and
@@ -44,7 +44,7 @@ spin-waiting inflates CPU time). Prints one JSON line.
 ``--device cuda`` runs the same on a GPU (every timed call ends with a device synchronisation;
 the CPU-time figures then mean little). The shapes and goals are the CPU ones.
 
-    python benchmarks/search_step.py [--threads 1] [--trials 3] [--skip-search] [--smoke] [--full]
+    python benchmarks/search_step.py [--threads 1] [--trials 2] [--skip-search] [--smoke] [--full]
         [--profile-only] [--device cpu|cuda]
 """
 
@@ -243,7 +243,8 @@ def bench_search(
         return run
 
     fns = {k: iteration(s, minimal=k == "plain_minimal") for k, s in searches.items()}
-    fns["weight_step_only"] = lambda: searches["plain"].weight_step(xt, yt)
+    if not medium or full:
+        fns["weight_step_only"] = lambda: searches["plain"].weight_step(xt, yt)
     res = _time(fns, warmup, trials)
     per = {k: s.cfg.grad_norm_every for k, s in searches.items()}
     wall = {k: v["wall_s"] / per.get(k, 1) for k, v in res.items()}
@@ -275,13 +276,10 @@ def profile_phases(shape: dict, warmup: int, trials: int, device: str = "cpu") -
     ``backward`` to the weights, the ``bound`` (Lipschitz constants with power iteration and the
     log-bound moments), the ``grad_norm_term`` (the default estimator's weight gradients minus a
     plain forward + backward: the extra pass and the kink record/replay) and the ``optimiser``
-    (SGD step). ``iteration`` is a whole default RACL iteration and ``plain_iteration`` a plain
-    one, for scale."""
+    (SGD step). Whole iterations: ``search_iteration``."""
     xt, yt = _batch(shape, 1, device)
-    xv, yv = _batch(shape, 2, device)
     d = SearchConfig()
     s = _search(shape, True, d.grad_norm_mode, d.grad_norm_every, device)
-    plain = _search(shape, False, device=device)
     model, cfg = s.model, s.cfg
     model.train()
     params = [p for p in model.weight_parameters() if p.requires_grad]
@@ -297,9 +295,6 @@ def profile_phases(shape: dict, warmup: int, trials: int, device: str = "cpu") -
             forward()
         torch.autograd.grad(held.pop("loss"), params)
 
-    def fwd_bwd() -> None:
-        torch.autograd.grad(F.cross_entropy(model(xt_, z), yt_), params)
-
     def grad_norm() -> None:
         gamma = cfg.grad_norm_weight
         weight_gradients(model, params, xt_, yt_, z, gamma, cfg.grad_norm_mode, cfg.fd_step)
@@ -313,29 +308,14 @@ def profile_phases(shape: dict, warmup: int, trials: int, device: str = "cpu") -
         s.w_opt.step()
         s.w_opt.zero_grad(set_to_none=True)
 
-    def iteration(search: RACLSearch) -> Callable[[], None]:
-        def run() -> None:
-            k = search.cfg.grad_norm_every
-            for i in range(k):
-                search.arch_step(xv, yv)
-                search.weight_step(xt, yt, penalty=i == 0)
-
-        return run
-
     fns = {
         "forward": forward,
         "backward": backward,
-        "fwd_bwd": fwd_bwd,
         "grad_norm_weight_step": grad_norm,
         "bound": bound,
         "optimiser": optimiser,
-        "iteration": iteration(s),
-        "plain_iteration": iteration(plain),
     }
     res = _time(fns, warmup, trials)
-    k = cfg.grad_norm_every
-    res["iteration"] = {key: v / k for key, v in res["iteration"].items()}
-    res["plain_iteration"] = {key: v / k for key, v in res["plain_iteration"].items()}
     phases = {}
     for key in ("wall_s", "cpu_s"):
         r = {name: v[key] for name, v in res.items()}
@@ -343,10 +323,8 @@ def profile_phases(shape: dict, warmup: int, trials: int, device: str = "cpu") -
             "forward": round(r["forward"], 4),
             "backward": round(r["backward"], 4),
             "bound": round(r["bound"], 4),
-            "grad_norm_term": round(r["grad_norm_weight_step"] - r["fwd_bwd"], 4),
+            "grad_norm_term": round(r["grad_norm_weight_step"] - r["forward"] - r["backward"], 4),
             "optimiser": round(r["optimiser"], 4),
-            "iteration": round(r["iteration"], 4),
-            "plain_iteration": round(r["plain_iteration"], 4),
         }
     return {"estimator": _default_variant(), **phases}
 
@@ -354,7 +332,7 @@ def profile_phases(shape: dict, warmup: int, trials: int, device: str = "cpu") -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-search", action="store_true", help="weight step only")
     p.add_argument("--shapes", default="small,medium", help="search-iteration shapes")
