@@ -22,8 +22,15 @@ same size) of :class:`rarn.nas.search.RACLSearch` with the fused supernet, at tw
   (``grad_norm_every = 2``, lazy regularisation); its figures are per iteration, averaged over a
   pair.
 
-At the medium shape only ``plain`` and the finite-difference variants run (``--full``: all), to
-keep the benchmark near 3 minutes. For the default estimator (``default_estimator``) it reports
+By default only ``plain`` and the finite-difference variants run, and at the medium shape only
+``plain`` and ``racl_fd`` (``--full``: all), to keep the benchmark near 3 minutes.
+
+``profile`` (both shapes, also alone with ``--profile-only``): per-phase seconds of the default
+RACL iteration's pieces, wall and CPU: ``forward``, ``backward``, ``bound`` (Lipschitz constants
+and log-bound moments), ``grad_norm_term`` (the default estimator's extra cost over a plain
+forward + backward), and ``optimiser``.
+
+For the default estimator (``default_estimator``) the search iterations report
 ``ratio_default_to_plain`` (wall) and ``cpu_ratio_default_to_plain``, and
 ``grad_cosine_default_vs_exact``: the cosine between the weight gradients of the gradient-norm
 term by that estimator and by double backprop, at the weights the timing left.
@@ -37,8 +44,8 @@ spin-waiting inflates CPU time). Prints one JSON line.
 ``--device cuda`` runs the same on a GPU (every timed call ends with a device synchronisation;
 the CPU-time figures then mean little). The shapes and goals are the CPU ones.
 
-    python benchmarks/search_step.py [--threads 1] [--trials 3] [--skip-search] [--smoke] [--full]
-        [--device cpu|cuda]
+    python benchmarks/search_step.py [--threads 1] [--trials 2] [--skip-search] [--smoke] [--full]
+        [--profile-only] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -185,8 +192,9 @@ def _variants(full: bool, medium: bool) -> dict[str, tuple]:
         "racl_fd": (True, "finite_difference"),
         "racl_fd_every2": (True, "finite_difference", 2),
     }
-    if medium and not full:
-        out = {k: v for k, v in out.items() if k not in ("plain_minimal", "racl_exact")}
+    if not full:  # the goal needs plain and the default (time); the lazy variant at small only
+        drop = ("plain_minimal", "racl_exact") + (("racl_fd_every2",) if medium else ())
+        out = {k: v for k, v in out.items() if k not in drop}
     return out
 
 
@@ -236,7 +244,8 @@ def bench_search(
         return run
 
     fns = {k: iteration(s, minimal=k == "plain_minimal") for k, s in searches.items()}
-    fns["weight_step_only"] = lambda: searches["plain"].weight_step(xt, yt)
+    if not medium or full:
+        fns["weight_step_only"] = lambda: searches["plain"].weight_step(xt, yt)
     res = _time(fns, warmup, trials)
     per = {k: s.cfg.grad_norm_every for k, s in searches.items()}
     wall = {k: v["wall_s"] / per.get(k, 1) for k, v in res.items()}
@@ -262,16 +271,76 @@ def bench_search(
     return out
 
 
+def profile_phases(shape: dict, warmup: int, trials: int, device: str = "cpu") -> dict:
+    """Per-phase seconds (median over interleaved trials) of one default RACL iteration's
+    pieces at ``shape``: the network ``forward`` (train mode, sampled architecture), the CE
+    ``backward`` to the weights, the ``bound`` (Lipschitz constants with power iteration and the
+    log-bound moments), the ``grad_norm_term`` (the default estimator's weight gradients minus a
+    plain forward + backward: the extra pass and the kink record/replay) and the ``optimiser``
+    (SGD step). Whole iterations: ``search_iteration``."""
+    xt, yt = _batch(shape, 1, device)
+    d = SearchConfig()
+    s = _search(shape, True, d.grad_norm_mode, d.grad_norm_every, device)
+    model, cfg = s.model, s.cfg
+    model.train()
+    params = [p for p in model.weight_parameters() if p.requires_grad]
+    z = ArchSample(*(t.detach() for t in model.arch.sample(s.sample_gen).as_tuple()))
+    xt_, yt_ = s._batch(xt, yt)
+    held: dict[str, torch.Tensor] = {}
+
+    def forward() -> None:
+        held["loss"] = F.cross_entropy(model(xt_, z), yt_)
+
+    def backward() -> None:
+        if "loss" not in held:
+            forward()
+        torch.autograd.grad(held.pop("loss"), params)
+
+    def grad_norm() -> None:
+        gamma = cfg.grad_norm_weight
+        weight_gradients(model, params, xt_, yt_, z, gamma, cfg.grad_norm_mode, cfg.fd_step)
+
+    def bound() -> None:
+        s.moments(s.bound_inputs(s.ccfg.power_iterations))
+
+    def optimiser() -> None:
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        s.w_opt.step()
+        s.w_opt.zero_grad(set_to_none=True)
+
+    fns = {
+        "forward": forward,
+        "backward": backward,
+        "grad_norm_weight_step": grad_norm,
+        "bound": bound,
+        "optimiser": optimiser,
+    }
+    res = _time(fns, warmup, trials)
+    phases = {}
+    for key in ("wall_s", "cpu_s"):
+        r = {name: v[key] for name, v in res.items()}
+        phases[key] = {
+            "forward": round(r["forward"], 4),
+            "backward": round(r["backward"], 4),
+            "bound": round(r["bound"], 4),
+            "grad_norm_term": round(r["grad_norm_weight_step"] - r["forward"] - r["backward"], 4),
+            "optimiser": round(r["optimiser"], 4),
+        }
+    return {"estimator": _default_variant(), **phases}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--trials", type=int, default=3)
+    p.add_argument("--trials", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--skip-search", action="store_true", help="weight step only")
     p.add_argument("--shapes", default="small,medium", help="search-iteration shapes")
     p.add_argument("--smoke", action="store_true", help="1 trial, 1 warm-up, small shape only")
     p.add_argument("--full", action="store_true", help="every variant at the medium shape too")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--profile-only", action="store_true", help="only the per-phase profile")
     args = p.parse_args()
     if args.smoke:
         args.trials, args.warmup, args.shapes = 1, 1, "small"
@@ -286,8 +355,11 @@ def main() -> None:
         "loadavg_start": [round(v, 2) for v in os.getloadavg()],
     }
     t0 = time.perf_counter()
-    result["weight_step"] = bench_weight_step(args.warmup, args.trials, args.threads, args.device)
-    if not args.skip_search:
+    if not args.profile_only:
+        result["weight_step"] = bench_weight_step(
+            args.warmup, args.trials, args.threads, args.device
+        )
+    if not args.skip_search and not args.profile_only:
         result["search_iteration"] = {
             name: bench_search(
                 SEARCH_SHAPES[name],
@@ -300,6 +372,11 @@ def main() -> None:
             for name in args.shapes.split(",")
         }
         result["goal_racl_over_plain"] = GOAL_RACL_RATIO
+    if not args.skip_search or args.profile_only:
+        result["profile"] = {
+            name: profile_phases(SEARCH_SHAPES[name], args.warmup, args.trials, args.device)
+            for name in args.shapes.split(",")
+        }
     result["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     result["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))

@@ -284,7 +284,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT["usage"]
-        from pipeline.tracking import end_pipeline_run, prepare_tracking
+        from pipeline.tracking import end_pipeline_run, log_stage_times, prepare_tracking
 
         # The tracking URI is the config's or the environment's (checked in the pre-flight);
         # state.json's copy is informational only (redacted), never used to connect.
@@ -302,16 +302,20 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
         pipe = Pipeline(cfg, run_dir, state, tracking, args.resume, echo, level, bundle=bundle,
                         force_promote=args.force_promote)  # fmt: skip
         t0 = time.monotonic()
+        times: dict[str, float] = {}  # wall seconds per stage (this invocation's)
         for stage in STAGES:  # the stage order
             if stage in stages:
-                getattr(pipe, stage)()
+                _timed(times, stage, getattr(pipe, stage))
         if cfg.study.variants and "evaluate" in stages:
-            pipe.study()
+            _timed(times, "study", pipe.study)
         if "retrain" in stages or "evaluate" in stages:
-            pipe.register()
+            _timed(times, "register", pipe.register)
+        times["total"] = time.monotonic() - t0
+        log_stage_times(tracking, times)
         end_pipeline_run(tracking, "FINISHED")
         text = summary(state, experiment=cfg.tracking.experiment, tracking_uri=tracking.uri,
-                       parent_run_id=tracking.parent_run_id, run_dir=run_dir)  # fmt: skip
+                       parent_run_id=tracking.parent_run_id, run_dir=run_dir,
+                       stage_times=times)  # fmt: skip
         echo(done_message(time.monotonic() - t0, text))
         return EXIT["ok"]
     except KeyboardInterrupt:
@@ -330,6 +334,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
             import ray
 
             ray.shutdown()
+
+
+def _timed(times: dict[str, float], name: str, fn: Any) -> None:
+    """Run ``fn()`` and record its wall seconds under ``name`` (for the summary and MLflow)."""
+    t = time.monotonic()
+    fn()
+    times[name] = time.monotonic() - t
 
 
 def _sigterm_as_sigint() -> None:

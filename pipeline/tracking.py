@@ -58,6 +58,7 @@ __all__ = [
     "code_version",
     "download_checked",
     "end_pipeline_run",
+    "log_stage_times",
     "prepare_tracking",
 ]
 
@@ -328,6 +329,15 @@ def close_open_children(tracking: Tracking, status: str) -> int:
             client.set_terminated(run.info.run_id, status=status)
             n += 1
     return n
+
+
+def log_stage_times(tracking: Tracking, times: Mapping[str, float]) -> None:
+    """Wall seconds per stage as parent-run metrics ``time_<stage>_s`` (e.g. ``time_search_s``,
+    ``time_total_s``). A resumed run logs the stages it ran this time (a skipped one: ~0 s)."""
+    now = int(time.time() * 1000)
+    batch = [Metric(f"time_{k}_s", round(float(v), 3), now, 0) for k, v in times.items()]
+    if batch:
+        tracking.client().log_batch(tracking.parent_run_id, metrics=batch)
 
 
 def end_pipeline_run(tracking: Tracking, status: str = "FINISHED") -> None:

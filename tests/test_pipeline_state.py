@@ -101,3 +101,23 @@ def test_trial_points_keep_values_exactly_and_name_the_param_space():
     assert kappas == [0.0078431, 0.05] and all(type(k) is float for k in kappas)
     with pytest.raises(ConfigError, match="tune.param_space"):
         with_overrides(cfg, {"search.epochs": -1})
+
+
+def test_stage_times_in_summary_and_parent_run_metrics():
+    from types import SimpleNamespace
+
+    from pipeline.tracking import log_stage_times
+
+    times = {"search": 443.2, "retrain": 29.0, "evaluate": 366.4, "total": 840.1}
+    text = summary(_state(), experiment="rarn-x", tracking_uri="sqlite:////x/mlflow.db",
+                   parent_run_id="p", run_dir=Path("/runs/x"), stage_times=times)  # fmt: skip
+    assert "time per stage:   search 443 s, retrain 29 s, evaluate 366 s (total 840 s)" in text
+    logged: list = []
+    client = SimpleNamespace(log_batch=lambda run_id, metrics: logged.append((run_id, metrics)))
+    log_stage_times(SimpleNamespace(client=lambda: client, parent_run_id="p"), times)
+    ((run_id, metrics),) = logged
+    assert run_id == "p"
+    assert {m.key: m.value for m in metrics} == {
+        "time_search_s": 443.2, "time_retrain_s": 29.0, "time_evaluate_s": 366.4,
+        "time_total_s": 840.1,
+    }  # fmt: skip

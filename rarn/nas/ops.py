@@ -123,7 +123,21 @@ class FactorizedReduce(nn.Module):
         # Odd sizes: pad the shifted grid so both convs give ceil(H / 2) outputs.
         if x.shape[2] % 2 or x.shape[3] % 2:
             shifted = F.pad(shifted, (0, x.shape[3] % 2, 0, x.shape[2] % 2))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        if x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+            # torch CPU (oneDNN) corrupts the heap in the weight gradient of a 1 x 1 stride-2
+            # convolution with few input channels in channels-last layout ("double free or
+            # corruption" / segfault; benchmarks/repro_channels_last_cpu.py): subsample, then
+            # the same convolution at stride 1 (identical maths).
+            halves = [_conv_1x1_s2(self.conv_1, x), _conv_1x1_s2(self.conv_2, shifted)]
+        else:
+            halves = [self.conv_1(x), self.conv_2(shifted)]
+        return self.bn(torch.cat(halves, dim=1))
+
+
+def _conv_1x1_s2(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for a bias-free 1 x 1 stride-2 ``conv``, as subsampling + a stride-1 conv."""
+    sub = x[:, :, ::2, ::2].contiguous(memory_format=torch.channels_last)
+    return F.conv2d(sub, conv.weight)
 
 
 def _skip(C: int, stride: int, affine: bool) -> nn.Module:
