@@ -280,11 +280,14 @@ class Pipeline:
         Its failure is reported and recorded (``--resume`` tries again), not raised: the
         evaluations are saved already, and an optional artifact does not block the registry.
         """
+        from pipeline.evidence import store_retrained
         from pipeline.transfer import run_transfer_stage, transfer_attack
 
         ev = self.cfg.evaluation
-        models = [r for r in self.state.retrained() if self.state.evaluate_done(r.key)]
-        models = [r for r in models if r.model_uri]
+        stored, notes = store_retrained(self.state, self.tracking)  # the store's models, not
+        for note in notes:  # state.json's
+            self.echo(f"[transfer] refused: {note}")
+        models = [r for r in stored if self.state.evaluate_done(r.key) and r.model_uri]
         keys = [r.key for r in models]
         if len(models) < 2:
             return

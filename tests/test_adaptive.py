@@ -216,11 +216,11 @@ def test_batch_size_is_part_of_the_protocol():
 
 def test_summary_pairs_rank_one_and_two_on_the_same_images(digits, tmp_path):
     """The run summary shows the headline's interval and n, and tests rank 1 vs 2 image by
-    image from the records beside each results table."""
+    image from the per-image masks the tracking store recorded (tag ``rarn.eval_robust``)."""
     from pipeline.evaluate import summary_metrics
     from pipeline.report import summary
     from pipeline.state import EvalOutcome, RetrainOutcome, RunState
-    from rarn.robust.evaluation import write_records
+    from rarn.robust.evaluation import pack_mask, write_records
 
     net, x, y = digits
     state = RunState()
@@ -232,7 +232,8 @@ def test_summary_pairs_rank_one_and_two_on_the_same_images(digits, tmp_path):
         write_records(records_table([r]), tmp_path / key / "records.parquet")
         state.retrain[key] = RetrainOutcome(key, "g" * 12, "", "run", "uri", "sha")
         path = str(tmp_path / key / "results.parquet")
-        state.evaluate[key] = EvalOutcome(key, summary_metrics(r), {}, path)
+        state.evaluate[key] = EvalOutcome(key, summary_metrics(r), {}, path,
+                                          robust_mask=pack_mask(r.robust))  # fmt: skip
     text = summary(state, experiment="x", tracking_uri="sqlite:////x.db", parent_run_id="p",
                    run_dir=tmp_path)  # fmt: skip
     assert "robust [95% CI] n" in text and "n=96" in text

@@ -101,12 +101,12 @@ def _replayed(run: dict) -> dict[tuple[str, str], float]:
 def test_transfer_matrix_artifact_failure_and_resume(ray_local, run, tmp_path):
     run_dir, tracking = run["run_dir"], run["tracking"]
     table_path = run_dir / "evaluation" / "transfer.parquet"
-    # 1. A model whose files differ from their digest: the error is recorded, nothing raised,
-    # the evaluations stay, and no file is written.
     state = RunState.load(run_dir)
     good = state.retrain["t01"].model_sha256
-    state.retrain["t01"].model_sha256 = "0" * 64
-    state.save(run_dir)
+    # 1. A model whose files differ from the digest the tracking store recorded: the error is
+    # recorded, nothing raised, the evaluations stay, and no file is written.
+    run_id = state.retrain["t01"].retrain_run_id
+    tracking.client().set_tag(run_id, "rarn.model_sha256", "0" * 64)
     lines: list[str] = []
     _pipeline(run, lines).evaluate()
     saved = RunState.load(run_dir)
@@ -114,8 +114,7 @@ def test_transfer_matrix_artifact_failure_and_resume(ray_local, run, tmp_path):
     assert not saved.transfer_done(["t00", "t01"]) and not table_path.exists()
     assert sorted(saved.evaluate) == ["t00", "t01"] and saved.evaluate_done("t00")
     assert any(ln.startswith("[transfer] error: ArtifactIntegrityError") for ln in lines), lines
-    saved.retrain["t01"].model_sha256 = good
-    saved.save(run_dir)
+    tracking.client().set_tag(run_id, "rarn.model_sha256", good)
 
     # 2. Made: on disk and on the parent run, one row per source x target, as replayed here.
     lines = []
