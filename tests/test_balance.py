@@ -97,17 +97,24 @@ def test_search_reports_the_balance_every_epoch(digits):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_default_config_search_is_balanced():
-    """configs/default.yaml on digits: the constraint is met, never pulls much harder than the CE,
-    the CE keeps moving the means once it is met, and the chance part asks about as much as the
-    mean part (measured: penalty/CE <= 0.68, last-epoch mean |d mu| 0.022, share 0.46-0.48).
+    """configs/default.yaml on digits: the constraint keeps binding through the architecture
+    epochs (kappa ramped, issue 19), never pulls much harder than the CE, the means keep moving,
+    the chance part counts and shrinks as the margin grows, and the genotype trips no collapse
+    signal (measured, seed 0: dual > 0 on 1.0 / 1.0 / 0.82 / 1.0 of each epoch's steps,
+    penalty/CE <= 0.67, mean |d mu| >= 0.025 per epoch, chance share 0.62 -> 0.16).
 
-    Replaces ``test_search.py::test_default_config_genotype_stays_convolutional`` (conv share
-    >= 0.5), which counted the old collapse onto dilated convolutions as success (issue 12)."""
+    Before issue 19 it asserted the opposite: the constraint met and its dual 0 in the last
+    epoch, the "never active" regime of spec §10.1."""
     cfg = load_config("configs/default.yaml")
     bundle = load_dataset(cfg.data)
     d = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
-    arch = [m for m in run_search(cfg.search, cfg.constraint, d).history if "h" in m]
-    assert arch and arch[-1]["frac_satisfied"] == 1.0
+    result = run_search(cfg.search, cfg.constraint, d)
+    arch = [m for m in result.history if "h" in m]
+    assert len(arch) >= 2
+    steps = sum(m["arch_steps"] for m in arch)
+    assert sum(m["frac_dual_positive"] * m["arch_steps"] for m in arch) / steps >= 0.5
     assert max(m["penalty_ce_ratio"] for m in arch) < 3
-    assert arch[-1]["y"] == 0 and arch[-1]["mu_move_met"] > 0.005
-    assert all(0.3 < m["confidence_share"] < 0.7 for m in arch)
+    assert all(m["mu_move"] > 0.005 for m in arch)
+    shares = [m["confidence_share"] for m in arch]
+    assert all(0.05 < c < 0.9 for c in shares) and shares[-1] < shares[0]
+    assert not result.collapsed, (result.collapse_reason, result.genotype)
