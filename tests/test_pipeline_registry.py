@@ -45,12 +45,18 @@ def _mask(worst: float, n: int = 200) -> torch.Tensor:
 
 def _ev(worst: float, data: str = DATA_A, flags: dict | None = None, error: str | None = None,
         root: Path | None = None):  # fmt: skip
-    """An evaluation outcome; with ``root``, its per-image records (``_mask``) beside it."""
+    """An evaluation outcome; with ``root``, its per-image headline (``_mask``) packed, and its
+    records beside it."""
     metrics = {} if error else {"eval_worst_case_acc": worst, "eval_clean_acc": 0.9}
     flags = flags or {"zero_gradients": False, "black_box_stronger": None}
-    path = ""
+    path, robust = "", ""
     if root is not None:
-        from rarn.robust.evaluation import RobustnessResult, records_table, write_records
+        from rarn.robust.evaluation import (
+            RobustnessResult,
+            pack_mask,
+            records_table,
+            write_records,
+        )
 
         m, ones = _mask(worst), torch.ones(200, dtype=torch.bool)
         r = RobustnessResult("t00", 200, 1.0, {}, worst, m, ("pgd",),
@@ -60,9 +66,9 @@ def _ev(worst: float, data: str = DATA_A, flags: dict | None = None, error: str 
         d = root / f"ev-{worst}"
         d.mkdir(exist_ok=True)
         write_records(records_table([r]), d / "records.parquet")
-        path = str(d / "results.parquet")
+        path, robust = str(d / "results.parquet"), pack_mask(m)
     return EvalOutcome("t00", metrics, flags, path, error=error, data_sha256=data,
-                       protocol=PROTOCOL)  # fmt: skip
+                       protocol=PROTOCOL, robust_mask=robust)  # fmt: skip
 
 
 def test_promotion_rule():
@@ -125,6 +131,8 @@ def _record(store, ev: EvalOutcome) -> None:
     run = ChildRun(store["tracking"], run_id)
     run.log_metrics(ev.metrics, step=0)
     digests = {"rarn.eval_data_sha256": ev.data_sha256, "rarn.eval_protocol": ev.protocol}
+    if ev.robust_mask:  # the per-image headline the promotion rule pairs (rarn.eval_robust)
+        digests["rarn.eval_robust"] = ev.robust_mask
     run.set_tags({f"rarn.masking.{k}": v for k, v in ev.flags.items()} | digests)
 
 
