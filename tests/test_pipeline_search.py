@@ -40,6 +40,7 @@ def _kill_after_first_epoch(store: TrialStore, killed: dict, stop: threading.Eve
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # four 4-epoch smoke searches through Tune, one killed and resumed
 def test_search_faults_diverged_corrupted_killed(ray_local, tmp_path):
     cfg = load_config(
         ROOT / "configs" / "smoke.yaml",
