@@ -17,9 +17,11 @@ alias is decided by :mod:`pipeline.promotion`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,6 @@ def log_model_checked(
 
     from pipeline.portable import save_network
 
-    mlflow.set_tracking_uri(tracking.uri)  # this worker process only
     x = np.ascontiguousarray(torch.as_tensor(example).detach().cpu().float().numpy())
     with torch.inference_mode():
         logits = model(torch.from_numpy(x)).numpy()
@@ -105,6 +106,7 @@ def log_model_checked(
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, logits.shape[1]))]),
     )
     with (
+        process_tracking_uri(tracking.uri),
         tempfile.TemporaryDirectory() as d,
         mlflow.start_run(run_id=run_id, experiment_id=tracking.experiment_id),
     ):
@@ -175,21 +177,32 @@ def register_version(tracking: Tracking, name: str, model_uri: str, tags: Mappin
     except MlflowException as e:
         if "ALREADY_EXISTS" not in str(e.error_code):
             raise
-    import mlflow
 
     model_id = model_uri.split("/", 1)[1] if model_uri.startswith("models:/m-") else None
     # MLflow's registry looks the logged model up through the process-wide tracking URI, not the
     # client's: point it at this run's store for the call (another store may be set globally).
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking.uri)
-    try:
+    with process_tracking_uri(tracking.uri):
         mv = client.create_model_version(
             name, source=model_uri, run_id=tags.get("rarn.retrain_run_id"), tags=dict(tags),
             model_id=model_id,
         )  # fmt: skip
-    finally:
-        mlflow.set_tracking_uri(previous)
     return str(mv.version)
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then restored from the
+    environment as it was (``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI``, so
+    an unrestored call leaks this store into every later run of the process, ``--resume``'s
+    checks included)."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset, as it was
 
 
 def current_alias_version(tracking: Tracking, name: str, alias: str) -> Any | None:

@@ -284,10 +284,13 @@ class Pipeline:
         from pipeline.transfer import run_transfer_stage, transfer_attack
 
         ev = self.cfg.evaluation
+        done = {r.key for r in self.state.retrained() if self.state.evaluate_done(r.key)}
+        if len(done) < 2:
+            return
         stored, notes = store_retrained(self.state, self.tracking)  # the store's models, not
         for note in notes:  # state.json's
             self.echo(f"[transfer] refused: {note}")
-        models = [r for r in stored if self.state.evaluate_done(r.key) and r.model_uri]
+        models = [r for r in stored if r.key in done and r.model_uri]
         keys = [r.key for r in models]
         if len(models) < 2:
             return

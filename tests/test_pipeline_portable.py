@@ -129,7 +129,8 @@ def test_named_network_through_mlflow(resnet, tmp_path, monkeypatch):
     art = Path(location.artifact_location.removeprefix("file://"))
     assert {p.name for p in (art / "artifacts").iterdir()} == {"weights.pt", "network.json"}
     assert "torchvision==" in (art / "requirements.txt").read_text()
-    mlflow.set_tracking_uri(uri)
+    # this test only (mlflow.set_tracking_uri would leak the URI into later tests' resumes)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     with torch.no_grad():
         expected = net(x).numpy()

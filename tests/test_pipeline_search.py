@@ -82,11 +82,14 @@ def test_search_faults_diverged_corrupted_killed(ray_local, tmp_path):
 
     assert killed, "the killer thread never saw t00's first checkpoint"
     assert outcomes["t00"].status == outcomes["t03"].status == "TERMINATED"
-    assert outcomes["t01"].status == outcomes["t02"].status == "ERROR"
+    assert outcomes["t01"].status == "ERROR"
     assert "SearchDiverged" in outcomes["t01"].error or "diverged" in outcomes["t01"].error
-    assert "corrupted" in outcomes["t02"].error and "checkpoint.pt" in outcomes["t02"].error
-    # Selection skips both errored trials.
-    assert sorted(select_top_k(list(outcomes.values()), 4, "val_acc", "max")) == ["t00", "t03"]
+    # t02's damaged checkpoint was never recorded by the tracking store (issue 21: the run
+    # directory is untrusted): it is skipped, not loaded, and t02 starts afresh and finishes.
+    assert outcomes["t02"].status == "TERMINATED"
+    # Selection skips the errored trial.
+    ranked = sorted(select_top_k(list(outcomes.values()), 4, "val_acc", "max"))
+    assert ranked == ["t00", "t02", "t03"]
 
     # t00 resumed from its last checkpoint epoch, in a new worker, into the same MLflow run.
     lines = (job.store("t00").root / "attempts.jsonl").read_text().splitlines()
@@ -100,5 +103,5 @@ def test_search_faults_diverged_corrupted_killed(ray_local, tmp_path):
     epochs = [m.step for m in client.get_metric_history(runs["t00"].info.run_id, "epoch")]
     assert sorted(epochs) == [1, 2, 3, 4]  # each once, the killed epoch's too (backfilled)
     status = {k: r.info.status for k, r in runs.items()}
-    assert status == {"t00": "FINISHED", "t01": "FAILED", "t02": "FAILED", "t03": "FINISHED"}
+    assert status == {"t00": "FINISHED", "t01": "FAILED", "t02": "FINISHED", "t03": "FINISHED"}
     assert runs["t00"].data.tags["rarn.resumed_from_epoch"] == str(attempts[1]["start_epoch"])
