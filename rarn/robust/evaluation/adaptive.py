@@ -28,34 +28,15 @@ import torch
 from torch import Tensor, nn
 
 from rarn.robust.evaluation._core import _attack_preds, attack_seed, batch_generator
-from rarn.robust.evaluation.masking import MIN_POINTS
+from rarn.robust.evaluation.masking import MASKING_FLAGS, MIN_POINTS
 from rarn.robust.evaluation.named import NamedAttack
 
 __all__ = ["TRIGGERS", "adaptive_plan", "flag_outcomes", "run_adaptive"]
 
 TRIGGERS: dict[str, tuple[str, ...]] = {
-    "bpda": (
-        "probability_outputs",
-        "zero_gradients",
-        "steps_not_decreasing",
-        "more_steps_stronger",
-        "fgsm_beats_pgd",
-        "eps_not_decreasing",
-        "black_box_stronger",
-        "black_box_breaks_robust",
-    ),
+    "bpda": tuple(f for f in MASKING_FLAGS if f != "randomized_outputs"),
     "pgd_eot": ("randomized_outputs",),
-    "square": (
-        "probability_outputs",
-        "zero_gradients",
-        "randomized_outputs",
-        "steps_not_decreasing",
-        "more_steps_stronger",
-        "fgsm_beats_pgd",
-        "eps_not_decreasing",
-        "black_box_stronger",
-        "black_box_breaks_robust",
-    ),
+    "square": MASKING_FLAGS,  # a longer black-box attack answers every flag
 }
 """Adaptive attack (registry key) -> the flags that call for it."""
 
