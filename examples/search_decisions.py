@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[3, 4])
     p.add_argument("--set", nargs="*", default=[], help="extra dotted overrides key=value")
     p.add_argument("--out", default="")
+    p.add_argument(
+        "--checkpoints",
+        default="",
+        help="keep each search's checkpoint in DIR/<variant>_<seed> (a finished one is resumed, "
+        "so a rerun only decodes; examples/selection_rules.py re-decodes them offline)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = load_config(a.config)
@@ -70,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
             bundle = load_dataset(cfg.data)
             data = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
             t0 = time.perf_counter()
-            res = run_search(cfg.search, cfg.constraint, data)
+            ckpt = Path(a.checkpoints) / f"{variant}_{seed}" if a.checkpoints else None
+            res = run_search(cfg.search, cfg.constraint, data, checkpoint_dir=ckpt)
             keys = (
                 "arch_steps",
                 "frac_dual_positive",
