@@ -22,6 +22,10 @@ Here, with our choices marked (docs/method.md, "Decoding"):
   A fixed set made against the unperturbed supernet rewards removing whatever it exploits
   (measured: tests/test_perturbation.py). [ours; no public robust-NAS code selects ops by their
   robust importance]
+* ``penalty``: the objective is the validation CE plus ``penalty(w)``, a function of the
+  mixing weights: :func:`rarn.nas.selection.lagrangian_penalty` makes it the chance
+  constraint's term of the Lagrangian the architecture step descends, so an op's importance is
+  what the search's own objective loses without it (docs/method.md, "Decoding"). [ours]
 * Removing an op zeroes its mixing weight without renormalising the others (darts-pt);
   removing an edge zeroes its PC-DARTS ``beta`` (its bypass channels go with it).
 * The loss rise is measured ``exact`` (one supernet pass per removal, about 250 for the DARTS
@@ -58,6 +62,8 @@ __all__ = [
     "Attack",
     "FixedWeights",
     "Importance",
+    "Penalty",
+    "frozen_statistics",
     "perturbation_select",
     "supernet_loss",
 ]
@@ -89,7 +95,7 @@ class Importance:
 
 
 @contextmanager
-def _frozen_statistics(model: nn.Module):
+def frozen_statistics(model: nn.Module):
     """Train mode (batch statistics) with every buffer (BN running mean/var/count) restored."""
     was_training = model.training
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
@@ -105,6 +111,9 @@ def _frozen_statistics(model: nn.Module):
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``attack(net, x, y) -> x_adv`` against ``net`` (an ``x -> logits`` model)."""
+Penalty = Callable[[dict[str, Tensor]], Tensor]
+"""``penalty(w) -> scalar`` added to the loss, differentiable in the mixing weights ``w``
+(``normal``, ``reduce`` ``[E, n_ops]``; ``normal_edges``, ``reduce_edges`` ``[E]``)."""
 
 
 class FixedWeights(nn.Module):
@@ -140,7 +149,7 @@ def supernet_loss(
     """Mean CE of ``model(x, weights=weights)`` over ``batches`` (batch statistics, the running
     statistics untouched); with ``attack``, on its examples against this very supernet."""
     total, n = 0.0, 0
-    with _frozen_statistics(model):
+    with frozen_statistics(model):
         for x, y in batches:
             x = _attacked(model, x, y, weights, attack)
             with torch.no_grad():
@@ -165,12 +174,17 @@ class _Scorer:
     statistics untouched."""
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[Batch], estimate: str, attack: Attack | None
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        estimate: str,
+        attack: Attack | None,
+        penalty: Penalty | None = None,
     ) -> None:
         if estimate not in ESTIMATES:
             raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
         self.model, self.batches, self.exact = model, batches, estimate == "exact"
-        self.attack = attack
+        self.attack, self.penalty = attack, penalty
         self.evaluations = 0  # passes over the batches (a backward counts as one more)
         self._grads: dict[str, Tensor] | None = None
 
@@ -179,7 +193,11 @@ class _Scorer:
 
     def loss(self, w: dict[str, Tensor]) -> float:
         self.evaluations += 1
-        return supernet_loss(self.model, self.batches, self.weights(w), self.attack)
+        extra = 0.0
+        if self.penalty is not None:
+            with torch.no_grad():
+                extra = float(self.penalty(w))
+        return supernet_loss(self.model, self.batches, self.weights(w), self.attack) + extra
 
     def changed(self) -> None:
         self._grads = None
@@ -188,12 +206,15 @@ class _Scorer:
         if self._grads is None:
             leaves = {k: w[k].detach().clone().requires_grad_(True) for k in _KEYS}
             n = sum(len(y) for _, y in self.batches)
-            with _frozen_statistics(self.model):  # Danskin: the loss at the attack's point
+            with frozen_statistics(self.model):  # Danskin: the loss at the attack's point
                 for x, y in self.batches:
                     x = _attacked(self.model, x, y, self.weights(w), self.attack)
                     with torch.enable_grad():
                         logits = self.model(x, weights=self.weights(leaves))
                         (F.cross_entropy(logits.float(), y, reduction="sum") / n).backward()
+            if self.penalty is not None:
+                with torch.enable_grad():
+                    self.penalty(leaves).backward()
             self.evaluations += 2
             self._grads = {k: v.grad.detach().double() for k, v in leaves.items()}
         return self._grads
@@ -231,6 +252,7 @@ def perturbation_select(
     generator: torch.Generator | None = None,
     tune: Callable[[ArchSample], None] | None = None,
     attack: Attack | None = None,
+    penalty: Penalty | None = None,
 ) -> tuple[Genotype, Importance]:
     """Selection by perturbation (darts-pt) from the base logits ``base``.
 
@@ -250,6 +272,9 @@ def perturbation_select(
         attack: the robust loss: every loss is measured on this attack's examples against the
             supernet being measured (each candidate attacked anew: a fixed set of examples,
             made against the unperturbed supernet, rewards removing whatever they exploit).
+        penalty: added to every loss (e.g. the chance constraint's Lagrangian term,
+            :func:`rarn.nas.selection.lagrangian_penalty`): importances are rises of the
+            objective ``CE + penalty(w)``.
 
     Returns:
         The genotype (per node the two edges whose removal raises the loss most, each with the
@@ -263,7 +288,7 @@ def perturbation_select(
             "normal_edges": node_softmax(base.normal_edges, nodes).clone(),
             "reduce_edges": node_softmax(base.reduce_edges, nodes).clone(),
         }
-    score = _Scorer(model, batches, estimate, attack)
+    score = _Scorer(model, batches, estimate, attack, penalty)
     base_loss = score.loss(w)
     E, n_ops = w["normal"].shape
     op_imp = {c: torch.full((E, n_ops), float("nan"), dtype=torch.float64) for c in _CELLS}
