@@ -1,6 +1,6 @@
-"""Selection on the search's objective (``search.decode_objective: lagrangian``): an op's
-importance is the rise of the validation CE plus the chance constraint's Lagrangian term when it
-is removed, so the constraint reaches the genotype through the selection."""
+"""Selection on the search's objective (``search.decode_objective: lagrangian``): each decision
+ranks the rise of the validation CE plus the chance constraint's bound, weighed by the search's
+final multiplier and balance, so the constraint reaches the genotype through the selection."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import math
 
 import pytest
 import torch
-from test_perturbation import N_OPS, SEP3, SKIP, _Linear, _uniform
+from test_perturbation import DIL3, N_OPS, SEP3, SKIP, _Linear, _uniform
 
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.constraint import log_bound
 from rarn.nas.ops import PRIMITIVES
-from rarn.nas.perturbation import perturbation_select
+from rarn.nas.perturbation import Term, perturbation_select
 from rarn.nas.search import RACLSearch
-from rarn.nas.selection import base_logits, lagrangian_penalty
+from rarn.nas.selection import base_logits, constraint_term
 from rarn.nas.supernet import ArchSample, node_log_softmax
 
 KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")
@@ -25,36 +25,55 @@ TINY = SearchConfig(
 )
 
 
-def _sep_penalty(k: float):
-    """A penalty that charges ``k`` per unit of sep_conv_3x3 weight in the normal cell."""
-    return lambda w: k * w["normal"][:, SEP3].sum()
+def _sep_term(coef: float, balance: str = "none") -> Term:
+    """A term that charges 1 per unit of sep_conv_3x3 weight in the normal cell."""
+    return Term(lambda w: w["normal"][:, SEP3].sum(), coef, balance)
 
 
 @pytest.mark.parametrize("estimate", ["exact", "first_order"])
-def test_penalty_enters_every_importance(estimate):
-    """The hand case of test_perturbation: each edge's best op is sep_conv_3x3. The importance
-    is the CE rise plus the penalty's rise, exactly (``exact``) or to first order; a penalty that
-    outweighs the CE's pull turns every normal edge away from sep_conv_3x3."""
+def test_term_enters_every_decision(estimate):
+    """The hand case of test_perturbation: each edge's best op is sep_conv_3x3. With a term, an
+    op's importance is its loss rise plus ``coef`` times the term's rise (``balance: none``),
+    exactly; a term that outweighs the loss turns every normal edge away from sep_conv_3x3, and
+    the reduction cell, which it does not charge, keeps its ops."""
     E, nodes = 5, 2
     c_n = torch.zeros(E, N_OPS)
     c_n[:, SEP3] = torch.tensor([2.0, 1.0, 0.2, 3.0, 1.5])
     c_n[:, SKIP] = 0.5
-    model = _Linear(c_n, torch.zeros(E, N_OPS), nodes)
+    c_r = torch.zeros(E, N_OPS)
+    c_r[:, DIL3] = 1.0
+    model = _Linear(c_n, c_r, nodes)
     batches = [(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))]
     kw = {"estimate": estimate, "progressive": False}
     g0, imp0 = perturbation_select(model, batches, _uniform(E), **kw)
     assert [op for op, _ in g0.normal] == ["sep_conv_3x3"] * 4
     k = 0.05
-    g1, imp1 = perturbation_select(model, batches, _uniform(E), penalty=_sep_penalty(k), **kw)
+    g1, imp1 = perturbation_select(model, batches, _uniform(E), term=_sep_term(k), **kw)
     rise = imp1.ops["normal"][:, SEP3] - imp0.ops["normal"][:, SEP3]
-    # removing sep_conv_3x3 (weight 1/8) lowers the penalty by k/8, on every edge
-    assert torch.allclose(rise, torch.full((E,), -k / N_OPS, dtype=torch.float64), atol=1e-6)
+    # removing sep_conv_3x3 (weight 1/8) lowers the term by 1/8 on every edge
+    assert torch.allclose(rise, torch.full((E,), -k / N_OPS, dtype=torch.float64), atol=1e-9)
     others = [o for o in range(N_OPS) if o not in (SEP3, PRIMITIVES.index("none"))]
-    assert torch.allclose(imp1.ops["normal"][:, others], imp0.ops["normal"][:, others], atol=1e-6)
-    assert imp1.base_loss == pytest.approx(imp0.base_loss + k * E / N_OPS, rel=1e-6)
-    g2, _ = perturbation_select(model, batches, _uniform(E), penalty=_sep_penalty(50.0), **kw)
+    assert torch.equal(imp1.ops["normal"][:, others], imp0.ops["normal"][:, others])
+    assert torch.equal(imp1.edges["normal"], imp0.edges["normal"])  # edges: term flat
+    g2, _ = perturbation_select(model, batches, _uniform(E), term=_sep_term(50.0), **kw)
     assert "sep_conv_3x3" not in [op for op, _ in g2.normal]
-    assert g2.reduce == g0.reduce  # the penalty charges the normal cell only
+    assert g2.reduce == g0.reduce
+
+
+def test_ce_norm_balance_pulls_coef_times_the_loss():
+    """``ce_norm``: the term's rises are scaled to the spread of the loss rises over the
+    decision's candidates, so ``coef`` alone sets how hard it pulls, whatever the term's units."""
+    loss = torch.tensor([float("nan"), 0.01, 0.02, 0.0, 0.03], dtype=torch.float64)
+    term_rises = torch.tensor([0.0, -5.0, -5.0, 0.0, -100.0], dtype=torch.float64)  # any units
+    for coef in (0.5, 2.0):
+        out = Term(lambda w: torch.zeros(()), coef, "ce_norm").combine(loss, term_rises)
+        ok = torch.isfinite(loss)
+        d_loss, d_term = loss[ok] - loss[ok].mean(), out[ok] - loss[ok]
+        d_term = d_term - d_term.mean()
+        assert math.isnan(out[0])
+        assert float(d_term.norm()) == pytest.approx(coef * float(d_loss.norm()), rel=1e-9)
+    flat = Term(lambda w: torch.zeros(()), 1.0, "ce_norm").combine(loss, torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(flat[1:], loss[1:])  # a flat term changes nothing
 
 
 def test_log_bound_of_weights():
@@ -94,24 +113,20 @@ def _search(enabled: bool = True, balance: str = "ce_norm") -> RACLSearch:
     return s
 
 
-def test_lagrangian_penalty_follows_the_dual():
-    """Off, or met with a spent dual: no penalty (the selection is the CE's). Active: the
-    weight is ``c * ||dCE/dz|| / ||dh/dmu||`` (ce_norm) or ``c`` (none), the penalty is that weight
-    times the bound of the mixing weights, and removing an edge's largest-lambda op lowers it
-    more than removing its smallest-lambda op."""
-    batches = [(torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,)))]
+def test_constraint_term_follows_the_dual():
+    """Off, or met with a spent dual: no term (the CE decides). Active: its multiplier is the
+    Lagrangian's ``y + rho max(0, h / unit)``, its value the bound of the mixing weights, and
+    removing an edge's largest-lambda op lowers it more than removing its smallest-lambda op."""
     s = _search(enabled=False)
-    assert lagrangian_penalty(s, batches, base_logits(s)) == (None, 0.0)
+    assert constraint_term(s) is None
     s = _search()
     s.constraint.threshold, s.constraint.log_lambda_bar, s.constraint.y = "absolute", 1e6, 0.0
-    assert lagrangian_penalty(s, batches, base_logits(s)) == (None, 0.0)
+    assert constraint_term(s) is None
     for balance in ("ce_norm", "none"):
         s = _search(balance=balance)
         s.constraint.y = 2.0
-        penalty, weight = lagrangian_penalty(s, batches, base_logits(s))
-        assert penalty is not None and weight > 0
-        if balance == "none":  # unit 1, c = y + rho max(0, h)
-            assert weight >= 2.0
+        term = constraint_term(s)
+        assert term is not None and term.coef >= 2.0 and term.balance == balance
         base = base_logits(s)
         w = {
             "normal": torch.softmax(base.normal, -1),
@@ -122,17 +137,10 @@ def test_lagrangian_penalty_follows_the_dual():
         logs = ArchSample(*(torch.log(w[k]) for k in KEYS))
         inputs = s.bound_inputs(update=False)
         f = float(log_bound(logs, inputs, log_weights=True))
-        assert float(penalty(w)) == pytest.approx(weight * f, rel=1e-5)
+        assert float(term.value(w)) == pytest.approx(f, rel=1e-6)
         lam = inputs.log_lam[~inputs.is_reduce].mean(0)  # [E, ops]
-        e = 0
-        top = int(lam[e].argmax())
-        low = int(lam[e].nan_to_num(neginf=float("inf")).argmin())  # never `none` (-inf)
+        top = int(lam[0].argmax())
+        low = int(lam[0].nan_to_num(neginf=float("inf")).argmin())  # never `none` (-inf)
         assert low != top
-
-        drop = {}
-        for o in (top, low):
-            t = w["normal"].clone()
-            t[e, o] = 0.0
-            drop[o] = float(penalty(w)) - float(penalty({**w, "normal": t}))
-        assert math.isfinite(drop[top]) and drop[top] > 0
-        assert drop[top] > drop[low]
+        drop = -term.rises(w, "normal", [(0, top), (0, low)])
+        assert torch.isfinite(drop).all() and drop[0] > 0 and drop[0] > drop[1]

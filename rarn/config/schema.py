@@ -202,10 +202,10 @@ class SearchConfig:
     # docs/method.md); progressive: project edge by edge (darts-pt)
     decode_estimate: PerturbationEstimate = "exact"
     decode_progressive: bool = False
-    # what a removal is measured on: the validation CE ("ce", darts-pt) or the architecture
-    # step's Lagrangian, the CE plus the chance constraint's term at the final dual and balance
-    # ("lagrangian", rarn.nas.selection.lagrangian_penalty; the CE alone when the constraint is
-    # off or idle)
+    # what decides a removal: the validation CE ("ce", darts-pt) or the architecture step's
+    # Lagrangian ("lagrangian": the CE's rise plus the bound's, weighed by the search's final
+    # multiplier and balance, rarn.nas.selection.constraint_term; the CE alone when the
+    # constraint is off or idle at the end)
     decode_objective: DecodeObjective = "ce"
     # P-DARTS cap (Chen et al. 2019, arXiv:1904.12760) applied when the decoded genotype trips
     # the collapse detector: at most this many parameter-free edges per cell, the others

@@ -22,10 +22,13 @@ Here, with our choices marked (docs/method.md, "Decoding"):
   A fixed set made against the unperturbed supernet rewards removing whatever it exploits
   (measured: tests/test_perturbation.py). [ours; no public robust-NAS code selects ops by their
   robust importance]
-* ``penalty``: the objective is the validation CE plus ``penalty(w)``, a function of the
-  mixing weights: :func:`rarn.nas.selection.lagrangian_penalty` makes it the chance
-  constraint's term of the Lagrangian the architecture step descends, so an op's importance is
-  what the search's own objective loses without it (docs/method.md, "Decoding"). [ours]
+* ``term``: a second criterion beside the loss, a function of the mixing weights (the chance
+  constraint's bound, :func:`rarn.nas.selection.constraint_term`). Each decision (an edge's op,
+  a cell type's edges) ranks ``loss rise + c * scale * term rise``, where the term's rises are
+  exact (the bound is analytic), ``c`` is the term's multiplier (the search's final dual) and
+  ``scale`` (``ce_norm``) the ratio of the spreads of the two rises over the candidates: the
+  term pulls ``c`` times as hard as the loss on every decision, as the architecture step's
+  balance makes the constraint pull ``c`` times as hard as the CE on the means. [ours]
 * Removing an op zeroes its mixing weight without renormalising the others (darts-pt);
   removing an edge zeroes its PC-DARTS ``beta`` (its bypass channels go with it).
 * The loss rise is measured ``exact`` (one supernet pass per removal, about 250 for the DARTS
@@ -62,8 +65,7 @@ __all__ = [
     "Attack",
     "FixedWeights",
     "Importance",
-    "Penalty",
-    "frozen_statistics",
+    "Term",
     "perturbation_select",
     "supernet_loss",
 ]
@@ -95,7 +97,7 @@ class Importance:
 
 
 @contextmanager
-def frozen_statistics(model: nn.Module):
+def _frozen_statistics(model: nn.Module):
     """Train mode (batch statistics) with every buffer (BN running mean/var/count) restored."""
     was_training = model.training
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
@@ -111,9 +113,42 @@ def frozen_statistics(model: nn.Module):
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``attack(net, x, y) -> x_adv`` against ``net`` (an ``x -> logits`` model)."""
-Penalty = Callable[[dict[str, Tensor]], Tensor]
-"""``penalty(w) -> scalar`` added to the loss, differentiable in the mixing weights ``w``
-(``normal``, ``reduce`` ``[E, n_ops]``; ``normal_edges``, ``reduce_edges`` ``[E]``)."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """A second selection criterion: ``value(w)``, a scalar function of the mixing weights ``w``
+    (``normal``, ``reduce`` ``[E, n_ops]``; ``normal_edges``, ``reduce_edges`` ``[E]``), with
+    its multiplier ``coef`` and ``balance``: ``ce_norm`` scales its rises to the loss rises'
+    spread on each decision (``coef = 1``: both pull alike), ``none`` adds ``coef`` times them
+    as they are (in the loss's units)."""
+
+    value: Callable[[dict[str, Tensor]], Tensor]
+    coef: float
+    balance: str = "ce_norm"
+
+    def rises(self, w: dict[str, Tensor], key: str, index: list[tuple[int, ...]]) -> Tensor:
+        """The term's rise when ``w[key][i]`` is set to 0, for every ``i`` in ``index``."""
+        with torch.no_grad():
+            ref = float(self.value(w))
+            out = []
+            for i in index:
+                t = w[key].clone()
+                t[i] = 0.0
+                out.append(float(self.value({**w, key: t})) - ref)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def combine(self, loss_rises: Tensor, term_rises: Tensor) -> Tensor:
+        """``loss + coef * scale * term`` over one decision's candidates (finite entries)."""
+        ok = torch.isfinite(loss_rises)
+        scale = 1.0
+        if self.balance == "ce_norm":
+            a, b = loss_rises[ok], term_rises[ok]
+            spread = float((b - b.mean()).norm()) if len(b) > 1 else 0.0
+            scale = float((a - a.mean()).norm()) / spread if spread > 0 else 0.0
+        out = loss_rises.clone()
+        out[ok] += self.coef * scale * term_rises[ok]
+        return out
 
 
 class FixedWeights(nn.Module):
@@ -149,7 +184,7 @@ def supernet_loss(
     """Mean CE of ``model(x, weights=weights)`` over ``batches`` (batch statistics, the running
     statistics untouched); with ``attack``, on its examples against this very supernet."""
     total, n = 0.0, 0
-    with frozen_statistics(model):
+    with _frozen_statistics(model):
         for x, y in batches:
             x = _attacked(model, x, y, weights, attack)
             with torch.no_grad():
@@ -179,12 +214,11 @@ class _Scorer:
         batches: Sequence[Batch],
         estimate: str,
         attack: Attack | None,
-        penalty: Penalty | None = None,
     ) -> None:
         if estimate not in ESTIMATES:
             raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
         self.model, self.batches, self.exact = model, batches, estimate == "exact"
-        self.attack, self.penalty = attack, penalty
+        self.attack = attack
         self.evaluations = 0  # passes over the batches (a backward counts as one more)
         self._grads: dict[str, Tensor] | None = None
 
@@ -193,11 +227,7 @@ class _Scorer:
 
     def loss(self, w: dict[str, Tensor]) -> float:
         self.evaluations += 1
-        extra = 0.0
-        if self.penalty is not None:
-            with torch.no_grad():
-                extra = float(self.penalty(w))
-        return supernet_loss(self.model, self.batches, self.weights(w), self.attack) + extra
+        return supernet_loss(self.model, self.batches, self.weights(w), self.attack)
 
     def changed(self) -> None:
         self._grads = None
@@ -206,15 +236,12 @@ class _Scorer:
         if self._grads is None:
             leaves = {k: w[k].detach().clone().requires_grad_(True) for k in _KEYS}
             n = sum(len(y) for _, y in self.batches)
-            with frozen_statistics(self.model):  # Danskin: the loss at the attack's point
+            with _frozen_statistics(self.model):  # Danskin: the loss at the attack's point
                 for x, y in self.batches:
                     x = _attacked(self.model, x, y, self.weights(w), self.attack)
                     with torch.enable_grad():
                         logits = self.model(x, weights=self.weights(leaves))
                         (F.cross_entropy(logits.float(), y, reduction="sum") / n).backward()
-            if self.penalty is not None:
-                with torch.enable_grad():
-                    self.penalty(leaves).backward()
             self.evaluations += 2
             self._grads = {k: v.grad.detach().double() for k, v in leaves.items()}
         return self._grads
@@ -252,7 +279,7 @@ def perturbation_select(
     generator: torch.Generator | None = None,
     tune: Callable[[ArchSample], None] | None = None,
     attack: Attack | None = None,
-    penalty: Penalty | None = None,
+    term: Term | None = None,
 ) -> tuple[Genotype, Importance]:
     """Selection by perturbation (darts-pt) from the base logits ``base``.
 
@@ -272,9 +299,10 @@ def perturbation_select(
         attack: the robust loss: every loss is measured on this attack's examples against the
             supernet being measured (each candidate attacked anew: a fixed set of examples,
             made against the unperturbed supernet, rewards removing whatever they exploit).
-        penalty: added to every loss (e.g. the chance constraint's Lagrangian term,
-            :func:`rarn.nas.selection.lagrangian_penalty`): importances are rises of the
-            objective ``CE + penalty(w)``.
+        term: a second criterion (e.g. the chance constraint's bound,
+            :func:`rarn.nas.selection.constraint_term`): every decision ranks the loss rise plus
+            the term's balanced rise (:class:`Term`); ``Importance`` then holds the combined
+            rises.
 
     Returns:
         The genotype (per node the two edges whose removal raises the loss most, each with the
@@ -288,7 +316,7 @@ def perturbation_select(
             "normal_edges": node_softmax(base.normal_edges, nodes).clone(),
             "reduce_edges": node_softmax(base.reduce_edges, nodes).clone(),
         }
-    score = _Scorer(model, batches, estimate, attack, penalty)
+    score = _Scorer(model, batches, estimate, attack)
     base_loss = score.loss(w)
     E, n_ops = w["normal"].shape
     op_imp = {c: torch.full((E, n_ops), float("nan"), dtype=torch.float64) for c in _CELLS}
@@ -300,6 +328,8 @@ def perturbation_select(
     for cell, e in order:
         rises = score.op_rises(w, cell, e, ref)
         rises[_NONE] = float("nan")
+        if term is not None:
+            rises = term.combine(rises, term.rises(w, cell, [(e, o) for o in range(n_ops)]))
         op_imp[cell][e] = rises
         chosen[cell, e] = int(torch.nan_to_num(rises, nan=float("-inf")).argmax())
         if progressive:
@@ -314,6 +344,11 @@ def perturbation_select(
         score.changed()
         ref = score.loss(w) if score.exact else ref
     edge_imp = {c: score.edge_rises(w, c, ref) for c in _CELLS}
+    if term is not None:  # each node's decision: which of its incoming edges to keep
+        for c in _CELLS:
+            for lo, hi in _edge_slices(nodes):
+                t = term.rises(w, f"{c}_edges", [(i,) for i in range(lo, hi)])
+                edge_imp[c][lo:hi] = term.combine(edge_imp[c][lo:hi], t)
     genotype = _genotype(op_imp, edge_imp, nodes)
     return genotype, Importance(op_imp, edge_imp, base_loss, score.evaluations)
 

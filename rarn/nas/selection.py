@@ -7,8 +7,8 @@
   genotype's collapse signals, so the rules can be compared on every run.
 * ``search.decode_objective``: ``ce`` measures an op by the validation CE alone (darts-pt);
   ``lagrangian`` by the objective the architecture step descends, the CE plus the chance
-  constraint's term at the search's final dual and balance (:func:`lagrangian_penalty`), so the
-  constraint reaches the genotype through the selection as it reached the means. [ours]
+  constraint's bound at the search's final multiplier and balance (:func:`constraint_term`),
+  so the constraint reaches the genotype through the selection as it reached the means. [ours]
 * The remedy (``search.decode_max_param_free``, P-DARTS): when the configured decoding trips the
   collapse detector, at most that many parameter-free edges per cell survive; the others take
   their edge's best convolution by the rule's own scores. The uncapped genotype stays in the
@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
@@ -34,20 +33,14 @@ from rarn.nas.decode import (
     quantile_logits,
 )
 from rarn.nas.genotype import Genotype
-from rarn.nas.perturbation import (
-    Attack,
-    Importance,
-    Penalty,
-    frozen_statistics,
-    perturbation_select,
-)
+from rarn.nas.perturbation import Attack, Importance, Term, perturbation_select
 from rarn.nas.supernet import ArchSample
 
 __all__ = [
     "Selection",
     "base_logits",
     "decode_search",
-    "lagrangian_penalty",
+    "constraint_term",
     "robust_attack",
     "selection_batches",
 ]
@@ -107,65 +100,36 @@ def base_logits(s: Any) -> ArchSample:
     return quantile_logits(s.model, s.ccfg.eta)
 
 
-def lagrangian_penalty(
-    s: Any, batches: list[tuple[Tensor, Tensor]], base: ArchSample
-) -> tuple[Penalty | None, float]:
-    """The chance constraint's term of the architecture step's Lagrangian, as a function of the
-    supernet's mixing weights: ``w -> c * scale * f(w)``.
+def constraint_term(s: Any) -> Term | None:
+    """The chance constraint as a selection criterion: the bound ``f(w)`` of the supernet with
+    the mixing weights ``w`` (:func:`rarn.nas.constraint.log_bound`, ``log_weights``), with the
+    multiplier the architecture step's Lagrangian gives it at the end of the search,
+    ``c = y + rho max(0, h / unit)``, and the search's balance (``ce_norm``: each decision weighs
+    the bound's rises ``c`` times as much as the CE's, :class:`~rarn.nas.perturbation.Term`).
+    The chance part ``Phi^{-1}(eta) sigma_F`` of ``h`` is a constant of a removal (a selected
+    architecture is deterministic) and drops out.
 
-    The architecture step descends ``CE + c * scale * h`` with ``c = y + rho max(0, h / unit)``
-    and ``scale`` the balance (``ce_norm``: ``||dCE/dmu|| / ||dh/dmu||``, :mod:`rarn.nas.balance`;
-    ``none``: 1); ``h = f(mu) + Phi^{-1}(eta) sigma_F - ln lambda_bar``. Here ``c``, ``scale`` and
-    the threshold are those of the finished search (the CE's gradient on ``batches`` at the
-    logits ``base``, as the selection evaluates the supernet), and ``f(w)`` is the bound of the
-    supernet with the mixing weights ``w`` (:func:`rarn.nas.constraint.log_bound`,
-    ``log_weights``): a removal's rise of the objective is its CE rise plus ``c * scale`` times
-    its bound's rise. The chance part ``sigma_F`` is a constant of the removal (a selected
-    architecture is deterministic) and drops out of the differences.
-
-    Returns:
-        ``(penalty, c * scale)``; ``(None, 0.0)`` when the constraint is off or inactive at the
-        end of the search (``c = 0``: the selection is the CE's alone).
+    ``None`` when the constraint is off or idle at the end (``c = 0``): the CE alone decides.
     """
     c, cc = s.ccfg, s.constraint
     if not c.enabled:
-        return None, 0.0
+        return None
     inputs = s.bound_inputs(update=False)
-    mus = s.model.arch.mu().as_tuple()
-    with torch.enable_grad():
-        mu_f, sigma_f = s.moments(inputs)
-        cc.update_threshold(s.model.arch.mu(), inputs, c.bound, c.mixture)
-        h = cc.h(mu_f, sigma_f)
-        cc.set_unit(float(sigma_f.detach()))
-        coef = cc.coefficient(float(h.detach()))
-        if coef <= 0.0:
-            return None, 0.0
-        h_norm = _norm(torch.autograd.grad(h, mus))
-    scale = _ce_grad_norm(s.model, batches, base) / max(h_norm, 1e-30)
-    weight = coef * (scale if c.balance == "ce_norm" else 1.0)
+    with torch.enable_grad():  # the delta method differentiates the bound
+        mu_f, sigma_f = (t.detach() for t in s.moments(inputs))
+    cc.update_threshold(s.model.arch.mu(), inputs, c.bound, c.mixture)
+    h = float(cc.h(mu_f, sigma_f))
+    cc.set_unit(float(sigma_f))
+    coef = cc.coefficient(h)
+    if coef <= 0.0:
+        return None
     bound, mixture = c.bound, c.mixture
 
-    def penalty(w: dict[str, Tensor]) -> Tensor:
-        logs = ArchSample(*(torch.log(w[k].clamp_min(1e-30)) for k in _KEYS))
-        return weight * log_bound(logs, inputs, bound, mixture, log_weights=True)
+    def value(w: dict[str, Tensor]) -> Tensor:
+        logs = ArchSample(*(torch.log(w[k].clamp_min(0.0)) for k in _KEYS))
+        return log_bound(logs, inputs, bound, mixture, log_weights=True)
 
-    return penalty, weight
-
-
-def _norm(gs) -> float:
-    return float(torch.sqrt(sum((g.detach().double() ** 2).sum() for g in gs)))
-
-
-def _ce_grad_norm(model: Any, batches: list[tuple[Tensor, Tensor]], base: ArchSample) -> float:
-    """``||dCE/dz||`` at the logits ``base`` over ``batches`` (batch statistics, the running ones
-    untouched): the CE's pull on the means as the architecture step measures it."""
-    z = ArchSample(*(t.detach().clone().requires_grad_(True) for t in base.as_tuple()))
-    n = sum(len(y) for _, y in batches)
-    with frozen_statistics(model), torch.enable_grad():
-        for x, y in batches:
-            ce = F.cross_entropy(model(x, z).float(), y, reduction="sum")
-            (ce / n).backward()
-    return _norm([t.grad for t in z.as_tuple()])
+    return Term(value, coef, c.balance)
 
 
 def decode_search(s: Any, val: Any) -> Selection:
@@ -183,9 +147,7 @@ def decode_search(s: Any, val: Any) -> Selection:
         attack = robust_attack(s) if mode == "perturbation_robust" else None
         gen = torch.Generator().manual_seed(cfg.seed + 5)
         base = base_logits(s)
-        penalty = None
-        if cfg.decode_objective == "lagrangian":
-            penalty, _ = lagrangian_penalty(s, batches, base)
+        term = constraint_term(s) if cfg.decode_objective == "lagrangian" else None
         genotypes[mode], importance[mode] = perturbation_select(
             s.model,
             batches,
@@ -194,7 +156,7 @@ def decode_search(s: Any, val: Any) -> Selection:
             progressive=cfg.decode_progressive,
             generator=gen,
             attack=attack,
-            penalty=penalty,
+            term=term,
         )
     reports = {m: detect_collapse(g, log_lam, limits) for m, g in genotypes.items()}
     rule = cfg.decode
