@@ -6,11 +6,13 @@
 
 Per decoding rule it prints one JSON line:
 
-* per seed, the genotype's parameter-free edge count, its Lipschitz ranking share (the share of
-  edges on their edge's lowest-lambda op, ``rarn.nas.collapse``) and the edge distance between
-  the two variants' genotypes (edges whose op or input differ, of 16);
-* the paired differences (variant - reference) of the first two over seeds, their mean, a 95 %
-  t-interval and the paired t and Wilcoxon p-values (``rarn.stats.seed_tests``);
+* per seed, the genotype's parameter-free edge count, its discrete bound under the supernet's
+  constants (``log_bound``, ``rarn.nas.selection.genotype_log_bound``, when the rows carry it),
+  its Lipschitz ranking share (the share of edges on their edge's lowest-lambda op,
+  ``rarn.nas.collapse``) and the edge distance between the two variants' genotypes (edges
+  whose op or input differ, of 16);
+* the paired differences (variant - reference) of those statistics over seeds, their mean, a
+  95 % t-interval and the paired t and Wilcoxon p-values (``rarn.stats.seed_tests``);
 * seed noise: the mean edge distance between two seeds of the same variant, beside the mean
   distance between the variants at the same seed.
 
@@ -55,7 +57,7 @@ def compare(rows: list[dict], variant: str, reference: str, rule: str) -> dict:
     by = {(r["variant"], r["seed"]): r["genotypes"][rule] for r in rows if rule in r["genotypes"]}
     seeds = sorted({s for v, s in by if v == variant} & {s for v, s in by if v == reference})
     out: dict = {"rule": rule, "seeds": seeds, "per_seed": []}
-    diffs: dict[str, list[float]] = {"param_free": [], "lambda_ranking": []}
+    diffs: dict[str, list[float]] = {"param_free": [], "log_bound": [], "lambda_ranking": []}
     for s in seeds:
         a, b = by[variant, s], by[reference, s]
         row = {"seed": s, "edge_distance": edge_distance(a["genotype"], b["genotype"])}
@@ -86,7 +88,7 @@ def compare(rows: list[dict], variant: str, reference: str, rule: str) -> dict:
 def _stat(g: dict, key: str) -> float:
     if key == "param_free":
         return float(g["families"]["param_free"])
-    value = g.get("lambda_ranking")
+    value = g.get(key)
     return math.nan if value is None else float(value)
 
 
@@ -96,8 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variant", default="racl")
     p.add_argument("--reference", default="constraint_off")
     p.add_argument("--rules", nargs="*", default=None, help="default: every rule in the rows")
+    p.add_argument(
+        "--as",
+        dest="rename",
+        nargs="*",
+        default=[],
+        help="FILE=VARIANT: read that file's rows as VARIANT (e.g. a re-decoding of racl)",
+    )
     a = p.parse_args(argv)
-    rows = [r for f in a.results for r in json.loads(Path(f).read_text())]
+    rename = dict(kv.split("=", 1) for kv in a.rename)
+    rows = []
+    for f in a.results:
+        for r in json.loads(Path(f).read_text()):
+            rows.append({**r, "variant": rename.get(f, r["variant"])})
+            for rule, g in list(r["genotypes"].items()):  # no cap acted: uncapped = capped
+                r["genotypes"].setdefault(f"{rule}_uncapped", g)
     rules = a.rules or sorted({m for r in rows for m in r["genotypes"]})
     for rule in rules:
         print(json.dumps(compare(rows, a.variant, a.reference, rule)), flush=True)
