@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from rarn import load_config, load_dataset  # noqa: E402
 from rarn.config import with_overrides  # noqa: E402
+from rarn.config.variants import variant_overrides  # noqa: E402
 from rarn.nas.collapse import PARAMETER_FREE  # noqa: E402
 from rarn.nas.loop import SearchData, run_search  # noqa: E402
-from rarn.nas.variants import variant_overrides  # noqa: E402
 
 CIFAR = {
     "data.name": "cifar10-jpeg",

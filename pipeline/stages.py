@@ -139,7 +139,7 @@ class Pipeline:
         named network), then one per reference network."""
         from pipeline.retrain import RetrainJob
         from rarn.models.baselines import BASELINES
-        from rarn.nas.genotype import get_genotype
+        from rarn.space.genotype import get_genotype
 
         common = {"cfg": self.cfg.retrain, "tracking": self.tracking, "run_dir": str(self.run_dir)}
         references = [RetrainJob.of(n, a, **common) for n, a in self.baselines().items()]
@@ -181,9 +181,9 @@ class Pipeline:
         ``random-<seed>`` per study seed), by key: a genotype, or the name of a network of
         :data:`rarn.models.baselines.BASELINES`. They are ranked, never registered."""
         from pipeline.state import BASELINE_PREFIX
+        from rarn.config.variants import RANDOM_PREFIX, random_seed_of
         from rarn.models.baselines import BASELINES
-        from rarn.nas.genotype import get_genotype
-        from rarn.nas.variants import RANDOM_PREFIX, random_genotype, random_seed_of
+        from rarn.space.genotype import get_genotype, random_genotype
 
         names = list(self.cfg.retrain.baselines)
         if self.cfg.study.variants and self.cfg.study.random_baseline:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rarn.checkpoint import atomic_write
-from rarn.nas.genotype import Genotype
+from rarn.space.genotype import Genotype
 
 __all__ = [
     "BASELINE_PREFIX",

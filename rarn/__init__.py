@@ -18,7 +18,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from rarn.config import rules as _config_rules
+
 __version__ = "0.1.0"
+
+# The modules whose registries check config names (data.name, retrain.genotype/baselines, the
+# evaluation suite). rarn.config imports no other room, so the root names them; they are imported
+# when a config is first checked.
+_config_rules.rule_modules(
+    "rarn.data.sources", "rarn.models.baselines", "rarn.robust.evaluation.named"
+)
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
@@ -26,11 +35,11 @@ _EXPORTS: dict[str, str] = {
     "ConfigError": "rarn.config",
     "load_config": "rarn.config",
     "load_dataset": "rarn.data",
-    "Genotype": "rarn.nas.genotype",
-    "GENOTYPES": "rarn.nas.genotype",
-    "get_genotype": "rarn.nas.genotype",
-    "OPS": "rarn.nas.ops",
-    "PRIMITIVES": "rarn.nas.ops",
+    "Genotype": "rarn.space.genotype",
+    "GENOTYPES": "rarn.space.genotype",
+    "get_genotype": "rarn.space.genotype",
+    "OPS": "rarn.space.ops",
+    "PRIMITIVES": "rarn.space.ops",
     "SearchData": "rarn.nas.loop",
     "SearchResult": "rarn.nas.loop",
     "run_search": "rarn.nas.loop",
@@ -83,9 +92,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from rarn.data import load_dataset
     from rarn.lipschitz.certify import lipschitz_upper_bound
     from rarn.models.darts import build_network
-    from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype
     from rarn.nas.loop import SearchData, SearchResult, run_search
-    from rarn.nas.ops import OPS, PRIMITIVES
     from rarn.robust.attacks import ATTACKS, get_attack
     from rarn.robust.evaluation import evaluate_robustness
     from rarn.robust.retrain import run_retrain
+    from rarn.space.genotype import GENOTYPES, Genotype, get_genotype
+    from rarn.space.ops import OPS, PRIMITIVES

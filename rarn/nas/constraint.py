@@ -38,8 +38,8 @@ from scipy.stats import norm
 from torch import Tensor
 
 from rarn.config import Bound, Estimator, Mixture, Threshold
-from rarn.nas.ops import PARAMETRIC, PRIMITIVES
 from rarn.nas.supernet import ArchSample, node_log_softmax
+from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
 __all__ = [
     "BOUNDS",

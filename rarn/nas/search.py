@@ -50,11 +50,11 @@ from rarn.nas.constraint import (
     satisfaction_probability,
 )
 from rarn.nas.decode import MAGNITUDE_DECODERS, decode
-from rarn.nas.genotype import Genotype
 from rarn.nas.gradnorm import weight_gradients
 from rarn.nas.supernet import ArchSample, Supernet
 from rarn.robust.loop import evaluate as evaluate_model
 from rarn.robust.loop import make_scheduler
+from rarn.space.genotype import Genotype
 
 __all__ = ["CHECKPOINT", "GENOTYPE", "RACLSearch"]
 

@@ -27,9 +27,9 @@ from rarn.nas.decode import (
     cap_parameter_free,
     quantile_logits,
 )
-from rarn.nas.genotype import Genotype
 from rarn.nas.perturbation import Attack, Importance, perturbation_select
 from rarn.nas.supernet import ArchSample
+from rarn.space.genotype import Genotype
 
 __all__ = ["Selection", "base_logits", "decode_search", "robust_attack", "selection_batches"]
 

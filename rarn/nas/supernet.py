@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.nas.genotype import edge_endpoints
-from rarn.nas.ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, channel_shuffle
+from rarn.space.genotype import edge_endpoints
+from rarn.space.ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, channel_shuffle
 
 __all__ = ["ArchDistribution", "ArchSample", "MixedOp", "SearchCell", "Supernet", "node_softmax"]
 
