@@ -37,7 +37,7 @@ import torch
 from scipy.stats import norm
 from torch import Tensor
 
-from rarn.config import Bound, Estimator, Mixture, Threshold
+from rarn.config import Bound, ConstraintConfig, Estimator, Mixture, Threshold
 from rarn.nas.supernet import ArchSample, node_log_softmax
 from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
@@ -192,6 +192,9 @@ def satisfaction_probability(mu_f: float, sigma_f: float, log_lambda_bar: float)
 class ChanceConstraint:
     """Threshold, dual and augmented-Lagrangian term of ``P(lambda_F <= lambda_bar) >= eta``.
 
+    Built from a ``constraint`` section by :meth:`from_config`; the defaults are
+    :class:`~rarn.config.ConstraintConfig`'s (one set of defaults).
+
     Args:
         eta: confidence level.
         rho: augmented-Lagrangian penalty (also the dual step size).
@@ -213,13 +216,13 @@ class ChanceConstraint:
 
     def __init__(
         self,
-        eta: float = 0.9,
-        rho: float = 1.0,
-        threshold: str = "relative",
-        kappa: float = 0.05,
-        log_lambda_bar: float = 0.0,
-        dual_init: float = 0.0,
-        relative: bool = False,
+        eta: float = ConstraintConfig.eta,
+        rho: float = ConstraintConfig.rho,
+        threshold: str = ConstraintConfig.threshold,
+        kappa: float = ConstraintConfig.kappa,
+        log_lambda_bar: float = ConstraintConfig.log_lambda_bar,
+        dual_init: float = ConstraintConfig.dual_init,
+        relative: bool = ConstraintConfig.balance == "ce_norm",
     ) -> None:
         if not 0.5 <= eta < 1.0:
             raise ValueError(f"eta must lie in [0.5, 1) (convex constraint), got {eta}")
@@ -236,6 +239,15 @@ class ChanceConstraint:
         self.log_lambda_bar: float | None = log_lambda_bar if threshold == "absolute" else None
         self.reference: ArchSample | None = None  # the means at the first architecture step
         self.ref_bound: float | None = None  # f(reference): now (tracking) or at the first step
+
+    @classmethod
+    def from_config(cls, c: ConstraintConfig) -> ChanceConstraint:
+        """The constraint of a ``constraint`` section; ``ce_norm`` balance measures ``h`` in
+        units of the demand (``relative``)."""
+        return cls(
+            c.eta, c.rho, c.threshold, c.kappa, c.log_lambda_bar, c.dual_init,
+            relative=c.balance == "ce_norm",
+        )  # fmt: skip
 
     def update_threshold(
         self, mu: ArchSample, inputs: BoundInputs, bound: str, mixture: str

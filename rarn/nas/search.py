@@ -95,7 +95,7 @@ class RACLSearch:
             self.model.to(memory_format=torch.channels_last)
         enable_cudnn_autotune(self.device)  # the device of a search is chosen here
         self.w_opt, self.a_opt = _optimisers(self.model, search)
-        self.constraint = _chance_constraint(constraint)
+        self.constraint = ChanceConstraint.from_config(constraint)
         self._is_mean = [n.startswith("mu_") for n, _ in self.model.arch.named_parameters()]
         self._diag = ArchDiagnostics()  # this epoch's architecture steps (not checkpointed:
         # a checkpoint is written between epochs)
@@ -408,15 +408,3 @@ def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD,
         betas=(search.arch_beta1, search.arch_beta2),
     )
     return w_opt, a_opt
-
-
-def _chance_constraint(c: ConstraintConfig) -> ChanceConstraint:
-    return ChanceConstraint(
-        c.eta,
-        c.rho,
-        c.threshold,
-        c.kappa,
-        c.log_lambda_bar,
-        c.dual_init,
-        relative=c.balance == "ce_norm",
-    )

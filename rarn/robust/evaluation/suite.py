@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rarn.config import EvaluationConfig
 from rarn.models.common import device_of
 from rarn.robust.attacks import (
     ATTACK_NORM,
@@ -50,7 +51,6 @@ __all__ = ["SuiteSettings", "evaluate_robustness"]
 
 logger = logging.getLogger(__name__)
 
-_ADAPTIVE = ("adaptive", "adaptive_square_queries", "eot_samples")
 
 Plan = dict[str, NamedAttack]
 """Name -> the resolved entry: the suite in order, then the curve's attack if not in it."""
@@ -89,22 +89,24 @@ class SuiteSettings:
         eot_samples: forward passes per step of EOT-PGD.
     """
 
-    attacks: tuple[str | Mapping[str, Any] | NamedAttack, ...] = ("fgsm", "pgd", "mim", "cw")
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 20
+    # the defaults are EvaluationConfig's (one set of defaults); only what the config derives
+    # (per_attack, main_attack, attack_kwargs) is the suite's own
+    attacks: tuple[str | Mapping[str, Any] | NamedAttack, ...] = EvaluationConfig.attacks
+    eps: float = EvaluationConfig.eps
+    step_size: float = EvaluationConfig.step_size
+    steps: int = EvaluationConfig.steps
     per_attack: bool = True
     main_attack: str = "pgd"
-    eps_curve: tuple[float, ...] = ()
+    eps_curve: tuple[float, ...] = EvaluationConfig.eps_curve
     attack_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    checks: bool = True
-    check_n: int = 256
-    black_box_queries: int = 500
-    more_steps_factor: int = 5
-    batch_size: int = 256
-    adaptive: bool = True
-    adaptive_square_queries: int = 5000
-    eot_samples: int = 20
+    checks: bool = EvaluationConfig.checks
+    check_n: int = EvaluationConfig.check_n
+    black_box_queries: int = EvaluationConfig.black_box_queries
+    more_steps_factor: int = EvaluationConfig.more_steps_factor
+    batch_size: int = EvaluationConfig.batch_size
+    adaptive: bool = EvaluationConfig.adaptive
+    adaptive_square_queries: int = EvaluationConfig.adaptive_square_queries
+    eot_samples: int = EvaluationConfig.eot_samples
 
     def __post_init__(self) -> None:  # accept any sequence, store tuples (the record is frozen)
         object.__setattr__(self, "attacks", tuple(self.attacks))
@@ -112,29 +114,20 @@ class SuiteSettings:
         object.__setattr__(self, "attack_kwargs", dict(self.attack_kwargs or {}))
 
     @classmethod
-    def from_config(cls, ev: Any, **overrides: Any) -> SuiteSettings:
+    def from_config(cls, ev: EvaluationConfig, **overrides: Any) -> SuiteSettings:
         """The suite of an :class:`~rarn.config.EvaluationConfig` (``evaluation`` section).
 
         Its entries are ``evaluation.attacks`` then ``evaluation.suite``
         (:func:`~rarn.robust.evaluation.named.config_suite`); the curve and the checks use the
-        first PGD of the suite (else its first attack). ``overrides`` replace fields.
+        first PGD of the suite (else its first attack); every other field is the section's
+        field of the same name. ``overrides`` replace fields.
         """
         entries, keys = config_suite(ev)
         shared = {"eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps}
         named = named_suite(entries, shared, keys=keys, label="evaluation.attacks")
         main = next((a.name for a in named if a.attack == "pgd"), named[0].name)
-        fields = {
-            "attacks": named,
-            "main_attack": main,
-            **shared,
-            "eps_curve": ev.eps_curve,
-            "batch_size": ev.batch_size,
-            "checks": ev.checks,
-            "check_n": ev.check_n,
-            "black_box_queries": ev.black_box_queries,
-            "more_steps_factor": ev.more_steps_factor,
-            **{k: getattr(ev, k) for k in _ADAPTIVE if hasattr(ev, k)},
-        }
+        same = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(ev)}
+        fields = {k: getattr(ev, k) for k in same} | {"attacks": named, "main_attack": main}
         return cls(**{**fields, **overrides})
 
 
