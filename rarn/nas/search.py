@@ -43,10 +43,10 @@ from rarn.lipschitz.estimator import LipschitzEstimator
 from rarn.models.common import autocast, enable_cudnn_autotune, full_precision
 from rarn.nas.balance import ArchDiagnostics, arch_gradients, confidence_share
 from rarn.nas.constraint import (
+    ESTIMATORS,
     BoundInputs,
     ChanceConstraint,
     delta_moments,
-    monte_carlo_moments,
     satisfaction_probability,
 )
 from rarn.nas.decode import MAGNITUDE_DECODERS, decode
@@ -126,14 +126,14 @@ class RACLSearch:
 
     def moments(self, inputs: BoundInputs) -> tuple[Tensor, Tensor]:
         """``(mu_F, sigma_F)`` of the log-bound under the current distributions (float32)."""
-        arch, c, s = self.model.arch, self.ccfg, self.cfg.sampling
+        arch, c = self.model.arch, self.ccfg
         with full_precision(self.device):
-            if c.estimator == "delta" or not s:
+            if not self.cfg.sampling:  # a deterministic architecture: the bound, no spread
                 mu = arch.mu()
-                sigma = arch.sigma() if s else ArchSample(*map(torch.zeros_like, mu.as_tuple()))
+                sigma = ArchSample(*map(torch.zeros_like, mu.as_tuple()))
                 return delta_moments(mu, sigma, inputs, c.bound, c.mixture)
-            draws = arch.sample(self.sample_gen, n=c.mc_samples)
-            return monte_carlo_moments(draws, inputs, c.bound, c.mixture)
+            estimate = ESTIMATORS[c.estimator]  # rarn.nas.constraint's registry
+            return estimate(arch, inputs, c.bound, c.mixture, self.sample_gen, c.mc_samples)
 
     def _batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, y)`` on the search's device (asynchronous from pinned memory), ``x``
