@@ -84,8 +84,12 @@ class RACLSearch:
         check(constraint)
         self.cfg, self.ccfg = search, constraint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.model = _supernet(search, num_classes, in_channels)
-        _attach_estimator(self.model, constraint.include_bn, search.seed)
+        self.model = Supernet.from_config(search, num_classes=num_classes, in_channels=in_channels)
+        self.model.lipschitz = LipschitzEstimator(  # the bound's per-op constants
+            self.model.bounded_modules(),
+            include_bn=constraint.include_bn,
+            generator=torch.Generator().manual_seed(search.seed),
+        )
         cells = self.model.cells
         self._shape = (len(cells), len(cells[0].edges), len(cells[0].edges[0].ops))
         self._n_ops = math.prod(self._shape)  # the estimator's op constants come first
@@ -357,35 +361,6 @@ class RACLSearch:
 
 # ----------------------------------------------------------------------------------------------
 # Builders
-
-
-def _supernet(search: SearchConfig, num_classes: int, in_channels: int) -> Supernet:
-    with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; do not leak
-        torch.manual_seed(search.seed)
-        return Supernet(
-            search.init_channels,
-            num_classes,
-            search.layers,
-            in_channels,
-            nodes=search.nodes,
-            k=search.partial_channels,
-            sigma_init=search.sigma_init,
-            fused=search.fused,
-            generator=torch.Generator().manual_seed(search.seed),
-        )
-
-
-def _attach_estimator(model: Supernet, include_bn: bool, seed: int) -> None:
-    """``model.lipschitz``: the estimator of every mixed op's op (cell, edge, op order), then of
-    the fixed layers (stem, classifier, each cell's two preprocessings), the order
-    :meth:`RACLSearch.bound_inputs` reads."""
-    cells = list(model.cells)
-    ops = [op for cell in cells for edge in cell.edges for op in edge.ops]
-    fixed = [model.stem, model.classifier]
-    fixed += [m for cell in cells for m in (cell.preprocess0, cell.preprocess1)]
-    model.lipschitz = LipschitzEstimator(
-        ops + fixed, include_bn=include_bn, generator=torch.Generator().manual_seed(seed)
-    )
 
 
 def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD, torch.optim.Adam]:

@@ -59,6 +59,7 @@ from rarn.robust.evaluation.results import (
     results_table,
     write_results,
 )
+from rarn.robust.evaluation.settings import SuiteSettings
 from rarn.robust.evaluation.stats import (
     Interval,
     PairedTest,
@@ -68,7 +69,7 @@ from rarn.robust.evaluation.stats import (
     unpack_mask,
     wilson_interval,
 )
-from rarn.robust.evaluation.suite import SuiteSettings, evaluate_robustness
+from rarn.robust.evaluation.suite import evaluate_robustness
 from rarn.robust.evaluation.transfer import add_transfer, transfer_matrix
 from rarn.robust.evaluation.verify import RowCheck, choose_rows, verify_records
 
