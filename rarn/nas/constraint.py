@@ -295,10 +295,14 @@ class ChanceConstraint:
         self.z_eta = float(norm.ppf(eta))
         self.y = float(dual_init)
         self.relative, self.unit = relative, 1.0
-        self.rule = THRESHOLDS[threshold]
         self.log_lambda_bar: float | None = None if self.rule.level else log_lambda_bar
         self.reference: ArchSample | None = None  # the means at the first architecture step
         self.ref_bound: float | None = None  # f(reference): now (tracking) or at the first step
+
+    @property
+    def rule(self) -> ThresholdRule:
+        """The rule of :attr:`threshold` (looked up each time: ``threshold`` may be reassigned)."""
+        return THRESHOLDS[self.threshold]
 
     @classmethod
     def from_config(cls, c: ConstraintConfig) -> ChanceConstraint:
