@@ -36,6 +36,8 @@ from rarn.robust.evaluation.masking import (
     check_larger_eps,
     check_more_steps,
     check_more_steps_stronger,
+)
+from rarn.robust.evaluation.masking_probes import (
     check_probability_outputs,
     check_randomized,
     check_zero_gradients,
