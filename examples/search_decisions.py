@@ -23,11 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rarn import load_config, load_dataset  # noqa: E402
-from rarn.config import with_overrides  # noqa: E402
-from rarn.config.variants import variant_overrides  # noqa: E402
+from rarn import (  # noqa: E402
+    SearchData,
+    load_config,
+    load_dataset,
+    run_search,
+    variant_overrides,
+    with_overrides,
+)
 from rarn.nas.collapse import PARAMETER_FREE  # noqa: E402
-from rarn.nas.loop import SearchData, run_search  # noqa: E402
 
 CIFAR = {
     "data.name": "cifar10-jpeg",
