@@ -84,6 +84,7 @@ class Pipeline:
             SearchJob,
             build_tuner,
             collect_outcomes,
+            experiment_name,
             fit,
             load_genotypes,
             select_top_k,
@@ -102,7 +103,7 @@ class Pipeline:
             cfg, data, job, storage_path=self.storage_path, resume=self.resume,
             verbose=self.verbose,
         )  # fmt: skip
-        experiment = tuner._local_tuner.get_run_config().name  # Tune's folder under storage
+        experiment = experiment_name(job)  # Tune's folder under storage
         self._record_tune(storage_digests(self.storage_path, experiment))  # tuner.pkl, just written
         attach(tuner, level=self.verbose, reporter=progress_reporter(t.select_metric, self.verbose),
                callbacks=[digest_recorder(self._record_tune), trial_lines(self.echo)])  # fmt: skip
