@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> None:
                 "seed": seed,
                 "time_s": round(time.perf_counter() - t0, 1),
                 "decode": cfg.search.decode,
+                "decode_objective": cfg.search.decode_objective,
                 "epochs": [{k: round(m[k], 4) for k in keys if k in m} for m in res.history],
                 "genotypes": {
                     mode: {
                         "families": families(g),
                         "collapsed": res.reports[mode].collapsed,
+                        "lambda_ranking": res.reports[mode].lambda_ranking,
                         "genotype": g.to_dict(),
                     }
                     for mode, g in res.genotypes.items()

@@ -2,14 +2,13 @@
 CE's, and once it stops pulling, the CE moves the architecture means as in an unconstrained
 search, where the spec's raw sum leaves Adam's second moment at the penalty's scale."""
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from test_search import TINY  # tests/ is on the path (pytest's prepend import mode)
 
-from rarn.config import ConstraintConfig, DataConfig, load_config
+from rarn.config import ConstraintConfig, DataConfig
 from rarn.data import as_tensors, load_dataset
 from rarn.nas.balance import METRICS, arch_gradients, confidence_share
 from rarn.nas.loop import SearchData, run_search
@@ -93,32 +92,3 @@ def test_search_reports_the_balance_every_epoch(digits):
     for key in METRICS:
         assert key in last and math.isfinite(last[key]), key
     assert 0 <= last["confidence_share"] <= 1 and last["mu_move"] > 0
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_default_config_search_is_balanced():
-    """configs/default.yaml on digits: the constraint keeps binding through the architecture
-    epochs (kappa ramped, issue 19), never pulls much harder than the CE, the means keep moving
-    and the chance part counts and shrinks as the margin grows (measured, seed 0: dual > 0 on
-    1.0 / 1.0 / 0.82 / 1.0 of each epoch's steps, penalty/CE <= 0.67, mean |d mu| >= 0.025 per
-    epoch, chance share 0.62 -> 0.16; its exact perturbation genotype tripped no collapse
-    signal, which test_search.py checks on CIFAR-type images).
-
-    Before issue 19 it asserted the opposite: the constraint met and its dual 0 in the last
-    epoch, the "never active" regime of spec §10.1."""
-    cfg = load_config("configs/default.yaml")
-    bundle = load_dataset(cfg.data)
-    d = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
-    # the end-of-search selection does not change the history: decoded cheaply here (the
-    # default decoding's genotype is judged in test_search.py on CIFAR-type images)
-    search = dataclasses.replace(cfg.search, decode_estimate="first_order")
-    result = run_search(search, cfg.constraint, d)
-    arch = [m for m in result.history if "h" in m]
-    assert len(arch) >= 2
-    steps = sum(m["arch_steps"] for m in arch)
-    assert sum(m["frac_dual_positive"] * m["arch_steps"] for m in arch) / steps >= 0.5
-    assert max(m["penalty_ce_ratio"] for m in arch) < 3
-    assert all(m["mu_move"] > 0.005 for m in arch)
-    shares = [m["confidence_share"] for m in arch]
-    assert all(0.05 < c < 0.9 for c in shares) and shares[-1] < shares[0]

@@ -32,6 +32,7 @@ __all__ = [
     "GradNormMode",
     "Mixture",
     "PerturbationEstimate",
+    "DecodeObjective",
     "Range",
     "RetrainConfig",
     "RetrainImages",
@@ -99,6 +100,7 @@ LIMIT = Range(0, 1, "(]")  # a share at or above which something trips
 # Closed choices: the single list of allowed values (the library derives its tuples from them).
 GradNormMode = Literal["exact", "finite_difference"]
 PerturbationEstimate = Literal["first_order", "exact"]
+DecodeObjective = Literal["ce", "lagrangian"]
 DecodeRule = Literal["quantile", "median", "sample", "perturbation", "perturbation_robust"]
 Estimator = Literal["delta", "monte_carlo"]
 Bound = Literal["product", "node_mean"]
@@ -200,6 +202,11 @@ class SearchConfig:
     # docs/method.md); progressive: project edge by edge (darts-pt)
     decode_estimate: PerturbationEstimate = "exact"
     decode_progressive: bool = False
+    # what decides a removal: the validation CE ("ce", darts-pt) or the architecture step's
+    # Lagrangian ("lagrangian": the CE's rise plus the bound's, weighed by the search's final
+    # multiplier and balance, rarn.nas.selection.constraint_term; the CE alone when the
+    # constraint is off or idle at the end)
+    decode_objective: DecodeObjective = "ce"
     # P-DARTS cap (Chen et al. 2019, arXiv:1904.12760) applied when the decoded genotype trips
     # the collapse detector: at most this many parameter-free edges per cell, the others
     # replaced by the best-scored convolution of their edge (-1: off). The uncapped genotype is

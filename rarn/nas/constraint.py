@@ -92,7 +92,9 @@ class BoundInputs:
     partial_channels: int = 1
 
 
-def edge_log_bounds(z: ArchSample, inputs: BoundInputs, mixture: str = "all") -> Tensor:
+def edge_log_bounds(
+    z: ArchSample, inputs: BoundInputs, mixture: str = "all", log_weights: bool = False
+) -> Tensor:
     """Log-bound of every mixed op (edge before ``beta``), ``[..., cells, E]``.
 
     The mixed part ``sum_o w_o o(x_a)`` is bounded by ``sum_o w_o lambda_o``. With partial
@@ -104,6 +106,10 @@ def edge_log_bounds(z: ArchSample, inputs: BoundInputs, mixture: str = "all") ->
     <= max(Lf, Lg)^2 ||x - x'||^2``, hence the edge bound ``max(1, sum_o w_o lambda_o)``. It is
     tight (an edge whose weight is all on ``none`` passes ``x_b`` unchanged: norm 1), and it is
     what keeps ``none`` from looking like a free way to lower the bound: below 1 it buys nothing.
+
+    ``log_weights``: ``z`` holds the log mixing weights themselves (used as they are, e.g. with
+    an op removed and the others not renormalised, as the perturbation selection evaluates the
+    supernet; a masked mixture still renormalises over its ops).
     """
     sel = inputs.is_reduce.to(z.normal.device)
     ops = torch.where(sel[:, None, None], z.reduce.unsqueeze(-3), z.normal.unsqueeze(-3))
@@ -113,13 +119,15 @@ def edge_log_bounds(z: ArchSample, inputs: BoundInputs, mixture: str = "all") ->
         mask = torch.zeros(ops.shape[-1], dtype=torch.bool, device=ops.device)
         mask[[PRIMITIVES.index(p) for p in MIXTURES[mixture]]] = True
         ops = ops.masked_fill(mask, float("-inf"))
-    log_w = torch.log_softmax(ops, dim=-1)  # [..., cells, E, O]
+    log_w = ops if log_weights and not MIXTURES[mixture] else torch.log_softmax(ops, dim=-1)
     # -inf + -inf stays -inf; logsumexp ignores it (the `none` op contributes nothing).
     edge = torch.logsumexp(log_w + inputs.log_lam.to(log_w), dim=-1)  # [..., cells, E]
     return torch.relu(edge) if inputs.partial_channels > 1 else edge
 
 
-def node_log_factors(z: ArchSample, inputs: BoundInputs, mixture: str = "all") -> Tensor:
+def node_log_factors(
+    z: ArchSample, inputs: BoundInputs, mixture: str = "all", log_weights: bool = False
+) -> Tensor:
     """Per node ``ln max(1, a_j)``, ``a_j = sum_{i<j} beta_ij edge_ij``: ``[..., cells, nodes]``.
 
     Node ``j`` is ``sum_i beta_ij e_ij(I_i)``, so ``Lip(I_j) <= a_j max_{i<j} Lip(I_i)`` and, by
@@ -129,7 +137,8 @@ def node_log_factors(z: ArchSample, inputs: BoundInputs, mixture: str = "all") -
     """
     sel = inputs.is_reduce.to(z.normal.device)
     edges = torch.where(sel[:, None], z.reduce_edges.unsqueeze(-2), z.normal_edges.unsqueeze(-2))
-    total = node_log_softmax(edges, inputs.nodes) + edge_log_bounds(z, inputs, mixture)
+    beta = edges if log_weights else node_log_softmax(edges, inputs.nodes)
+    total = beta + edge_log_bounds(z, inputs, mixture, log_weights)
     per_node, start = [], 0
     for j in range(inputs.nodes):
         per_node.append(torch.logsumexp(total[..., start : start + j + 2], dim=-1))
@@ -137,7 +146,9 @@ def node_log_factors(z: ArchSample, inputs: BoundInputs, mixture: str = "all") -
     return torch.relu(torch.stack(per_node, dim=-1))
 
 
-def cell_log_bounds(z: ArchSample, inputs: BoundInputs, mixture: str = "all") -> Tensor:
+def cell_log_bounds(
+    z: ArchSample, inputs: BoundInputs, mixture: str = "all", log_weights: bool = False
+) -> Tensor:
     """Log-bound of every cell's map ``(s0, s1) -> output``, ``[..., cells]``.
 
     The larger preprocessing constant bounds both cell inputs, the node product every node, and
@@ -145,11 +156,15 @@ def cell_log_bounds(z: ArchSample, inputs: BoundInputs, mixture: str = "all") ->
     """
     pre = 0.0 if inputs.log_pre is None else inputs.log_pre.to(z.normal)
     concat = 0.5 * math.log(inputs.nodes)
-    return node_log_factors(z, inputs, mixture).sum(dim=-1) + concat + pre
+    return node_log_factors(z, inputs, mixture, log_weights).sum(dim=-1) + concat + pre
 
 
 def log_bound(
-    z: ArchSample, inputs: BoundInputs, bound: str = "product", mixture: str = "all"
+    z: ArchSample,
+    inputs: BoundInputs,
+    bound: str = "product",
+    mixture: str = "all",
+    log_weights: bool = False,
 ) -> Tensor:
     """The log-bound ``f(z)``; ``z`` tensors may carry a leading sample dim (returns ``[S]``).
 
@@ -157,10 +172,12 @@ def log_bound(
     cells ``k - 2`` and ``k - 1``, so the larger of the two running constants grows by at most
     ``max(1, cell bound)`` per cell: ``ln C + sum_k max(0, ln cell_k)``. ``node_mean``: the mean
     of the node factors, the architecture-dependent part of the product per node.
+    ``log_weights``: ``z`` holds log mixing weights, used without renormalising
+    (:func:`edge_log_bounds`).
     """
     if bound not in BOUNDS:
         raise ValueError(f"unknown bound {bound!r}; known: {', '.join(BOUNDS)}")
-    return BOUNDS[bound](z, inputs, mixture)
+    return BOUNDS[bound](z, inputs, mixture, log_weights)
 
 
 def delta_moments(
@@ -189,19 +206,19 @@ def satisfaction_probability(mu_f: float, sigma_f: float, log_lambda_bar: float)
     return float(norm.cdf((log_lambda_bar - mu_f) / max(sigma_f, 1e-12)))
 
 
-def _product(z: ArchSample, inputs: BoundInputs, mixture: str) -> Tensor:
-    return torch.relu(cell_log_bounds(z, inputs, mixture)).sum(dim=-1) + inputs.log_c
+def _product(z: ArchSample, inputs: BoundInputs, mixture: str, log_weights: bool = False) -> Tensor:
+    return torch.relu(cell_log_bounds(z, inputs, mixture, log_weights)).sum(dim=-1) + inputs.log_c
 
 
-def _node_mean(z: ArchSample, inputs: BoundInputs, mixture: str) -> Tensor:
-    return node_log_factors(z, inputs, mixture).mean(dim=(-1, -2))
+def _node_mean(
+    z: ArchSample, inputs: BoundInputs, mixture: str, log_weights: bool = False
+) -> Tensor:
+    return node_log_factors(z, inputs, mixture, log_weights).mean(dim=(-1, -2))
 
 
-BOUNDS: dict[Bound, Callable[[ArchSample, BoundInputs, str], Tensor]] = {
-    "product": _product,
-    "node_mean": _node_mean,
-}
-"""Bound -> ``f(z, inputs, mixture)``, the log-bound :func:`log_bound` constrains."""
+BOUNDS: dict[Bound, Callable[..., Tensor]] = {"product": _product, "node_mean": _node_mean}
+"""Bound -> ``f(z, inputs, mixture, log_weights=False)``, the log-bound :func:`log_bound`
+constrains."""
 
 
 def _delta(arch: ArchDistribution, inputs: BoundInputs, bound: str, mixture: str,

@@ -22,6 +22,13 @@ Here, with our choices marked (docs/method.md, "Decoding"):
   A fixed set made against the unperturbed supernet rewards removing whatever it exploits
   (measured: tests/test_perturbation.py). [ours; no public robust-NAS code selects ops by their
   robust importance]
+* ``term``: a second criterion beside the loss, a function of the mixing weights (the chance
+  constraint's bound, :func:`rarn.nas.selection.constraint_term`). Each decision (an edge's op,
+  a cell type's edges) ranks ``loss rise + c * scale * term rise``, where the term's rises are
+  exact (the bound is analytic), ``c`` is the term's multiplier (the search's final dual) and
+  ``scale`` (``ce_norm``) the ratio of the spreads of the two rises over the candidates: the
+  term pulls ``c`` times as hard as the loss on every decision, as the architecture step's
+  balance makes the constraint pull ``c`` times as hard as the CE on the means. [ours]
 * Removing an op zeroes its mixing weight without renormalising the others (darts-pt);
   removing an edge zeroes its PC-DARTS ``beta`` (its bypass channels go with it).
 * The loss rise is measured ``exact`` (one supernet pass per removal, about 250 for the DARTS
@@ -58,6 +65,7 @@ __all__ = [
     "Attack",
     "FixedWeights",
     "Importance",
+    "Term",
     "perturbation_select",
     "supernet_loss",
 ]
@@ -105,6 +113,42 @@ def _frozen_statistics(model: nn.Module):
 
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
 """``attack(net, x, y) -> x_adv`` against ``net`` (an ``x -> logits`` model)."""
+
+
+@dataclass(frozen=True)
+class Term:
+    """A second selection criterion: ``value(w)``, a scalar function of the mixing weights ``w``
+    (``normal``, ``reduce`` ``[E, n_ops]``; ``normal_edges``, ``reduce_edges`` ``[E]``), with
+    its multiplier ``coef`` and ``balance``: ``ce_norm`` scales its rises to the loss rises'
+    spread on each decision (``coef = 1``: both pull alike), ``none`` adds ``coef`` times them
+    as they are (in the loss's units)."""
+
+    value: Callable[[dict[str, Tensor]], Tensor]
+    coef: float
+    balance: str = "ce_norm"
+
+    def rises(self, w: dict[str, Tensor], key: str, index: list[tuple[int, ...]]) -> Tensor:
+        """The term's rise when ``w[key][i]`` is set to 0, for every ``i`` in ``index``."""
+        with torch.no_grad():
+            ref = float(self.value(w))
+            out = []
+            for i in index:
+                t = w[key].clone()
+                t[i] = 0.0
+                out.append(float(self.value({**w, key: t})) - ref)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def combine(self, loss_rises: Tensor, term_rises: Tensor) -> Tensor:
+        """``loss + coef * scale * term`` over one decision's candidates (finite entries)."""
+        ok = torch.isfinite(loss_rises)
+        scale = 1.0
+        if self.balance == "ce_norm":
+            a, b = loss_rises[ok], term_rises[ok]
+            spread = float((b - b.mean()).norm()) if len(b) > 1 else 0.0
+            scale = float((a - a.mean()).norm()) / spread if spread > 0 else 0.0
+        out = loss_rises.clone()
+        out[ok] += self.coef * scale * term_rises[ok]
+        return out
 
 
 class FixedWeights(nn.Module):
@@ -165,7 +209,11 @@ class _Scorer:
     statistics untouched."""
 
     def __init__(
-        self, model: nn.Module, batches: Sequence[Batch], estimate: str, attack: Attack | None
+        self,
+        model: nn.Module,
+        batches: Sequence[Batch],
+        estimate: str,
+        attack: Attack | None,
     ) -> None:
         if estimate not in ESTIMATES:
             raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
@@ -231,6 +279,7 @@ def perturbation_select(
     generator: torch.Generator | None = None,
     tune: Callable[[ArchSample], None] | None = None,
     attack: Attack | None = None,
+    term: Term | None = None,
 ) -> tuple[Genotype, Importance]:
     """Selection by perturbation (darts-pt) from the base logits ``base``.
 
@@ -250,6 +299,10 @@ def perturbation_select(
         attack: the robust loss: every loss is measured on this attack's examples against the
             supernet being measured (each candidate attacked anew: a fixed set of examples,
             made against the unperturbed supernet, rewards removing whatever they exploit).
+        term: a second criterion (e.g. the chance constraint's bound,
+            :func:`rarn.nas.selection.constraint_term`): every decision ranks the loss rise plus
+            the term's balanced rise (:class:`Term`); ``Importance`` then holds the combined
+            rises.
 
     Returns:
         The genotype (per node the two edges whose removal raises the loss most, each with the
@@ -275,6 +328,8 @@ def perturbation_select(
     for cell, e in order:
         rises = score.op_rises(w, cell, e, ref)
         rises[_NONE] = float("nan")
+        if term is not None:
+            rises = term.combine(rises, term.rises(w, cell, [(e, o) for o in range(n_ops)]))
         op_imp[cell][e] = rises
         chosen[cell, e] = int(torch.nan_to_num(rises, nan=float("-inf")).argmax())
         if progressive:
@@ -289,6 +344,11 @@ def perturbation_select(
         score.changed()
         ref = score.loss(w) if score.exact else ref
     edge_imp = {c: score.edge_rises(w, c, ref) for c in _CELLS}
+    if term is not None:  # each node's decision: which of its incoming edges to keep
+        for c in _CELLS:
+            for lo, hi in _edge_slices(nodes):
+                t = term.rises(w, f"{c}_edges", [(i,) for i in range(lo, hi)])
+                edge_imp[c][lo:hi] = term.combine(edge_imp[c][lo:hi], t)
     genotype = _genotype(op_imp, edge_imp, nodes)
     return genotype, Importance(op_imp, edge_imp, base_loss, score.evaluations)
 

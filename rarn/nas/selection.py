@@ -5,6 +5,10 @@
   ``perturbation_robust``) ask the supernet what each op is worth on D_V. Every search decodes by
   all magnitude rules and by ``perturbation`` (plus the configured rule), and reports each
   genotype's collapse signals, so the rules can be compared on every run.
+* ``search.decode_objective``: ``ce`` measures an op by the validation CE alone (darts-pt);
+  ``lagrangian`` by the objective the architecture step descends, the CE plus the chance
+  constraint's bound at the search's final multiplier and balance (:func:`constraint_term`),
+  so the constraint reaches the genotype through the selection as it reached the means. [ours]
 * The remedy (``search.decode_max_param_free``, P-DARTS): when the configured decoding trips the
   collapse detector, at most that many parameter-free edges per cell survive; the others take
   their edge's best convolution by the rule's own scores. The uncapped genotype stays in the
@@ -21,19 +25,28 @@ import torch
 from torch import Tensor
 
 from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
+from rarn.nas.constraint import log_bound
 from rarn.nas.decode import (
     MAGNITUDE_DECODERS,
     PERTURBATION_DECODERS,
     cap_parameter_free,
     quantile_logits,
 )
-from rarn.nas.perturbation import Attack, Importance, perturbation_select
+from rarn.nas.perturbation import Attack, Importance, Term, perturbation_select
 from rarn.nas.supernet import ArchSample
 from rarn.space.genotype import Genotype
 
-__all__ = ["Selection", "base_logits", "decode_search", "robust_attack", "selection_batches"]
+__all__ = [
+    "Selection",
+    "base_logits",
+    "decode_search",
+    "constraint_term",
+    "robust_attack",
+    "selection_batches",
+]
 
 log = logging.getLogger(__name__)
+_KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")  # ArchSample's field order
 
 
 @dataclass
@@ -87,6 +100,38 @@ def base_logits(s: Any) -> ArchSample:
     return quantile_logits(s.model, s.ccfg.eta)
 
 
+def constraint_term(s: Any) -> Term | None:
+    """The chance constraint as a selection criterion: the bound ``f(w)`` of the supernet with
+    the mixing weights ``w`` (:func:`rarn.nas.constraint.log_bound`, ``log_weights``), with the
+    multiplier the architecture step's Lagrangian gives it at the end of the search,
+    ``c = y + rho max(0, h / unit)``, and the search's balance (``ce_norm``: each decision weighs
+    the bound's rises ``c`` times as much as the CE's, :class:`~rarn.nas.perturbation.Term`).
+    The chance part ``Phi^{-1}(eta) sigma_F`` of ``h`` is a constant of a removal (a selected
+    architecture is deterministic) and drops out.
+
+    ``None`` when the constraint is off or idle at the end (``c = 0``): the CE alone decides.
+    """
+    c, cc = s.ccfg, s.constraint
+    if not c.enabled:
+        return None
+    inputs = s.bound_inputs(update=False)
+    with torch.enable_grad():  # the delta method differentiates the bound
+        mu_f, sigma_f = (t.detach() for t in s.moments(inputs))
+    cc.update_threshold(s.model.arch.mu(), inputs, c.bound, c.mixture)
+    h = float(cc.h(mu_f, sigma_f))
+    cc.set_unit(float(sigma_f))
+    coef = cc.coefficient(h)
+    if coef <= 0.0:
+        return None
+    bound, mixture = c.bound, c.mixture
+
+    def value(w: dict[str, Tensor]) -> Tensor:
+        logs = ArchSample(*(torch.log(w[k].clamp_min(0.0)) for k in _KEYS))
+        return log_bound(logs, inputs, bound, mixture, log_weights=True)
+
+    return Term(value, coef, c.balance)
+
+
 def decode_search(s: Any, val: Any) -> Selection:
     """Decode a finished :class:`~rarn.nas.search.RACLSearch` by every magnitude rule, by
     ``perturbation`` and by the configured rule (D_V = ``val``), with the collapse reports and
@@ -101,14 +146,17 @@ def decode_search(s: Any, val: Any) -> Selection:
         batches = selection_batches(s, val)
         attack = robust_attack(s) if mode == "perturbation_robust" else None
         gen = torch.Generator().manual_seed(cfg.seed + 5)
+        base = base_logits(s)
+        term = constraint_term(s) if cfg.decode_objective == "lagrangian" else None
         genotypes[mode], importance[mode] = perturbation_select(
             s.model,
             batches,
-            base_logits(s),
+            base,
             estimate=cfg.decode_estimate,
             progressive=cfg.decode_progressive,
             generator=gen,
             attack=attack,
+            term=term,
         )
     reports = {m: detect_collapse(g, log_lam, limits) for m, g in genotypes.items()}
     rule = cfg.decode
