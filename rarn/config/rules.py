@@ -192,7 +192,7 @@ _RULES: dict[type, Callable[[Any], None]] = {
     SearchConfig: _search,
     ConstraintConfig: _constraint,
     RetrainConfig: _retrain,
-    EvaluationConfig: lambda e: None,  # the attack registry's rule: rarn.robust.evaluation.named
+    EvaluationConfig: lambda e: None,  # its entries: the attack registry's own rule (named.py)
     TuneConfig: _tune,
     StudyConfig: _study,
     TrackingConfig: _tracking,
