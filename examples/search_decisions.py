@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rarn import (  # noqa: E402
+    Genotype,
+    RACLSearch,
     SearchData,
     load_config,
     load_dataset,
@@ -32,6 +34,7 @@ from rarn import (  # noqa: E402
     with_overrides,
 )
 from rarn.nas.collapse import PARAMETER_FREE  # noqa: E402
+from rarn.nas.selection import genotype_log_bound  # noqa: E402
 
 CIFAR = {
     "data.name": "cifar10-jpeg",
@@ -67,18 +70,38 @@ def main(argv: list[str] | None = None) -> None:
         help="keep each search's checkpoint in DIR/<variant>_<seed> (a finished one is resumed, "
         "so a rerun only decodes; examples/selection_rules.py re-decodes them offline)",
     )
+    p.add_argument(
+        "--annotate",
+        default="",
+        help="add each decoding's bound (log_bound) to the rows of this --out file from the "
+        "searches' --checkpoints, without searching or decoding",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = load_config(a.config)
     extra = dict(kv.split("=", 1) for kv in a.set)
+
+    def setup(variant: str, seed: int):
+        over = {**(CIFAR if a.data == "cifar" else {}), **variant_overrides(variant)}
+        over |= {"search.seed": seed, **extra}
+        cfg = with_overrides(base, {k: _parse(v) for k, v in over.items()})
+        bundle = load_dataset(cfg.data)
+        return cfg, SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
+
+    if a.annotate:
+        rows = json.loads(Path(a.annotate).read_text())
+        for row in rows:
+            cfg, data = setup(row["variant"], row["seed"])
+            ckpt = Path(a.checkpoints) / f"{row['variant']}_{row['seed']}"
+            gens = {m: Genotype.from_dict(g["genotype"]) for m, g in row["genotypes"].items()}
+            for mode, bound in _bounds(cfg, data, ckpt, gens).items():
+                row["genotypes"][mode]["log_bound"] = bound
+        Path(a.annotate).write_text(json.dumps(rows, indent=1))
+        return
     rows = []
     for variant in a.variants:
         for seed in a.seeds:
-            over = {**(CIFAR if a.data == "cifar" else {}), **variant_overrides(variant)}
-            over |= {"search.seed": seed, **extra}
-            cfg = with_overrides(base, {k: _parse(v) for k, v in over.items()})
-            bundle = load_dataset(cfg.data)
-            data = SearchData.from_bundle(bundle, cfg.data.train_portion, cfg.data.seed)
+            cfg, data = setup(variant, seed)
             t0 = time.perf_counter()
             ckpt = Path(a.checkpoints) / f"{variant}_{seed}" if a.checkpoints else None
             res = run_search(cfg.search, cfg.constraint, data, checkpoint_dir=ckpt)
@@ -121,9 +144,21 @@ def main(argv: list[str] | None = None) -> None:
                 ),
                 flush=True,
             )
+            if ckpt is not None:
+                for mode, bound in _bounds(cfg, data, ckpt, res.genotypes).items():
+                    row["genotypes"][mode]["log_bound"] = bound
             rows.append(row)
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))
+
+
+def _bounds(cfg, data, ckpt: Path, genotypes: dict) -> dict[str, float]:
+    """Each decoding's discrete bound under the finished supernet's constants
+    (:func:`rarn.nas.selection.genotype_log_bound`), from the search's checkpoint."""
+    s = RACLSearch(cfg.search, cfg.constraint, num_classes=data.num_classes,
+                   in_channels=data.in_channels)  # fmt: skip
+    s.load(ckpt)
+    return {mode: round(genotype_log_bound(s, g), 3) for mode, g in genotypes.items()}
 
 
 def _parse(v):

@@ -15,8 +15,9 @@ from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.constraint import log_bound
 from rarn.nas.perturbation import Term, perturbation_select
 from rarn.nas.search import RACLSearch
-from rarn.nas.selection import base_logits, constraint_term
+from rarn.nas.selection import base_logits, constraint_term, genotype_log_bound
 from rarn.nas.supernet import ArchSample, node_log_softmax
+from rarn.space.genotype import Genotype, edge_endpoints
 from rarn.space.ops import PRIMITIVES
 
 KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")
@@ -72,7 +73,9 @@ def test_ce_norm_balance_pulls_coef_times_the_loss():
         d_term = d_term - d_term.mean()
         assert math.isnan(out[0])
         assert float(d_term.norm()) == pytest.approx(coef * float(d_loss.norm()), rel=1e-9)
-    flat = Term(lambda w: torch.zeros(()), 1.0, "ce_norm").combine(loss, torch.zeros(5, dtype=torch.float64))
+    flat = Term(lambda w: torch.zeros(()), 1.0, "ce_norm").combine(
+        loss, torch.zeros(5, dtype=torch.float64)
+    )
     assert torch.equal(flat[1:], loss[1:])  # a flat term changes nothing
 
 
@@ -144,3 +147,31 @@ def test_constraint_term_follows_the_dual():
         assert low != top
         drop = -term.rises(w, "normal", [(0, top), (0, low)])
         assert torch.isfinite(drop).all() and drop[0] > 0 and drop[0] > drop[1]
+
+
+def test_genotype_log_bound_by_hand():
+    """The discrete genotype's bound: every node of a cell sums its two kept edges, each edge
+    its one op, so with every edge ``skip_connect`` from the cell inputs a node's factor is
+    ``ln(lambda_a + lambda_b)`` of the two skips (1 in a normal cell; a factorised reduction in
+    a reduction cell), a cell's ``sum of node factors + ln(nodes) / 2 + pre`` and the network's
+    ``sum relu(cell) + ln C``; sep convs everywhere give a larger bound."""
+    s = RACLSearch(TINY, ConstraintConfig(), num_classes=10, in_channels=3)
+    s.model.train()
+    s.model(torch.rand(8, 3, 8, 8), s.model.arch.mu())  # BN statistics give the ops a scale
+    nodes, skip_op = s.model.nodes, PRIMITIVES.index("skip_connect")
+    cell = [("skip_connect", i) for _ in range(nodes) for i in (0, 1)]
+    concat = tuple(range(2, nodes + 2))
+    skip = Genotype(cell, concat, cell, concat)
+    inputs = s.bound_inputs(update=False)
+    index = {end: e for e, end in enumerate(edge_endpoints(nodes))}
+    hand = inputs.log_c
+    for c in range(len(inputs.is_reduce)):
+        lam = inputs.log_lam[c].double().exp()
+        factors = [
+            max(0.0, math.log(lam[index[(0, j + 2)], skip_op] + lam[index[(1, j + 2)], skip_op]))
+            for j in range(nodes)
+        ]
+        hand += max(0.0, sum(factors) + 0.5 * math.log(nodes) + float(inputs.log_pre[c]))
+    assert genotype_log_bound(s, skip) == pytest.approx(hand, rel=1e-5)
+    sep = [("sep_conv_3x3", i) for _, i in cell]
+    assert genotype_log_bound(s, Genotype(sep, concat, sep, concat)) > hand

@@ -34,12 +34,14 @@ from rarn.nas.decode import (
 )
 from rarn.nas.perturbation import Attack, Importance, Term, perturbation_select
 from rarn.nas.supernet import ArchSample
-from rarn.space.genotype import Genotype
+from rarn.space.genotype import Genotype, edge_endpoints
+from rarn.space.ops import PRIMITIVES
 
 __all__ = [
     "Selection",
     "base_logits",
     "decode_search",
+    "genotype_log_bound",
     "constraint_term",
     "robust_attack",
     "selection_batches",
@@ -130,6 +132,28 @@ def constraint_term(s: Any) -> Term | None:
         return log_bound(logs, inputs, bound, mixture, log_weights=True)
 
     return Term(value, coef, c.balance)
+
+
+def genotype_log_bound(s: Any, genotype: Genotype) -> float:
+    """The search's bound (``constraint.bound``, all ops) of the discrete architecture
+    ``genotype`` under the supernet's current per-op constants: each kept edge carries its op
+    alone, each node sums its two kept edges (as the discrete cell does), the dropped edges and
+    ops weigh nothing. It reads how far a decoding went where the constraint pushes, in the
+    constraint's own units (nats)."""
+    E, n_ops = s.model.arch.mu().normal.shape
+    index = {end: e for e, end in enumerate(edge_endpoints(genotype.nodes))}
+    logs: dict[str, Tensor] = {}
+    for cell in ("normal", "reduce"):
+        ops = torch.full((E, n_ops), float("-inf"))
+        edges = torch.full((E,), float("-inf"))
+        for k, (op, i) in enumerate(getattr(genotype, cell)):
+            e = index[(i, k // 2 + 2)]
+            ops[e, PRIMITIVES.index(op)], edges[e] = 0.0, 0.0
+        logs[cell], logs[f"{cell}_edges"] = ops, edges
+    inputs = s.bound_inputs(update=False)
+    z = ArchSample(*(logs[k].to(inputs.log_lam.device) for k in _KEYS))
+    with torch.no_grad():
+        return float(log_bound(z, inputs, s.ccfg.bound, "all", log_weights=True))
 
 
 def decode_search(s: Any, val: Any) -> Selection:
