@@ -21,9 +21,7 @@ import time
 
 import torch
 
-from rarn.models.darts import build_network, count_parameters
-from rarn.robust.loop import train_epoch
-from rarn.robust.steps import make_step
+from rarn import build_network, count_parameters, make_step, train_epoch
 
 SHAPES = {
     "small": {"C": 8, "layers": 5, "side": 32, "batch": 32},

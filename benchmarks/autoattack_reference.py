@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rarn.robust.attacks import get_attack
+from rarn import get_attack
 
 
 def _digits_net() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:

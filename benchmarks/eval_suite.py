@@ -38,11 +38,15 @@ import time
 import torch
 from torch import Tensor, nn
 
-from rarn.config import load_config
-from rarn.models.common import eval_mode
-from rarn.models.darts import build_network, count_parameters
-from rarn.robust.attacks import get_attack
-from rarn.robust.evaluation import NamedAttack, named_suite
+from rarn import (
+    NamedAttack,
+    build_network,
+    count_parameters,
+    eval_mode,
+    get_attack,
+    load_config,
+    named_suite,
+)
 from rarn.robust.evaluation.named import config_suite
 
 

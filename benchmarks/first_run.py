@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--keep", default=None, help="run directory and store here (default: temp)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for the pipeline")
     args = p.parse_args()
-    from rarn.config import load_config
+    from rarn import load_config
 
     cfg = load_config(args.config, args.overrides)
     with tempfile.TemporaryDirectory(prefix="rarn-first-run-") as tmp:

@@ -24,8 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from rarn.config import ConstraintConfig, SearchConfig
-from rarn.nas.search import RACLSearch
+from rarn import ConstraintConfig, RACLSearch, SearchConfig
 
 SCHEDULES = {"off": (0.0, 1), "every_step": (0.1, 1), "every_2nd": (0.1, 2)}
 

@@ -41,9 +41,12 @@ import torch  # noqa: E402
 
 from pipeline.search import SearchJob, build_tuner  # noqa: E402
 from pipeline.tracking import prepare_tracking  # noqa: E402
-from rarn.config import load_config  # noqa: E402
-from rarn.data import load_dataset  # noqa: E402
-from rarn.nas.loop import SearchData, run_search  # noqa: E402
+from rarn import (  # noqa: E402
+    SearchData,
+    load_config,
+    load_dataset,
+    run_search,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

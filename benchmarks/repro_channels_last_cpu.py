@@ -11,7 +11,7 @@ PC-DARTS's ``FactorizedReduce`` (the skip connection of a reduction edge: two 1 
 convolutions on ``C / k`` partial channels, i.e. 2 or 4 channels at C=8, K=4) is exactly this
 op, so the per-edge reference supernet in channels-last layout aborted in its first backward on
 CPU (``benchmarks/search_step.py``'s ``reference_channels_last``). The library no longer reaches
-it: on CPU in channels-last layout :class:`rarn.nas.ops.FactorizedReduce` subsamples and runs
+it: on CPU in channels-last layout :class:`rarn.space.ops.FactorizedReduce` subsamples and runs
 the convolution at stride 1 (the same maths), so ``search.channels_last`` stays safe on every
 device (``tests/test_ops_channels_last.py``).
 
@@ -50,7 +50,7 @@ def module(steps: int = 300) -> None:
 
 
 def safe(steps: int = 300) -> None:
-    from rarn.nas.ops import FactorizedReduce
+    from rarn.space.ops import FactorizedReduce
 
     op = FactorizedReduce(4, 4).to(memory_format=CL)
     for _ in range(steps):

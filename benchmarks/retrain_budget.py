@@ -19,9 +19,7 @@ import time
 
 import torch
 
-from rarn.config import load_config
-from rarn.data import as_tensors, load_dataset
-from rarn.robust.retrain import run_retrain
+from rarn import as_tensors, load_config, load_dataset, run_retrain
 
 SMOKE = ["data.retrain_limit=40", "data.limit=20", "data.test_limit=20", "retrain.epochs=1",
          "retrain.init_channels=4", "retrain.layers=3", "retrain.steps=1"]  # fmt: skip

@@ -20,11 +20,8 @@ import time
 
 import torch
 
-from rarn.config import load_config
-from rarn.models.darts import build_network, count_parameters
-from rarn.robust.loop import train_epoch
+from rarn import build_network, count_parameters, load_config, make_step, train_epoch
 from rarn.robust.retrain import _step_kwargs
-from rarn.robust.steps import make_step
 
 CIFAR10_TRAIN = 50_000
 SMOKE = ["retrain.init_channels=8", "retrain.layers=3", "retrain.batch_size=8", "retrain.steps=2"]

@@ -32,10 +32,7 @@ from typing import Any
 
 import torch
 
-from rarn.config import Config, load_config
-from rarn.data import load_dataset, make_loader
-from rarn.nas.loop import SearchData, run_search
-from rarn.nas.search import RACLSearch
+from rarn import Config, RACLSearch, SearchData, load_config, load_dataset, make_loader, run_search
 
 CIFAR10_TRAIN = 50_000
 GOAL_GPU_DAYS, PAPER_GPU_DAYS = 0.1, 0.5

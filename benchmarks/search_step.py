@@ -61,10 +61,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from rarn.config import ConstraintConfig, SearchConfig
+from rarn import ArchSample, ConstraintConfig, RACLSearch, SearchConfig, Supernet
 from rarn.nas.gradnorm import weight_gradients
-from rarn.nas.search import RACLSearch
-from rarn.nas.supernet import ArchSample, Supernet
 
 WEIGHT_SHAPE = {"C": 8, "layers": 5, "batch": 32, "side": 32, "k": 4}
 SEARCH_SHAPES = {

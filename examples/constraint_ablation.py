@@ -22,11 +22,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rarn.config import ConstraintConfig, DataConfig, SearchConfig
-from rarn.data import as_tensors, load_dataset
-from rarn.nas.constraint import log_bound
-from rarn.nas.loop import SearchData, run_search
-from rarn.nas.search import RACLSearch
+from rarn import (
+    ConstraintConfig,
+    DataConfig,
+    RACLSearch,
+    SearchConfig,
+    SearchData,
+    as_tensors,
+    load_dataset,
+    log_bound,
+    run_search,
+)
 
 VARIANTS = {
     # name: (bound, mixture, threshold)

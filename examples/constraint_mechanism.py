@@ -24,12 +24,17 @@ from collections import Counter
 
 import torch
 
-from rarn.config import load_config, with_overrides
-from rarn.data import load_dataset, make_loader
+from rarn import (
+    RACLSearch,
+    SearchData,
+    load_config,
+    load_dataset,
+    log_bound,
+    make_loader,
+    run_search,
+    with_overrides,
+)
 from rarn.nas.balance import METRICS
-from rarn.nas.constraint import log_bound
-from rarn.nas.loop import SearchData, run_search
-from rarn.nas.search import RACLSearch
 
 # name -> dotted overrides on top of the config (the config's own values are the new default)
 VARIANTS: dict[str, dict] = {

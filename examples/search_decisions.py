@@ -23,14 +23,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rarn import load_config, load_dataset  # noqa: E402
-from rarn.config import with_overrides  # noqa: E402
+from rarn import (  # noqa: E402
+    Genotype,
+    RACLSearch,
+    SearchData,
+    load_config,
+    load_dataset,
+    run_search,
+    variant_overrides,
+    with_overrides,
+)
 from rarn.nas.collapse import PARAMETER_FREE  # noqa: E402
-from rarn.nas.genotype import Genotype  # noqa: E402
-from rarn.nas.loop import SearchData, run_search  # noqa: E402
-from rarn.nas.search import RACLSearch  # noqa: E402
 from rarn.nas.selection import genotype_log_bound  # noqa: E402
-from rarn.nas.variants import variant_overrides  # noqa: E402
 
 CIFAR = {
     "data.name": "cifar10-jpeg",

@@ -17,8 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
-from rarn.stats import PRIMARY, compare
-from rarn.study import read_runs_csv
+from rarn import compare, read_runs_csv
+from rarn.stats import PRIMARY
 
 
 def main() -> None:

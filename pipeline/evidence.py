@@ -20,7 +20,7 @@ import dataclasses
 import math
 from typing import Any
 
-from pipeline.state import EvalOutcome, RetrainOutcome, RunState
+from pipeline.state import HEADLINE, EvalOutcome, RetrainOutcome, RunState
 
 __all__ = ["store_retrained", "store_state", "version_matches"]
 
@@ -48,7 +48,7 @@ def _retrain(key: str, run: Any) -> RetrainOutcome | None:
 
 def _evaluation(key: str, run: Any) -> EvalOutcome | None:
     tags, metrics = run.data.tags, run.data.metrics
-    worst = metrics.get("eval_worst_case_acc")
+    worst = metrics.get(HEADLINE)
     if worst is None or not math.isfinite(worst) or "rarn.eval_protocol" not in tags:
         return None
     flags = {k[len(_MASKING) :]: _flag(v) for k, v in tags.items() if k.startswith(_MASKING)}
@@ -64,9 +64,9 @@ def _evaluation(key: str, run: Any) -> EvalOutcome | None:
 
 def _differs(cached: EvalOutcome, stored: EvalOutcome) -> list[str]:
     out = []
-    a, b = cached.metrics.get("eval_worst_case_acc"), stored.metrics["eval_worst_case_acc"]
+    a, b = cached.metrics.get(HEADLINE), stored.metrics[HEADLINE]
     if a is None or not math.isclose(float(a), b, rel_tol=0, abs_tol=1e-9):
-        out.append(f"eval_worst_case_acc {a} vs {b:.4f}")
+        out.append(f"{HEADLINE} {a} vs {b:.4f}")
     if cached.raised_flags() != stored.raised_flags():
         out.append(f"masking flags {cached.raised_flags() or 'none'} vs "
                    f"{stored.raised_flags() or 'none'}")  # fmt: skip

@@ -39,7 +39,7 @@ from torch import nn
 
 from rarn.models.baselines import BASELINES, baseline_sha256
 from rarn.models.darts import Network
-from rarn.nas.genotype import Genotype
+from rarn.space.genotype import Genotype
 
 __all__ = [
     "FILES",

@@ -38,7 +38,7 @@ def validate_config(cfg: Config, stages: Sequence[str], resume: bool) -> None:
     already ran in :func:`rarn.config.load_config`; what is left depends on the stages run.
     """
     from rarn.models.baselines import BASELINES
-    from rarn.nas.genotype import get_genotype
+    from rarn.space.genotype import get_genotype
 
     if cfg.retrain.genotype == "searched":
         if "search" not in stages and "retrain" in stages and not resume:

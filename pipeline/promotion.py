@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.state import EvalOutcome
+from pipeline.state import HEADLINE, EvalOutcome
 
 __all__ = ["ALPHA", "TAGS", "Decision", "candidate_mask", "decide", "evidence_tags"]
 
@@ -33,7 +33,7 @@ ALPHA = 0.05
 
 # Model-version tags that carry the evaluation evidence.
 TAGS = {
-    "worst": "rarn.eval_worst_case_acc",
+    "worst": f"rarn.{HEADLINE}",
     "clean": "rarn.eval_clean_acc",
     "data": "rarn.eval_data_sha256",
     "protocol": "rarn.eval_protocol",
@@ -53,7 +53,7 @@ def evidence_tags(ev: EvalOutcome) -> dict[str, str]:
     """The tags a model version carries about its evaluation."""
     m = ev.metrics
     return {
-        TAGS["worst"]: repr(float(m["eval_worst_case_acc"])),
+        TAGS["worst"]: repr(float(m[HEADLINE])),
         TAGS["clean"]: repr(float(m.get("eval_clean_acc", float("nan")))),
         TAGS["data"]: ev.data_sha256,
         TAGS["protocol"]: ev.protocol,
@@ -82,7 +82,7 @@ def _against(ev: EvalOutcome, version: str, tags: Mapping[str, str], mine: str |
         return Decision(False, f"{who} was evaluated with other evaluation settings")
     from rarn.robust.evaluation import paired_test, unpack_mask
 
-    new, old = float(ev.metrics["eval_worst_case_acc"]), float(tags[TAGS["worst"]])
+    new, old = float(ev.metrics[HEADLINE]), float(tags[TAGS["worst"]])
     scores = f"worst-case robust accuracy {new:.4f} vs {old:.4f}"
     theirs_mask = tags.get(TAGS["robust"])
     if mine is None or theirs_mask is None:
@@ -113,7 +113,7 @@ def decide(
         force: ``--force-promote``: overrides the masking and comparison rules.
         mask: the candidate's packed per-image headline (None: :func:`candidate_mask` of ``ev``).
     """
-    if ev is None or ev.error or "eval_worst_case_acc" not in ev.metrics:
+    if ev is None or ev.error or HEADLINE not in ev.metrics:
         why = f"evaluation failed: {ev.error}" if ev is not None and ev.error else "not evaluated"
         return Decision(False, why)
     flags = ev.raised_flags()

@@ -101,7 +101,7 @@ def show(tracking: Tracking, ref: str) -> str:
                          f"({s.info.status})"))  # fmt: skip
         out.append(_line("", "  ".join(f"{k} {m[k]:.4g}" for k in keys if k in m)))
         with tempfile.TemporaryDirectory() as d:
-            from rarn.nas.genotype import Genotype
+            from rarn.space.genotype import Genotype
 
             g = Genotype.from_json(
                 download_checked(tracking, search_id, "genotype.json", d).read_text()

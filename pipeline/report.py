@@ -1,6 +1,7 @@
 """The summary a finished run prints: the ranked models, what failed, and where to look next.
 
-One row per retrained model, best worst-case accuracy first, with its 95 % interval and n (rows
+One row per retrained model, best first by the one ranking rule (:class:`pipeline.state.Evidence`:
+evaluated, unflagged, then the headline worst-case accuracy), with its 95 % interval and n (rows
 whose intervals overlap may not differ; the promotion rule decides with a paired test); after
 ``--stages search``: one row per selected trial. Then the errored trials and failed retrainings,
 the parent run, the registered champion, the command that opens the MLflow UI and the run
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.state import RunState, is_baseline
+from pipeline.state import HEADLINE, RunState, is_baseline
 from pipeline.tracking_uri import redact_uri
 
 __all__ = ["done_message", "stage_times_line", "summary"]
@@ -28,7 +29,7 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 
 def _robust(ev: Mapping[str, float]) -> str:
     """The headline with its 95 % Wilson interval and its number of images."""
-    acc, lo, hi = (ev.get(f"eval_worst_case_{k}") for k in ("acc", "lo", "hi"))
+    acc, lo, hi = ev.get(HEADLINE), ev.get("eval_worst_case_lo"), ev.get("eval_worst_case_hi")
     if acc is None or lo is None or hi is None:
         return _fmt(acc)
     return f"{acc:.3f} [{lo:.3f}, {hi:.3f}] n={int(ev.get('eval_worst_case_n', 0))}"
@@ -40,10 +41,7 @@ def _overrides(over: Mapping[str, Any]) -> str:
 
 def _rows(state: RunState) -> list[tuple[str, ...]]:
     search = state.search
-    ranked = sorted(
-        state.retrain.values(),
-        key=lambda o: -state.eval_metrics(o.key).get("eval_worst_case_acc", -1.0),
-    )
+    ranked = state.ranked()
     rows = []
     for i, o in enumerate(ranked, 1):
         ev, trial = state.eval_metrics(o.key), search.outcome(o.key) if search else None

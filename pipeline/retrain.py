@@ -42,8 +42,8 @@ from pipeline.tracking import ChildRun, Tracking, allowed_params
 from rarn.checkpoint import atomic_write
 from rarn.config import RetrainConfig, TuneConfig, config_to_dict
 from rarn.models.baselines import baseline_sha256
-from rarn.nas.genotype import Genotype
 from rarn.robust.retrain import run_retrain
+from rarn.space.genotype import Genotype
 
 __all__ = ["RetrainJob", "retrain_loop", "run_retrain_stage"]
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.env import apply_env_defaults
+from pipeline.order import STAGE_TABLE, selectable
 from pipeline.tracking_uri import redact_uri
 from rarn.config import Config, ConfigError, load_config
 
@@ -54,7 +55,7 @@ __all__ = ["EXIT", "STAGES", "main", "parse_args", "resolve_config"]
 
 log = logging.getLogger("pipeline")
 
-STAGES = ("search", "retrain", "evaluate")
+STAGES = selectable()  # the --stages choices (pipeline.order's table)
 EXIT = {"ok": 0, "failed": 1, "usage": 2, "tracking": 3, "interrupted": 130}
 _ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,13 +304,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None, cfg: Config, stag
                         force_promote=args.force_promote)  # fmt: skip
         t0 = time.monotonic()
         times: dict[str, float] = {}  # wall seconds per stage (this invocation's)
-        for stage in STAGES:  # the stage order
-            if stage in stages:
-                _timed(times, stage, getattr(pipe, stage))
-        if cfg.study.variants and "evaluate" in stages:
-            _timed(times, "study", pipe.study)
-        if "retrain" in stages or "evaluate" in stages:
-            _timed(times, "register", pipe.register)
+        for stage in STAGE_TABLE:  # the stage order
+            if stage.runs(cfg, stages):
+                _timed(times, stage.name, getattr(pipe, stage.name))
         times["total"] = time.monotonic() - t0
         log_stage_times(tracking, times)
         end_pipeline_run(tracking, "FINISHED")

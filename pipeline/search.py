@@ -38,8 +38,8 @@ from pipeline.tracking import ChildRun, Tracking, allowed_params, download_check
 from pipeline.trials import VARIANT, trial_points, with_overrides
 from rarn.checkpoint import atomic_write
 from rarn.config import Config, ConfigError, config_to_dict
-from rarn.nas.genotype import Genotype
 from rarn.nas.loop import SearchData, SearchResult, run_search
+from rarn.space.genotype import Genotype
 
 __all__ = [
     "LocalCommitFallback",

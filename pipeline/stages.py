@@ -3,9 +3,10 @@
 :class:`Pipeline` runs one stage per method, skipping what ``state.json`` says is finished, and
 saves the state after each. The Ray Tune, Ray Train and MLflow work itself is in
 :mod:`pipeline.search`, :mod:`pipeline.retrain`, :mod:`pipeline.evaluate`,
-:mod:`pipeline.transfer` and :mod:`pipeline.tracking` / :mod:`pipeline.model_store`; here the
-data set goes into Ray's object store once (``ray.put``) and the champion is registered. Those
-modules are imported inside the methods, so importing this one imports neither Ray nor MLflow.
+:mod:`pipeline.transfer`, :mod:`pipeline.registration` and :mod:`pipeline.tracking` /
+:mod:`pipeline.model_store`; here the data set goes into Ray's object store once (``ray.put``).
+Those modules are imported inside the methods, so importing this one imports neither Ray nor
+MLflow.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.state import EvalOutcome, Registration, RunState, SearchState
+from pipeline.state import EvalOutcome, RunState, SearchState
 from rarn.config import Config
 
 __all__ = ["Pipeline", "PipelineError"]
@@ -83,6 +84,7 @@ class Pipeline:
             SearchJob,
             build_tuner,
             collect_outcomes,
+            experiment_name,
             fit,
             load_genotypes,
             select_top_k,
@@ -101,7 +103,7 @@ class Pipeline:
             cfg, data, job, storage_path=self.storage_path, resume=self.resume,
             verbose=self.verbose,
         )  # fmt: skip
-        experiment = tuner._local_tuner.get_run_config().name  # Tune's folder under storage
+        experiment = experiment_name(job)  # Tune's folder under storage
         self._record_tune(storage_digests(self.storage_path, experiment))  # tuner.pkl, just written
         attach(tuner, level=self.verbose, reporter=progress_reporter(t.select_metric, self.verbose),
                callbacks=[digest_recorder(self._record_tune), trial_lines(self.echo)])  # fmt: skip
@@ -139,7 +141,7 @@ class Pipeline:
         named network), then one per reference network."""
         from pipeline.retrain import RetrainJob
         from rarn.models.baselines import BASELINES
-        from rarn.nas.genotype import get_genotype
+        from rarn.space.genotype import get_genotype
 
         common = {"cfg": self.cfg.retrain, "tracking": self.tracking, "run_dir": str(self.run_dir)}
         references = [RetrainJob.of(n, a, **common) for n, a in self.baselines().items()]
@@ -181,9 +183,9 @@ class Pipeline:
         ``random-<seed>`` per study seed), by key: a genotype, or the name of a network of
         :data:`rarn.models.baselines.BASELINES`. They are ranked, never registered."""
         from pipeline.state import BASELINE_PREFIX
+        from rarn.config.variants import RANDOM_PREFIX, random_seed_of
         from rarn.models.baselines import BASELINES
-        from rarn.nas.genotype import get_genotype
-        from rarn.nas.variants import RANDOM_PREFIX, random_genotype, random_seed_of
+        from rarn.space.genotype import get_genotype, random_genotype
 
         names = list(self.cfg.retrain.baselines)
         if self.cfg.study.variants and self.cfg.study.random_baseline:
@@ -325,88 +327,8 @@ class Pipeline:
     # -- registry -------------------------------------------------------------------------------
 
     def register(self) -> None:
-        """Register the run's best model as a new version of ``tracking.registered_model``; the
-        alias ``tracking.alias`` moves to it only if :func:`pipeline.promotion.decide` agrees.
+        """Register the run's best model, promoted only if it earned it
+        (:func:`pipeline.registration.register_champion`)."""
+        from pipeline.registration import register_champion
 
-        On ``--resume`` a version registered earlier is reused (and promoted if it now earned
-        it, e.g. once its evaluation finished); a promoted one is left alone.
-
-        The candidate, its model and its evaluation are read from the tracking store
-        (:func:`pipeline.evidence.store_state`), never from ``state.json`` alone; a reused
-        version must carry the candidate's lineage tags in the registry.
-        """
-        from pipeline.evidence import store_state, version_matches
-        from pipeline.model_store import current_alias_version, register_version, set_alias
-        from pipeline.promotion import decide, evidence_tags
-
-        reg = self.state.registered
-        if reg is not None and reg.promoted:
-            return
-        trusted, notes = store_state(self.state, self.tracking)
-        for note in notes:
-            self.echo(f"[registry] refused: {note}")
-        self.state.retrain.update(trusted.retrain)  # the cache corrected from the store
-        self.state.evaluate.update(trusted.evaluate)
-        best = trusted.champion()
-        if best is None:
-            return
-        tc, client = self.cfg.tracking, self.tracking.client()
-        ev = trusted.evaluate.get(best.key)
-        current = current_alias_version(self.tracking, tc.registered_model, tc.alias)
-        champion = None if current is None else (str(current.version), current.tags)
-        decision = decide(ev, champion, force=self.force_promote)
-        version = None
-        if reg is not None and reg.key == best.key:
-            mv = _model_version(client, tc.registered_model, reg.version)
-            if mv is not None and version_matches(mv, best):
-                version = reg.version
-            else:
-                self.echo(
-                    f"[registry] refused: state.json names version {reg.version!r} of "
-                    f"{tc.registered_model}, which does not hold {best.key}'s model"
-                )
-        if version is None:
-            version = register_version(self.tracking, tc.registered_model, best.model_uri,
-                                       self._lineage(best))  # fmt: skip
-        verdict = ("promoted: " if decision.promote else "not promoted: ") + decision.reason
-        tags = {"rarn.promotion": verdict, "rarn.force_promote": str(self.force_promote).lower()}
-        if ev is not None and ev.metrics and not ev.error:
-            tags |= evidence_tags(ev)
-        for k, v in tags.items():
-            client.set_model_version_tag(tc.registered_model, version, k, v)
-        if decision.promote:
-            set_alias(self.tracking, tc.registered_model, tc.alias, version)
-        name = tc.registered_model
-        uri = f"models:/{name}" + (f"@{tc.alias}" if decision.promote else f"/{version}")
-        self.state.registered = Registration(
-            name, tc.alias, version, uri, best.key, decision.promote, decision.reason
-        )
-        self._save()
-        parent = self.tracking.parent_run_id
-        client.set_tag(parent, "rarn.registered", f"{tc.registered_model}/{version}")
-        client.set_tag(parent, "rarn.force_promote", str(self.force_promote).lower())
-        if decision.promote:
-            client.set_tag(parent, "rarn.champion", f"{tc.registered_model}/{version}")
-        self.echo(f"[registry] {tc.registered_model} version {version} {verdict}")
-
-    def _lineage(self, best: Any) -> dict[str, str]:
-        """Tags of a new model version: where it came from."""
-        return {
-            "rarn.parent_run_id": self.tracking.parent_run_id,
-            "rarn.search_run_id": best.search_run_id,
-            "rarn.retrain_run_id": best.retrain_run_id,
-            "rarn.genotype_sha": best.genotype_sha,
-            "rarn.model_sha256": best.model_sha256,
-            "rarn.trial_key": best.key,
-            "rarn.data_fingerprint": self.bundle.fingerprint if self.bundle is not None else "",
-        }
-
-
-def _model_version(client: Any, name: str, version: str) -> Any | None:
-    """The registry's model version, or None when it does not exist (or is not a version)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException:
-        return None
+        register_champion(self)

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from rarn.checkpoint import atomic_write
-from rarn.nas.genotype import Genotype
+from rarn.space.genotype import Genotype
 
 __all__ = [
     "BASELINE_PREFIX",
+    "HEADLINE",
     "EvalOutcome",
+    "Evidence",
     "Registration",
     "RetrainOutcome",
     "RunState",
@@ -39,6 +41,9 @@ __all__ = [
 ]
 
 STATE_FILE = "state.json"
+HEADLINE = "eval_worst_case_acc"
+"""The headline metric: per image, robust under every attack that ran on it (pipeline.evaluate);
+what ranks models, what the promotion compares and what the report leads with."""
 BASELINE_PREFIX = "ref-"
 """Keys of reference networks (``retrain.baselines``): ranked beside the searched ones, never
 the run's champion."""
@@ -121,6 +126,45 @@ class EvalOutcome:
         return sorted(k for k, v in self.flags.items() if v)
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """What a model is ranked by: ``metric`` = ``value`` on ``n`` images (``data_sha256``), with
+    its 95 % interval; an unevaluated model falls back to its retraining's final validation.
+
+    :meth:`rank` is the one "best model" rule: the champion is the highest-ranked model, and the
+    report lists models in this order.
+    """
+
+    key: str
+    evaluated: bool
+    unflagged: bool  # no gradient-masking flag raised
+    metric: str
+    value: float
+    clean: float
+    n: int = 0
+    interval: tuple[float, float] | None = None
+    data_sha256: str = ""
+
+    @classmethod
+    def of(cls, o: RetrainOutcome, ev: EvalOutcome | None) -> Evidence:
+        if ev is not None and not ev.error and ev.metrics:
+            m = ev.metrics
+            lo, hi = m.get("eval_worst_case_lo"), m.get("eval_worst_case_hi")
+            return cls(
+                o.key, True, not ev.raised_flags(), HEADLINE, m[HEADLINE], m["eval_clean_acc"],
+                int(m.get("eval_worst_case_n", 0)), None if lo is None or hi is None else (lo, hi),
+                ev.data_sha256,
+            )  # fmt: skip
+        m = o.metrics
+        robust, clean = m.get("final_val_robust_acc", 0.0), m.get("final_val_acc", 0.0)
+        return cls(o.key, False, True, "final_val_robust_acc", robust, clean)
+
+    def rank(self) -> tuple[bool, bool, float, float]:
+        """Evaluated first, unflagged next, then the headline (else the validation's robust
+        accuracy), then clean accuracy: larger is better."""
+        return (self.evaluated, self.unflagged, self.value, self.clean)
+
+
 @dataclass
 class TransferOutcome:
     """The transfer matrix of the evaluated models (:mod:`pipeline.transfer`), or its error."""
@@ -200,22 +244,17 @@ class RunState:
         o = self.evaluate.get(key)
         return o.metrics if o is not None else {}
 
+    def evidence(self, o: RetrainOutcome) -> Evidence:
+        return Evidence.of(o, self.evaluate.get(o.key))
+
+    def ranked(self) -> list[RetrainOutcome]:
+        """Every retraining, best first by :meth:`Evidence.rank` (ties: in recorded order)."""
+        return sorted(self.retrain.values(), key=lambda o: self.evidence(o).rank(), reverse=True)
+
     def champion(self) -> RetrainOutcome | None:
-        """The best retrained model with a logged model: evaluated ones first, unflagged ones
-        (no gradient-masking flag) next, then by the evaluation (worst-case, then clean
-        accuracy), else by the retraining's final validation (robust, then clean)."""
-
-        def score(o: RetrainOutcome) -> tuple[bool, bool, float, float]:
-            ev = self.evaluate.get(o.key)
-            if ev is not None and not ev.error and ev.metrics:
-                m = ev.metrics
-                clean = not ev.raised_flags()
-                return (True, clean, m["eval_worst_case_acc"], m["eval_clean_acc"])
-            m = o.metrics
-            return (False, True, m.get("final_val_robust_acc", 0.0), m.get("final_val_acc", 0.0))
-
+        """The best-ranked (:meth:`Evidence.rank`) retrained searched model with a logged model."""
         ok = [o for o in self.retrained() if o.model_uri and not is_baseline(o.key)]
-        return max(ok, key=score) if ok else None
+        return max(ok, key=lambda o: self.evidence(o).rank()) if ok else None
 
     # -- state.json -----------------------------------------------------------------------------
 

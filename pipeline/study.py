@@ -27,9 +27,9 @@ from pipeline.state import BASELINE_PREFIX, RunState
 from pipeline.trials import VARIANT, with_overrides
 from rarn.checkpoint import atomic_path, atomic_write
 from rarn.config import Config
+from rarn.config.variants import RANDOM_PREFIX, random_seed_of
 from rarn.models.baselines import BASELINES
-from rarn.nas.genotype import Genotype
-from rarn.nas.variants import RANDOM_PREFIX, random_seed_of
+from rarn.space.genotype import Genotype
 from rarn.study import (
     csv_row,
     data_digests,

@@ -1,6 +1,6 @@
 """A study's tables: one row per retrained genotype, then mean and spread per variant.
 
-Study mode (``study:`` in the config, :mod:`rarn.nas.variants`) runs search variants x seeds and
+Study mode (``study:`` in the config, :mod:`rarn.config.variants`) runs search variants x seeds and
 retrains every genotype alike; this module turns what each stage recorded into
 
 * the per-run table (:data:`RUN_SCHEMA`): variant, seed, the search's final faithful
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from rarn.nas.genotype import Genotype
-from rarn.nas.ops import PRIMITIVES
+from rarn.space.genotype import Genotype
+from rarn.space.ops import PRIMITIVES
 
 __all__ = [
     "CSV_DIGESTS",

@@ -29,7 +29,7 @@ from rarn.robust.evaluation import (
 SUITE = ("fgsm", "pgd")
 SETTINGS = SuiteSettings(
     attacks=SUITE, eps=0.1, step_size=0.025, steps=10, batch_size=32, check_n=64,
-    black_box_queries=200, adaptive_square_queries=400,
+    black_box_queries=200, adaptive_square_queries=400, eps_curve=(),
 )  # fmt: skip
 
 
@@ -180,7 +180,8 @@ def test_adding_an_attack_changes_no_other_attack():
     from conftest import train_digits_net
 
     net, x, y = train_digits_net(epochs=2)
-    kw = {"eps": 0.1, "step_size": 0.025, "steps": 3, "checks": False, "batch_size": 32}
+    kw = {"eps": 0.1, "step_size": 0.025, "steps": 3, "checks": False, "batch_size": 32,
+          "eps_curve": ()}  # fmt: skip
     a = evaluate_robustness(net, (x[:64], y[:64]), attacks=("pgd",), **kw)
     b = evaluate_robustness(net, (x[:64], y[:64]), attacks=("fgsm", "pgd"), **kw)
     assert torch.equal(a.preds["pgd"], b.preds["pgd"])

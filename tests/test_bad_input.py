@@ -29,7 +29,7 @@ from rarn.config import (
 )
 from rarn.config.schema import Config
 from rarn.data import DataError, load_dataset
-from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype
+from rarn.space.genotype import GENOTYPES, Genotype, get_genotype
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -209,9 +209,9 @@ def test_bad_choice_lists_allowed_values(key: str, allowed: tuple[str, ...]) -> 
             "evaluation.attacks[1]",
             "rarn.robust.attacks:ATTACKS",
         ),
-        ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.nas.genotype:GENOTYPES"),
+        ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.space.genotype:GENOTYPES"),
         ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.models.baselines:BASELINES"),
-        ("retrain.baselines=[resnet19]", "retrain.baselines[0]", "rarn.nas.genotype:GENOTYPES"),
+        ("retrain.baselines=[resnet19]", "retrain.baselines[0]", "rarn.space.genotype:GENOTYPES"),
         (
             "retrain.baselines=[RACL, resnet19]",
             "retrain.baselines[1]",

@@ -13,8 +13,8 @@ from test_lipschitz import _jacobian_norm  # tests/ is on the path (pytest's pre
 import rarn.lipschitz.estimator as estimator
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.constraint import cell_log_bounds, edge_log_bounds
-from rarn.nas.ops import OPS, PRIMITIVES
 from rarn.nas.search import RACLSearch
+from rarn.space.ops import OPS, PRIMITIVES
 
 CORNERS = {
     "none": ("none",),

@@ -15,10 +15,10 @@ from rarn.nas.collapse import (
     detect_collapse,
     lambda_ranking_share,
 )
-from rarn.nas.genotype import GENOTYPES, Genotype, edge_endpoints
 from rarn.nas.loop import SearchData, run_search
-from rarn.nas.ops import PARAMETRIC, PRIMITIVES
 from rarn.nas.search import RACLSearch
+from rarn.space.genotype import GENOTYPES, Genotype, edge_endpoints
+from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
 RACL = GENOTYPES["RACL"]
 CONVS = sorted(PARAMETRIC)

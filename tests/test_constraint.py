@@ -13,8 +13,8 @@ from rarn.nas.constraint import (
     satisfaction_probability,
 )
 from rarn.nas.decode import quantile_logits
-from rarn.nas.ops import PRIMITIVES
 from rarn.nas.search import RACLSearch
+from rarn.space.ops import PRIMITIVES
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,8 @@ from rarn.robust.evaluation.masking import (
 )
 
 SUITE = ("fgsm", "pgd", "mim", "cw")
-SMALL = {"eps": 0.1, "step_size": 0.025, "steps": 10}  # digits: 8x8 in [0, 1]
+BUDGET = {"eps": 0.1, "step_size": 0.025, "steps": 10}  # digits: 8x8 in [0, 1]
+SMALL = {**BUDGET, "eps_curve": ()}  # the suite's: no curve unless asked (the config's default)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -54,7 +55,7 @@ def result(digits):
     model, x, y = digits
     settings = SuiteSettings(
         attacks=SUITE,
-        **SMALL,
+        **BUDGET,
         eps_curve=(0.05, 0.1, 0.2),
         batch_size=64,
         check_n=128,
@@ -247,7 +248,7 @@ def test_flag(digits, kind, match, flag):
             Masked(model, kind),
             x,
             y,
-            **SMALL,
+            **BUDGET,
             generator=torch.Generator().manual_seed(0),
             black_box_queries=200,
         )
@@ -387,7 +388,7 @@ def test_transfer_matrix(digits, digits_net_trainer, tmp_path):
     model, x, y = digits
     other, _, _ = digits_net_trainer(seed=1, epochs=4)
     table = transfer_matrix(
-        {"a": model, "b": other}, (x[:96], y[:96]), **SMALL, generator=torch.Generator()
+        {"a": model, "b": other}, (x[:96], y[:96]), **BUDGET, generator=torch.Generator()
     )
     assert table.schema.equals(TRANSFER_SCHEMA) and table.num_rows == 4
     acc = {(r["source"], r["target"]): r["accuracy"] for r in table.to_pylist()}

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from rarn.nas import _fused
 from rarn.nas._fused import fused_cell_forward
-from rarn.nas.ops import PRIMITIVES, OpDef
 from rarn.nas.supernet import Supernet
+from rarn.space.ops import PRIMITIVES, OpDef
 
 RTOL, ATOL = 1e-9, 1e-11  # float64: the two paths only sum in another order
 

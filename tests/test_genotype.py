@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rarn.nas.decode import derive_genotype
-from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype, parametric_share
-from rarn.nas.ops import PRIMITIVES
+from rarn.space.genotype import GENOTYPES, Genotype, get_genotype, parametric_share
+from rarn.space.ops import PRIMITIVES
 
 
 @pytest.mark.parametrize("name", sorted(GENOTYPES))

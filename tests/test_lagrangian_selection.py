@@ -13,12 +13,12 @@ from test_perturbation import DIL3, N_OPS, SEP3, SKIP, _Linear, _uniform
 
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.constraint import log_bound
-from rarn.nas.genotype import Genotype, edge_endpoints
-from rarn.nas.ops import PRIMITIVES
 from rarn.nas.perturbation import Term, perturbation_select
 from rarn.nas.search import RACLSearch
 from rarn.nas.selection import base_logits, constraint_term, genotype_log_bound
 from rarn.nas.supernet import ArchSample, node_log_softmax
+from rarn.space.genotype import Genotype, edge_endpoints
+from rarn.space.ops import PRIMITIVES
 
 KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")
 TINY = SearchConfig(

@@ -15,7 +15,7 @@ from rarn.lipschitz.rules import (
     certified_log_bound,
     rule_for,
 )
-from rarn.nas.ops import PRIMITIVES, build_op
+from rarn.space.ops import PRIMITIVES, build_op
 
 
 def test_power_iteration_matches_matrix_norm():

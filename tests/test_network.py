@@ -13,8 +13,8 @@ from torch import nn
 from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz, module_log_lipschitz
 from rarn.models.baselines import BASELINES
 from rarn.models.darts import Network, build_network, count_parameters, drop_path
-from rarn.nas.genotype import GENOTYPES, Genotype
-from rarn.nas.ops import build_op
+from rarn.space.genotype import GENOTYPES, Genotype
+from rarn.space.ops import build_op
 
 SHAPES = [(1, 8), (3, 32)]  # (channels, side): digits and CIFAR
 

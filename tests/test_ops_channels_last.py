@@ -1,6 +1,6 @@
 """FactorizedReduce in channels-last layout on CPU: no oneDNN heap corruption, same results.
 
-Run in a subprocess: without the workaround in :class:`rarn.nas.ops.FactorizedReduce` the torch
+Run in a subprocess: without the workaround in :class:`rarn.space.ops.FactorizedReduce` the torch
 bug (``benchmarks/repro_channels_last_cpu.py``) kills the process instead of failing a test.
 """
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SNIPPET = """
 import torch
-from rarn.nas.ops import FactorizedReduce
+from rarn.space.ops import FactorizedReduce
 torch.set_num_threads(1)
 torch.manual_seed(0)
 CL = torch.channels_last

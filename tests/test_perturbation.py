@@ -14,11 +14,11 @@ from torch import nn
 
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.decode import cap_parameter_free, decode, quantile_logits
-from rarn.nas.genotype import Genotype
 from rarn.nas.loop import arch_start, ramped_kappa
-from rarn.nas.ops import PRIMITIVES
 from rarn.nas.perturbation import ESTIMATES, perturbation_select, supernet_loss
 from rarn.nas.supernet import ArchSample, Supernet
+from rarn.space.genotype import Genotype
+from rarn.space.ops import PRIMITIVES
 
 N_OPS = len(PRIMITIVES)
 SEP3, DIL3, SKIP = (PRIMITIVES.index(p) for p in ("sep_conv_3x3", "dil_conv_3x3", "skip_connect"))

@@ -21,7 +21,7 @@ from rarn.checkpoint import CheckpointError
 from rarn.config import load_config
 from rarn.models.baselines import BASELINES, baseline_sha256
 from rarn.models.darts import build_network
-from rarn.nas.genotype import get_genotype
+from rarn.space.genotype import get_genotype
 
 ROOT = Path(__file__).resolve().parents[1]
 

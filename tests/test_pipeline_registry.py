@@ -30,7 +30,7 @@ from pipeline.state import EvalOutcome, RetrainOutcome, RunState
 from pipeline.tracking import ArtifactIntegrityError, ChildRun, prepare_tracking
 from rarn.config import load_config
 from rarn.models.darts import build_network
-from rarn.nas.genotype import get_genotype
+from rarn.space.genotype import get_genotype
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")

@@ -20,7 +20,7 @@ from pipeline.state import (
 )
 from pipeline.trials import trial_points, with_overrides
 from rarn.config import ConfigError, load_config
-from rarn.nas.genotype import get_genotype
+from rarn.space.genotype import get_genotype
 
 
 def _state() -> RunState:

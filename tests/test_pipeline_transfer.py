@@ -27,8 +27,8 @@ from rarn.checkpoint import file_sha256
 from rarn.config import ConfigError, load_config
 from rarn.data import as_tensors, load_dataset
 from rarn.models.darts import build_network
-from rarn.nas.genotype import get_genotype
 from rarn.robust.attacks import pgd
+from rarn.space.genotype import get_genotype
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/smoke.yaml"

@@ -241,7 +241,7 @@ def test_a_forged_state_json_cannot_move_the_alias(store, tmp_path):
 def test_an_edited_genotype_in_state_json_is_not_retrained(store, tmp_path):
     from pipeline.stages import Pipeline, PipelineError
     from pipeline.state import SearchState, TrialOutcome
-    from rarn.nas.genotype import GENOTYPES
+    from rarn.space.genotype import GENOTYPES
 
     good, other = GENOTYPES["RACL"], next(g for k, g in GENOTYPES.items() if k != "RACL")
     run = store.child_run("search", "g0", tags={"rarn.genotype_sha": good.sha256()})

@@ -10,9 +10,9 @@ import torch
 from rarn.checkpoint import CheckpointError
 from rarn.config import ConstraintConfig, DataConfig, SearchConfig, load_config, with_overrides
 from rarn.data import load_dataset
-from rarn.nas.genotype import Genotype
 from rarn.nas.loop import SearchData, SearchDiverged, run_search
 from rarn.nas.search import RACLSearch
+from rarn.space.genotype import Genotype
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_NPZ = ROOT.parent / "shared/data/cifar10_jpeg.npz"

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rarn.nas.ops import OPS, PRIMITIVES, build_op, channel_shuffle
+from rarn.space.ops import OPS, PRIMITIVES, build_op, channel_shuffle
 
 
 def test_primitives_follow_registry():

@@ -16,13 +16,13 @@ import torch
 
 from pipeline.trials import overrides_of, trial_points
 from rarn.config import ConfigError, DataConfig, SearchConfig, config_from_dict, load_config
+from rarn.config.variants import VARIANTS, random_seed_of
 from rarn.data import load_dataset
 from rarn.models.baselines import BASELINES, baseline_sha256
 from rarn.models.darts import build_network
-from rarn.nas.genotype import GENOTYPES, Genotype
 from rarn.nas.loop import SearchData, faithful_log_bound, run_search, supernet_pgd_accuracy
 from rarn.nas.search import RACLSearch
-from rarn.nas.variants import VARIANTS, random_genotype, random_seed_of
+from rarn.space.genotype import GENOTYPES, Genotype, random_genotype
 from rarn.study import (
     RUN_SCHEMA,
     csv_row,

@@ -26,7 +26,9 @@ from rarn.robust.evaluation import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
+# no eps curve unless a test asks for one (the default is the config's curve)
 SMALL = {"eps": 0.1, "step_size": 0.025, "steps": 5, "checks": False, "batch_size": 40}
+SMALL["eps_curve"] = ()
 SIDE_BY_SIDE = (
     "fgsm",
     {"name": "pgd20", "attack": "pgd", "steps": 20},

@@ -37,6 +37,7 @@ from rarn.config.files import (
 )
 from rarn.config.schema import (
     Augment,
+    Balance,
     Bound,
     ChoiceError,
     Config,
@@ -93,6 +94,7 @@ __all__ = [
     "TrackingConfig",
     "Range",
     "Augment",
+    "Balance",
     "GradNormMode",
     "DecodeRule",
     "PerturbationEstimate",

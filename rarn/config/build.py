@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 
 from rarn.config.rules import check_rules, choice_error, short_repr
 from rarn.config.schema import SEED, Config, ConfigError, Range
+from rarn.config.variants import variant_overrides
 
 __all__ = [
     "MAX_TRIALS",
@@ -246,8 +247,6 @@ def study_points(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     Raises:
         ConfigError: more than :data:`MAX_TRIALS` trials.
     """
-    from rarn.nas.variants import variant_overrides
-
     s = cfg.study
     n = len(s.variants) * len(s.seeds)
     if n > MAX_TRIALS:

@@ -1,18 +1,20 @@
 """The checks no single field can declare: relations between fields, and registry names.
 
-Intervals and closed choices sit on the fields (:mod:`rarn.config.schema`); what needs two fields,
-or a library registry (datasets, attacks, genotypes), lives here, one function per section.
-Registries are imported when a config is checked, not when ``rarn.config`` is imported: the
-library imports the config, and ``import rarn.config`` stays cheap.
+Intervals and closed choices sit on the fields (:mod:`rarn.config.schema`); what needs two fields
+lives here, one function per section. A check against a library registry (datasets, attacks,
+genotypes, baselines) lives beside that registry, registered with :func:`registry_rule`:
+``rarn.config`` imports no other ``rarn`` room. The package root names the modules holding such
+rules (:func:`rule_modules`); they are imported when a config is first checked, not when
+``rarn.config`` is imported, so ``import rarn.config`` stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
 import posixpath
 import re
 from collections.abc import Callable, Iterable
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rarn.config.schema import (
     ChoiceError,
@@ -27,8 +29,11 @@ from rarn.config.schema import (
     TrackingConfig,
     TuneConfig,
 )
+from rarn.config.variants import variant_overrides
 
-__all__ = ["check_rules", "choice_error", "short_repr"]
+__all__ = ["check_rules", "choice_error", "registry_rule", "rule_modules", "short_repr"]
+
+_Rule = TypeVar("_Rule", bound=Callable[[Any], None])
 
 # Searches differ only in these sections; the data and the later stages are shared by all trials.
 TRIAL_SECTIONS = ("search", "constraint")
@@ -48,10 +53,6 @@ def short_repr(value: Any) -> str:
 
 
 def _data(d: DataConfig) -> None:
-    from rarn.data import DATASETS
-
-    if d.name not in DATASETS:
-        raise choice_error("data.name", d.name, DATASETS)
     if d.sha256 and (len(d.sha256) != 64 or d.sha256.strip("0123456789abcdef")):
         raise ConfigError(
             f"data.sha256: {short_repr(d.sha256)} not allowed; must be 64 lower-case hex digits "
@@ -91,15 +92,9 @@ def _constraint(c: ConstraintConfig) -> None:
 
 
 def _retrain(r: RetrainConfig) -> None:
-    from rarn.models.baselines import BASELINES
-    from rarn.nas.genotype import GENOTYPES
-
-    g = r.genotype
-    is_file = g.endswith(".json") or (bool(g) and Path(g).is_file())
-    if g not in GENOTYPES and g not in BASELINES and g != "searched" and not is_file:
-        names = [*GENOTYPES, *BASELINES, "searched", "a path to a genotype .json file"]
-        raise choice_error("retrain.genotype", g, names)
-    _baselines(r.baselines)
+    # the names of retrain.genotype and retrain.baselines: rarn.models.baselines' registry rule
+    if len(set(r.baselines)) < len(r.baselines):
+        raise ConfigError(f"retrain.baselines: {list(r.baselines)!r} repeats a name")
     if r.val_fraction > 0 and r.val_steps < 1:
         raise ConfigError(
             f"retrain.val_steps: {r.val_steps} not allowed; must be >= 1 when "
@@ -107,24 +102,7 @@ def _retrain(r: RetrainConfig) -> None:
         )
 
 
-def _baselines(names: tuple[str, ...]) -> None:
-    """Reference networks: bundled genotypes, ``random-<seed>`` or named networks
-    (:data:`rarn.models.baselines.BASELINES`, e.g. ``resnet18``)."""
-    from rarn.models.baselines import BASELINES
-    from rarn.nas.genotype import GENOTYPES
-    from rarn.nas.variants import random_seed_of
-
-    for i, name in enumerate(names):
-        if name not in GENOTYPES and name not in BASELINES and random_seed_of(name) is None:
-            allowed = [*GENOTYPES, *BASELINES, "random-<seed>"]
-            raise choice_error(f"retrain.baselines[{i}]", name, allowed)
-    if len(set(names)) < len(names):
-        raise ConfigError(f"retrain.baselines: {list(names)!r} repeats a name")
-
-
 def _study(s: StudyConfig) -> None:
-    from rarn.nas.variants import variant_overrides
-
     for name, overrides in s.define.items():
         if not isinstance(overrides, dict):
             raise ConfigError(f"study.define.{name}: expected a mapping of dotted overrides")
@@ -144,15 +122,6 @@ def _study(s: StudyConfig) -> None:
             raise ConfigError(f"study.{key}: {list(values)!r} repeats a value")
     if s.variants and not s.seeds:
         raise ConfigError("study.seeds: [] not allowed; a study needs at least one seed")
-
-
-def _evaluation(e: EvaluationConfig) -> None:
-    from rarn.robust.evaluation.named import config_suite, named_suite
-
-    entries, keys = config_suite(e)
-    shared = {"eps": e.eps, "step_size": e.step_size, "steps": e.steps}
-    label = "evaluation.suite" if e.suite else "evaluation.attacks"
-    named_suite(entries, shared, keys=keys, label=label)
 
 
 def _tune(t: TuneConfig) -> None:
@@ -223,7 +192,7 @@ _RULES: dict[type, Callable[[Any], None]] = {
     SearchConfig: _search,
     ConstraintConfig: _constraint,
     RetrainConfig: _retrain,
-    EvaluationConfig: _evaluation,
+    EvaluationConfig: lambda e: None,  # its entries: the attack registry's own rule (named.py)
     TuneConfig: _tune,
     StudyConfig: _study,
     TrackingConfig: _tracking,
@@ -231,6 +200,36 @@ _RULES: dict[type, Callable[[Any], None]] = {
 }
 
 
+_REGISTRY_RULES: dict[type, list[Callable[[Any], None]]] = {}
+_PENDING: list[str] = []  # modules named by rule_modules, not imported yet
+
+
+def registry_rule(section: type) -> Callable[[_Rule], _Rule]:
+    """Register ``rule(section_value)`` as a check of ``section`` against a library registry.
+
+    The module that owns the registry registers the check beside it, e.g. ``data.name`` in
+    :mod:`rarn.data.sources`; it runs before the section's cross-field rules.
+    """
+    if section not in _RULES:
+        raise TypeError(f"registry_rule: {section!r} is not a config section")
+
+    def register(rule: _Rule) -> _Rule:
+        _REGISTRY_RULES.setdefault(section, []).append(rule)
+        return rule
+
+    return register
+
+
+def rule_modules(*names: str) -> None:
+    """Name the modules that register registry rules (the package root does, once); each is
+    imported when a config is next checked."""
+    _PENDING.extend(names)
+
+
 def check_rules(obj: Any) -> None:
-    """Run the cross-field and registry rules of one built section (or of the root config)."""
+    """Run the registry and cross-field rules of one built section (or of the root config)."""
+    while _PENDING:
+        importlib.import_module(_PENDING.pop(0))
+    for rule in _REGISTRY_RULES.get(type(obj), ()):
+        rule(obj)
     _RULES[type(obj)](obj)

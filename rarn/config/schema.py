@@ -254,7 +254,7 @@ class RetrainConfig:
     genotype: str = "RACL"
     # Reference networks retrained and evaluated beside `genotype` at the same budget, ranked in
     # the summary but never registered: bundled genotypes (RACL, DARTS_V2, PC_DARTS, ...),
-    # random-<seed> (a uniform genotype, rarn.nas.variants.random_genotype) or named networks
+    # random-<seed> (a uniform genotype, rarn.space.genotype.random_genotype) or named networks
     # (resnet18, ...; trained without the DARTS-only auxiliary head and drop-path).
     baselines: tuple[str, ...] = ()
     epochs: Annotated[int, EPOCHS] = 100
@@ -348,7 +348,7 @@ class TuneConfig:
 class StudyConfig:
     """Study mode: named search variants x seeds, every genotype retrained and evaluated alike.
 
-    With ``variants`` set, the search trials are the variants (``rarn.nas.variants.VARIANTS``
+    With ``variants`` set, the search trials are the variants (``rarn.config.variants.VARIANTS``
     names, or names of ``define``) times ``seeds`` (``tune.param_space`` must then be empty);
     every finished trial is retrained (``tune.top_k`` does not apply), ``random-<seed>``
     genotypes join them when ``random_baseline`` is set, and the pipeline writes the per-variant

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rarn.config import ConfigError, DataConfig, check
+from rarn.config.rules import choice_error, registry_rule
 from rarn.data.jpeg import JpegArchive, decode_prefix, open_archive
 from rarn.data.npz import read_npz
 from rarn.data.splits import (
@@ -266,6 +267,13 @@ DATASETS: dict[str, Callable[[DataConfig], DatasetBundle]] = {
     "imagefolder": _load_imagefolder,
     "cifar10-jpeg": _load_cifar10_jpeg,
 }
+
+
+@registry_rule(DataConfig)
+def _known_dataset(d: DataConfig) -> None:
+    """``data.name`` is checked against :data:`DATASETS` when a config is built."""
+    if d.name not in DATASETS:
+        raise choice_error("data.name", d.name, DATASETS)
 
 
 def stage_ids(cfg: DataConfig) -> dict[str, np.ndarray]:

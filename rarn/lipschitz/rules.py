@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.nas.ops import FactorizedReduce, Zero
+from rarn.space.ops import FactorizedReduce, Zero
 
 __all__ = [
     "RULES",

@@ -9,7 +9,7 @@ in torchvision and are defined here. torchvision is imported only when a baselin
 
 :data:`BASELINES` maps a name to a factory ``(num_classes, in_channels) -> nn.Module``;
 :func:`rarn.models.darts.build_network` looks names up here. :func:`baseline_sha256` is a named
-network's architecture digest, the counterpart of :meth:`rarn.nas.genotype.Genotype.sha256`.
+network's architecture digest, the counterpart of :meth:`rarn.space.genotype.Genotype.sha256`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ import hashlib
 import json
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 from torch import Tensor, nn
+
+from rarn.config import RetrainConfig
+from rarn.config.rules import choice_error, registry_rule
+from rarn.config.variants import random_seed_of
+from rarn.space.genotype import GENOTYPES
 
 __all__ = [
     "BASELINES",
@@ -131,3 +137,19 @@ def baseline_sha256(name: str) -> str:
     if name not in BASELINES:
         raise KeyError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}")
     return hashlib.sha256(json.dumps({"network": name}, sort_keys=True).encode()).hexdigest()
+
+
+@registry_rule(RetrainConfig)
+def _known_networks(r: RetrainConfig) -> None:
+    """``retrain.genotype`` and ``retrain.baselines`` name networks that can be built: a bundled
+    genotype, a :data:`BASELINES` network, ``searched`` or a genotype file (the genotype), or
+    ``random-<seed>`` (a baseline)."""
+    g = r.genotype
+    is_file = g.endswith(".json") or (bool(g) and Path(g).is_file())
+    if g not in GENOTYPES and g not in BASELINES and g != "searched" and not is_file:
+        names = [*GENOTYPES, *BASELINES, "searched", "a path to a genotype .json file"]
+        raise choice_error("retrain.genotype", g, names)
+    for i, name in enumerate(r.baselines):
+        if name not in GENOTYPES and name not in BASELINES and random_seed_of(name) is None:
+            allowed = [*GENOTYPES, *BASELINES, "random-<seed>"]
+            raise choice_error(f"retrain.baselines[{i}]", name, allowed)

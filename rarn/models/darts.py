@@ -4,10 +4,10 @@
 ``NetworkCIFAR``/``NetworkImageNet``) that RACL (Dong et al., TPAMI 2025, spec §4) retrains with
 adversarial training: a stem, ``layers`` cells with reduction cells at 1/3 and 2/3 of the depth,
 an optional auxiliary head after the second reduction, drop-path on non-identity ops, global
-pooling and a linear classifier. Ops come from the one registry, :func:`rarn.nas.ops.build_op`.
+pooling and a linear classifier. Ops come from the one registry, :func:`rarn.space.ops.build_op`.
 
 :func:`build_network` resolves a bundled genotype name, a genotype JSON path, a
-:class:`~rarn.nas.genotype.Genotype` or a baseline name (:data:`rarn.models.baselines.BASELINES`).
+:class:`~rarn.space.genotype.Genotype` or a baseline name (:data:`rarn.models.baselines.BASELINES`).
 
 Its certified Lipschitz bound lives in :mod:`rarn.lipschitz.certify`, which reads this structure;
 nothing here imports attacks, training or the Lipschitz rules.
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.nas.genotype import GENOTYPES, Genotype, get_genotype
-from rarn.nas.ops import FactorizedReduce, ReLUConvBN, build_op
+from rarn.space.genotype import GENOTYPES, Genotype, get_genotype
+from rarn.space.ops import FactorizedReduce, ReLUConvBN, build_op
 
 __all__ = [
     "STEMS",
@@ -262,8 +262,8 @@ def build_network(
     """Build a genotype network or a human-designed baseline by name.
 
     Args:
-        name_or_genotype: a :data:`~rarn.nas.genotype.GENOTYPES` key, a path to a genotype JSON
-            file, a :class:`~rarn.nas.genotype.Genotype`, or a
+        name_or_genotype: a :data:`~rarn.space.genotype.GENOTYPES` key, a path to a genotype JSON
+            file, a :class:`~rarn.space.genotype.Genotype`, or a
             :data:`~rarn.models.baselines.BASELINES` key.
         num_classes: number of logits.
         in_channels: input image channels.

@@ -22,7 +22,7 @@ Everything runs in channels-last memory layout: oneDNN's depthwise convs and BN 
 faster there on CPU than in NCHW (on these 2-core machines); the batched kernels are in
 :mod:`rarn.nas._fused_kernels`.
 
-Which ops are batched how follows their *kind* in the op registry (:data:`rarn.nas.ops.OPS`), so
+Which ops are batched how follows their *kind* in the op registry (:data:`rarn.space.ops.OPS`), so
 a new op of a known kind is handled, and an op of a kind this path cannot batch, or whose modules
 do not have its kind's structure, fails with a message naming it (use ``fused=False``).
 
@@ -51,8 +51,8 @@ from rarn.nas._fused_kernels import (
     shuffle_node,
     subsample,
 )
-from rarn.nas.genotype import edge_endpoints
-from rarn.nas.ops import OPS, PRIMITIVES, FactorizedReduce, ops_of_kind
+from rarn.space.genotype import edge_endpoints
+from rarn.space.ops import OPS, PRIMITIVES, FactorizedReduce, ops_of_kind
 
 __all__ = ["fused_cell_forward"]
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.nas.ops import FactorizedReduce
+from rarn.space.ops import FactorizedReduce
 
 __all__ = [
     "batch_norm",

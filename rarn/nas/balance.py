@@ -25,22 +25,49 @@ in all and while the constraint is met.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import get_args
 
 import torch
 from torch import Tensor
 
 from rarn.config.schema import Balance
 
-__all__ = ["BALANCES", "METRICS", "ArchDiagnostics", "arch_gradients", "confidence_share"]
+__all__ = [
+    "BALANCES",
+    "METRICS",
+    "ArchDiagnostics",
+    "BalanceRule",
+    "arch_gradients",
+    "confidence_share",
+]
 
-BALANCES: tuple[str, ...] = get_args(Balance)
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class BalanceRule:
+    """How the constraint's gradient is weighed against the CE's.
+
+    Attributes:
+        scale: ``(||g_CE,mu||, ||grad_mu h||) -> s``, the factor on ``coef * grad h``.
+        relative: the chance constraint measures ``h`` in units of its demand
+            (:class:`rarn.nas.constraint.ChanceConstraint`'s ``relative``), so that ``rho`` is per
+            unit of relative violation whatever the bound's scale.
+    """
+
+    scale: Callable[[float, float], float]
+    relative: bool
+
+
+BALANCES: dict[Balance, BalanceRule] = {
+    "none": BalanceRule(lambda ce_n, h_n: 1.0, relative=False),  # the spec's form
+    "ce_norm": BalanceRule(lambda ce_n, h_n: ce_n / max(h_n, _TINY), relative=True),
+}
+"""Balance -> its rule; the keys are the config's ``Balance`` Literal, in the same order."""
 _STEP_KEYS = ("penalty_ce_ratio", "bound_ce_ratio", "chance_pull", "confidence_share")
 METRICS: tuple[str, ...] = (*_STEP_KEYS, "mu_move", "mu_move_met", "sigma_mean")
 """What :meth:`ArchDiagnostics.metrics` adds to every epoch with architecture steps."""
-_TINY = 1e-30
 
 
 def _grads(out: Tensor, params: Sequence[Tensor], retain: bool = False) -> list[Tensor]:
@@ -92,7 +119,7 @@ def arch_gradients(
         return _norm([g for g, m in zip(gs, is_mean) if m])
 
     ce_n, h_n = on_means(g_ce), on_means(g_h)
-    scale = ce_n / max(h_n, _TINY) if balance == "ce_norm" else 1.0
+    scale = BALANCES[balance].scale(ce_n, h_n)
     grads = [a + (coef * scale) * b for a, b in zip(g_ce, g_h)]
     stats = {
         "penalty_ce_ratio": coef * scale * h_n / max(ce_n, _TINY),

@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from rarn.config import SearchConfig
-from rarn.nas.genotype import Genotype, edge_endpoints
-from rarn.nas.ops import PARAMETRIC, PRIMITIVES
+from rarn.space.genotype import Genotype, edge_endpoints
+from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
 __all__ = [
     "PARAMETER_FREE",

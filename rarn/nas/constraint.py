@@ -30,21 +30,24 @@ docs/constraint.md says how it differs from the product beyond its scale.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 from scipy.stats import norm
 from torch import Tensor
 
-from rarn.config import Bound, Estimator, Mixture, Threshold
-from rarn.nas.ops import PARAMETRIC, PRIMITIVES
-from rarn.nas.supernet import ArchSample, node_log_softmax
+from rarn.config import Bound, ConstraintConfig, Estimator, Mixture, Threshold
+from rarn.nas.balance import BALANCES
+from rarn.nas.supernet import ArchDistribution, ArchSample, node_log_softmax
+from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
 __all__ = [
     "BOUNDS",
     "MIXTURES",
     "ESTIMATORS",
+    "THRESHOLDS",
+    "ThresholdRule",
     "BoundInputs",
     "ChanceConstraint",
     "cell_log_bounds",
@@ -56,11 +59,10 @@ __all__ = [
     "satisfaction_probability",
 ]
 
-# The allowed values are the config's Literals (one list each; rarn.config checks them at load).
-BOUNDS: tuple[str, ...] = get_args(Bound)
-MIXTURES: tuple[str, ...] = get_args(Mixture)
-ESTIMATORS: tuple[str, ...] = get_args(Estimator)
-_MASKED = {
+# The constraint's choices are registries, one entry each: MIXTURES here, BOUNDS, ESTIMATORS and
+# THRESHOLDS above ChanceConstraint (their keys are the config's Literals, in the same order:
+# tests/test_config.py; rarn.config checks a value at load).
+MIXTURES: dict[Mixture, tuple[str, ...]] = {  # the ops left out of the bound's mixture
     "all": (),
     "no_none": ("none",),
     "parametric": tuple(p for p in PRIMITIVES if p not in PARAMETRIC),
@@ -113,11 +115,11 @@ def edge_log_bounds(
     ops = torch.where(sel[:, None, None], z.reduce.unsqueeze(-3), z.normal.unsqueeze(-3))
     if mixture not in MIXTURES:
         raise ValueError(f"unknown mixture {mixture!r}; known: {', '.join(MIXTURES)}")
-    if _MASKED[mixture]:  # renormalise the op weights over the ops in the mixture
+    if MIXTURES[mixture]:  # renormalise the op weights over the ops in the mixture
         mask = torch.zeros(ops.shape[-1], dtype=torch.bool, device=ops.device)
-        mask[[PRIMITIVES.index(p) for p in _MASKED[mixture]]] = True
+        mask[[PRIMITIVES.index(p) for p in MIXTURES[mixture]]] = True
         ops = ops.masked_fill(mask, float("-inf"))
-    log_w = ops if log_weights and not _MASKED[mixture] else torch.log_softmax(ops, dim=-1)
+    log_w = ops if log_weights and not MIXTURES[mixture] else torch.log_softmax(ops, dim=-1)
     # -inf + -inf stays -inf; logsumexp ignores it (the `none` op contributes nothing).
     edge = torch.logsumexp(log_w + inputs.log_lam.to(log_w), dim=-1)  # [..., cells, E]
     return torch.relu(edge) if inputs.partial_channels > 1 else edge
@@ -175,10 +177,7 @@ def log_bound(
     """
     if bound not in BOUNDS:
         raise ValueError(f"unknown bound {bound!r}; known: {', '.join(BOUNDS)}")
-    if bound == "node_mean":
-        return node_log_factors(z, inputs, mixture, log_weights).mean(dim=(-1, -2))
-    cells = cell_log_bounds(z, inputs, mixture, log_weights)
-    return torch.relu(cells).sum(dim=-1) + inputs.log_c
+    return BOUNDS[bound](z, inputs, mixture, log_weights)
 
 
 def delta_moments(
@@ -207,8 +206,70 @@ def satisfaction_probability(mu_f: float, sigma_f: float, log_lambda_bar: float)
     return float(norm.cdf((log_lambda_bar - mu_f) / max(sigma_f, 1e-12)))
 
 
+def _product(z: ArchSample, inputs: BoundInputs, mixture: str, log_weights: bool = False) -> Tensor:
+    return torch.relu(cell_log_bounds(z, inputs, mixture, log_weights)).sum(dim=-1) + inputs.log_c
+
+
+def _node_mean(
+    z: ArchSample, inputs: BoundInputs, mixture: str, log_weights: bool = False
+) -> Tensor:
+    return node_log_factors(z, inputs, mixture, log_weights).mean(dim=(-1, -2))
+
+
+BOUNDS: dict[Bound, Callable[..., Tensor]] = {"product": _product, "node_mean": _node_mean}
+"""Bound -> ``f(z, inputs, mixture, log_weights=False)``, the log-bound :func:`log_bound`
+constrains."""
+
+
+def _delta(arch: ArchDistribution, inputs: BoundInputs, bound: str, mixture: str,
+           generator: torch.Generator, samples: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return delta_moments(arch.mu(), arch.sigma(), inputs, bound, mixture)
+
+
+def _monte_carlo(arch: ArchDistribution, inputs: BoundInputs, bound: str, mixture: str,
+                 generator: torch.Generator, samples: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return monte_carlo_moments(arch.sample(generator, n=samples), inputs, bound, mixture)
+
+
+Moments = Callable[
+    [ArchDistribution, BoundInputs, str, str, torch.Generator, int], tuple[Tensor, Tensor]
+]
+ESTIMATORS: dict[Estimator, Moments] = {"delta": _delta, "monte_carlo": _monte_carlo}
+"""Estimator -> ``(arch, inputs, bound, mixture, generator, samples) -> (mu_F, sigma_F)`` under
+the architecture distribution (``samples`` draws from ``generator`` where it samples)."""
+
+
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How ``ln lambda_bar`` is set.
+
+    Attributes:
+        level: ``(f_ref, kappa) -> ln lambda_bar`` from the reference architecture's bound;
+            ``None``: the absolute ``log_lambda_bar``, set once.
+        tracks: re-evaluate ``f_ref`` at every step under the current weights (else fixed at
+            the first architecture step).
+    """
+
+    level: Callable[[float, float], float] | None
+    tracks: bool = False
+
+
+def _below_reference(ref: float, kappa: float) -> float:
+    return ref - kappa * abs(ref)
+
+
+THRESHOLDS: dict[Threshold, ThresholdRule] = {
+    "absolute": ThresholdRule(None),
+    "relative": ThresholdRule(_below_reference),
+    "tracking": ThresholdRule(_below_reference, tracks=True),
+}
+
+
 class ChanceConstraint:
     """Threshold, dual and augmented-Lagrangian term of ``P(lambda_F <= lambda_bar) >= eta``.
+
+    Built from a ``constraint`` section by :meth:`from_config`; the defaults are
+    :class:`~rarn.config.ConstraintConfig`'s (one set of defaults).
 
     Args:
         eta: confidence level.
@@ -227,17 +288,17 @@ class ChanceConstraint:
             bound's scale; ``False``: in nats (the spec's form).
     """
 
-    THRESHOLDS: tuple[str, ...] = get_args(Threshold)
+    THRESHOLDS = THRESHOLDS
 
     def __init__(
         self,
-        eta: float = 0.9,
-        rho: float = 1.0,
-        threshold: str = "relative",
-        kappa: float = 0.05,
-        log_lambda_bar: float = 0.0,
-        dual_init: float = 0.0,
-        relative: bool = False,
+        eta: float = ConstraintConfig.eta,
+        rho: float = ConstraintConfig.rho,
+        threshold: str = ConstraintConfig.threshold,
+        kappa: float = ConstraintConfig.kappa,
+        log_lambda_bar: float = ConstraintConfig.log_lambda_bar,
+        dual_init: float = ConstraintConfig.dual_init,
+        relative: bool = BALANCES[ConstraintConfig.balance].relative,
     ) -> None:
         if not 0.5 <= eta < 1.0:
             raise ValueError(f"eta must lie in [0.5, 1) (convex constraint), got {eta}")
@@ -251,9 +312,22 @@ class ChanceConstraint:
         self.z_eta = float(norm.ppf(eta))
         self.y = float(dual_init)
         self.relative, self.unit = relative, 1.0
-        self.log_lambda_bar: float | None = log_lambda_bar if threshold == "absolute" else None
+        self.log_lambda_bar: float | None = None if self.rule.level else log_lambda_bar
         self.reference: ArchSample | None = None  # the means at the first architecture step
         self.ref_bound: float | None = None  # f(reference): now (tracking) or at the first step
+
+    @property
+    def rule(self) -> ThresholdRule:
+        """The rule of :attr:`threshold` (looked up each time: ``threshold`` may be reassigned)."""
+        return THRESHOLDS[self.threshold]
+
+    @classmethod
+    def from_config(cls, c: ConstraintConfig) -> ChanceConstraint:
+        """The constraint of a ``constraint`` section (``relative`` from its balance's rule)."""
+        return cls(
+            c.eta, c.rho, c.threshold, c.kappa, c.log_lambda_bar, c.dual_init,
+            relative=BALANCES[c.balance].relative,
+        )  # fmt: skip
 
     def update_threshold(
         self, mu: ArchSample, inputs: BoundInputs, bound: str, mixture: str
@@ -261,11 +335,11 @@ class ChanceConstraint:
         """Set (first call) or re-evaluate (tracking) ``ln lambda_bar``; returns it."""
         if self.reference is None:
             self.reference = ArchSample(*(t.detach().clone() for t in mu.as_tuple()))
-        if self.threshold == "tracking" or self.ref_bound is None:
+        if self.rule.tracks or self.ref_bound is None:
             with torch.no_grad():
                 self.ref_bound = float(log_bound(self.reference, inputs, bound, mixture))
-        if self.threshold != "absolute":  # kappa may ramp (ConstraintConfig.kappa_ramp)
-            self.log_lambda_bar = self.ref_bound - self.kappa * abs(self.ref_bound)
+        if self.rule.level:  # kappa may ramp (ConstraintConfig.kappa_ramp)
+            self.log_lambda_bar = self.rule.level(self.ref_bound, self.kappa)
         return float(self.log_lambda_bar)
 
     @property

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from rarn.config import DecodeRule
-from rarn.nas.genotype import Genotype, edge_endpoints
-from rarn.nas.ops import PARAMETRIC, PRIMITIVES
 from rarn.nas.supernet import ArchSample, Supernet, node_softmax
+from rarn.space.genotype import Genotype, edge_endpoints
+from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
 __all__ = [
     "DECODERS",

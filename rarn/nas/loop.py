@@ -25,10 +25,10 @@ from rarn.config import ConstraintConfig, SearchConfig
 from rarn.models.common import eval_mode, full_precision
 from rarn.nas.collapse import CollapseLimits, CollapseReport, cell_log_lipschitz, detect_collapse
 from rarn.nas.constraint import log_bound
-from rarn.nas.genotype import Genotype, parametric_share
 from rarn.nas.search import CHECKPOINT, GENOTYPE, RACLSearch
 from rarn.nas.selection import decode_search
 from rarn.robust.loop import Diverged, check_finite
+from rarn.space.genotype import Genotype, parametric_share
 
 __all__ = [
     "SearchCallback",

@@ -56,9 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rarn.config.schema import PerturbationEstimate
-from rarn.nas.genotype import Genotype
-from rarn.nas.ops import PRIMITIVES
 from rarn.nas.supernet import ArchSample, node_softmax
+from rarn.space.genotype import Genotype
+from rarn.space.ops import PRIMITIVES
 
 __all__ = [
     "ESTIMATES",

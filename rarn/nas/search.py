@@ -43,18 +43,18 @@ from rarn.lipschitz.estimator import LipschitzEstimator
 from rarn.models.common import autocast, enable_cudnn_autotune, full_precision
 from rarn.nas.balance import ArchDiagnostics, arch_gradients, confidence_share
 from rarn.nas.constraint import (
+    ESTIMATORS,
     BoundInputs,
     ChanceConstraint,
     delta_moments,
-    monte_carlo_moments,
     satisfaction_probability,
 )
 from rarn.nas.decode import MAGNITUDE_DECODERS, decode
-from rarn.nas.genotype import Genotype
 from rarn.nas.gradnorm import weight_gradients
 from rarn.nas.supernet import ArchSample, Supernet
 from rarn.robust.loop import evaluate as evaluate_model
 from rarn.robust.loop import make_scheduler
+from rarn.space.genotype import Genotype
 
 __all__ = ["CHECKPOINT", "GENOTYPE", "RACLSearch"]
 
@@ -84,8 +84,12 @@ class RACLSearch:
         check(constraint)
         self.cfg, self.ccfg = search, constraint
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.model = _supernet(search, num_classes, in_channels)
-        _attach_estimator(self.model, constraint.include_bn, search.seed)
+        self.model = Supernet.from_config(search, num_classes=num_classes, in_channels=in_channels)
+        self.model.lipschitz = LipschitzEstimator(  # the bound's per-op constants
+            self.model.bounded_modules(),
+            include_bn=constraint.include_bn,
+            generator=torch.Generator().manual_seed(search.seed),
+        )
         cells = self.model.cells
         self._shape = (len(cells), len(cells[0].edges), len(cells[0].edges[0].ops))
         self._n_ops = math.prod(self._shape)  # the estimator's op constants come first
@@ -95,7 +99,7 @@ class RACLSearch:
             self.model.to(memory_format=torch.channels_last)
         enable_cudnn_autotune(self.device)  # the device of a search is chosen here
         self.w_opt, self.a_opt = _optimisers(self.model, search)
-        self.constraint = _chance_constraint(constraint)
+        self.constraint = ChanceConstraint.from_config(constraint)
         self._is_mean = [n.startswith("mu_") for n, _ in self.model.arch.named_parameters()]
         self._diag = ArchDiagnostics()  # this epoch's architecture steps (not checkpointed:
         # a checkpoint is written between epochs)
@@ -126,14 +130,14 @@ class RACLSearch:
 
     def moments(self, inputs: BoundInputs) -> tuple[Tensor, Tensor]:
         """``(mu_F, sigma_F)`` of the log-bound under the current distributions (float32)."""
-        arch, c, s = self.model.arch, self.ccfg, self.cfg.sampling
+        arch, c = self.model.arch, self.ccfg
         with full_precision(self.device):
-            if c.estimator == "delta" or not s:
+            if not self.cfg.sampling:  # a deterministic architecture: the bound, no spread
                 mu = arch.mu()
-                sigma = arch.sigma() if s else ArchSample(*map(torch.zeros_like, mu.as_tuple()))
+                sigma = ArchSample(*map(torch.zeros_like, mu.as_tuple()))
                 return delta_moments(mu, sigma, inputs, c.bound, c.mixture)
-            draws = arch.sample(self.sample_gen, n=c.mc_samples)
-            return monte_carlo_moments(draws, inputs, c.bound, c.mixture)
+            estimate = ESTIMATORS[c.estimator]  # rarn.nas.constraint's registry
+            return estimate(arch, inputs, c.bound, c.mixture, self.sample_gen, c.mc_samples)
 
     def _batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(x, y)`` on the search's device (asynchronous from pinned memory), ``x``
@@ -359,35 +363,6 @@ class RACLSearch:
 # Builders
 
 
-def _supernet(search: SearchConfig, num_classes: int, in_channels: int) -> Supernet:
-    with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; do not leak
-        torch.manual_seed(search.seed)
-        return Supernet(
-            search.init_channels,
-            num_classes,
-            search.layers,
-            in_channels,
-            nodes=search.nodes,
-            k=search.partial_channels,
-            sigma_init=search.sigma_init,
-            fused=search.fused,
-            generator=torch.Generator().manual_seed(search.seed),
-        )
-
-
-def _attach_estimator(model: Supernet, include_bn: bool, seed: int) -> None:
-    """``model.lipschitz``: the estimator of every mixed op's op (cell, edge, op order), then of
-    the fixed layers (stem, classifier, each cell's two preprocessings), the order
-    :meth:`RACLSearch.bound_inputs` reads."""
-    cells = list(model.cells)
-    ops = [op for cell in cells for edge in cell.edges for op in edge.ops]
-    fixed = [model.stem, model.classifier]
-    fixed += [m for cell in cells for m in (cell.preprocess0, cell.preprocess1)]
-    model.lipschitz = LipschitzEstimator(
-        ops + fixed, include_bn=include_bn, generator=torch.Generator().manual_seed(seed)
-    )
-
-
 def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD, torch.optim.Adam]:
     """SGD on the weights; Adam on the architecture, weight decay on ``mu`` only."""
     w_opt = torch.optim.SGD(
@@ -408,15 +383,3 @@ def _optimisers(model: Supernet, search: SearchConfig) -> tuple[torch.optim.SGD,
         betas=(search.arch_beta1, search.arch_beta2),
     )
     return w_opt, a_opt
-
-
-def _chance_constraint(c: ConstraintConfig) -> ChanceConstraint:
-    return ChanceConstraint(
-        c.eta,
-        c.rho,
-        c.threshold,
-        c.kappa,
-        c.log_lambda_bar,
-        c.dual_init,
-        relative=c.balance == "ce_norm",
-    )

@@ -32,10 +32,10 @@ from rarn.nas.decode import (
     cap_parameter_free,
     quantile_logits,
 )
-from rarn.nas.genotype import Genotype, edge_endpoints
-from rarn.nas.ops import PRIMITIVES
 from rarn.nas.perturbation import Attack, Importance, Term, perturbation_select
 from rarn.nas.supernet import ArchSample
+from rarn.space.genotype import Genotype, edge_endpoints
+from rarn.space.ops import PRIMITIVES
 
 __all__ = [
     "Selection",

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rarn.nas.genotype import edge_endpoints
-from rarn.nas.ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, channel_shuffle
+from rarn.config import SearchConfig
+from rarn.space.genotype import edge_endpoints
+from rarn.space.ops import OPS, PRIMITIVES, FactorizedReduce, ReLUConvBN, build_op, channel_shuffle
 
 __all__ = ["ArchDistribution", "ArchSample", "MixedOp", "SearchCell", "Supernet", "node_softmax"]
 
@@ -231,6 +232,32 @@ class Supernet(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.classifier = nn.Linear(C_p, num_classes)
         self.arch = ArchDistribution(nodes, len(PRIMITIVES), sigma_init, generator)
+
+    @classmethod
+    def from_config(cls, search: SearchConfig, *, num_classes: int, in_channels: int) -> Supernet:
+        """The supernet of a ``search`` section, initialised from ``search.seed`` alone."""
+        with torch.random.fork_rng(devices=[]):  # module init uses the global RNG; do not leak
+            torch.manual_seed(search.seed)
+            return cls(
+                search.init_channels,
+                num_classes,
+                search.layers,
+                in_channels,
+                nodes=search.nodes,
+                k=search.partial_channels,
+                sigma_init=search.sigma_init,
+                fused=search.fused,
+                generator=torch.Generator().manual_seed(search.seed),
+            )
+
+    def bounded_modules(self) -> list[nn.Module]:
+        """What the Lipschitz estimator bounds, in the order the bound reads it: every mixed op's
+        op (cell, edge, op order), then the fixed layers (stem, classifier, each cell's two
+        preprocessings)."""
+        cells = list(self.cells)
+        ops = [op for cell in cells for edge in cell.edges for op in edge.ops]
+        fixed = [self.stem, self.classifier]
+        return ops + fixed + [m for cell in cells for m in (cell.preprocess0, cell.preprocess1)]
 
     def weight_parameters(self) -> Iterator[nn.Parameter]:
         arch = {id(p) for p in self.arch.parameters()}

@@ -2,6 +2,8 @@
 
 The evaluation protocol of spec section 6.1, in these modules:
 
+* :mod:`~rarn.robust.evaluation.settings`: :class:`SuiteSettings`, what the suite runs (the
+  ``evaluation`` section's defaults, :meth:`SuiteSettings.from_config`), and its resolved plan.
 * :mod:`~rarn.robust.evaluation.suite`: :func:`evaluate_robustness` runs the attack suite
   described by a :class:`SuiteSettings` on one model: clean, per-attack and per-sample
   worst-case accuracy (AutoAttack's ``robust`` mask), and an accuracy-vs-eps curve.
@@ -11,7 +13,8 @@ The evaluation protocol of spec section 6.1, in these modules:
 * :mod:`~rarn.robust.evaluation.evidence`: the suite's per-image results as evidence for the
   masking checks.
 * :mod:`~rarn.robust.evaluation.masking`: the nine named gradient-masking checks; every result
-  carries their flags (:data:`MASKING_FLAGS`).
+  carries their flags (:data:`MASKING_FLAGS`). :mod:`~rarn.robust.evaluation.masking_probes`:
+  the checks that run the model, and :func:`run_masking_checks` on one batch.
 * :mod:`~rarn.robust.evaluation.adaptive`: BPDA, EOT and a longer Square when a check fires,
   folded into the worst case, each flag confirmed or refuted.
 * :mod:`~rarn.robust.evaluation.stats`: 95 % Wilson intervals and the exact paired (McNemar)
@@ -36,6 +39,8 @@ from rarn.robust.evaluation.masking import (
     check_larger_eps,
     check_more_steps,
     check_more_steps_stronger,
+)
+from rarn.robust.evaluation.masking_probes import (
     check_probability_outputs,
     check_randomized,
     check_zero_gradients,
@@ -59,6 +64,7 @@ from rarn.robust.evaluation.results import (
     results_table,
     write_results,
 )
+from rarn.robust.evaluation.settings import SuiteSettings
 from rarn.robust.evaluation.stats import (
     Interval,
     PairedTest,
@@ -68,7 +74,7 @@ from rarn.robust.evaluation.stats import (
     unpack_mask,
     wilson_interval,
 )
-from rarn.robust.evaluation.suite import SuiteSettings, evaluate_robustness
+from rarn.robust.evaluation.suite import evaluate_robustness
 from rarn.robust.evaluation.transfer import add_transfer, transfer_matrix
 from rarn.robust.evaluation.verify import RowCheck, choose_rows, verify_records
 

@@ -1,6 +1,6 @@
 """The suite's own evidence for the gradient-masking checks of one evaluation.
 
-:func:`~rarn.robust.evaluation.masking.run_masking_checks` attacks a check subset itself; the
+:func:`~rarn.robust.evaluation.masking_probes.run_masking_checks` attacks a check subset itself; the
 suite has already attacked every image, and its per-image results are better evidence: which
 images every white-box attack failed on (for the per-image black-box check), FGSM vs PGD and
 PGD with few vs many steps over all images (when the suite has them: ``pgd`` and ``pgd100``).
@@ -19,8 +19,8 @@ from rarn.robust.evaluation.masking import (
     MASKING_FLAGS,
     check_fgsm_vs_pgd,
     check_more_steps_stronger,
-    run_masking_checks,
 )
+from rarn.robust.evaluation.masking_probes import run_masking_checks
 from rarn.robust.evaluation.named import NamedAttack
 
 __all__ = ["masking_flags"]

@@ -9,8 +9,11 @@ more with 5x the steps (the suite's PGD has not converged), FGSM stronger than P
 does not approach 0 as eps grows; and a black-box attack (the Square-style random search
 :func:`rarn.robust.attacks.square`) stronger than the white-box suite, in aggregate or on images
 every white-box attack failed on. Each warns with a :class:`GradientMaskingWarning` and returns a
-flag; :func:`run_masking_checks` runs them all on one batch. docs/evaluation.md has what each
-catches, with numbers measured on models built to mask gradients.
+flag. The three that probe the model itself and the runner,
+:func:`~rarn.robust.evaluation.masking_probes.run_masking_checks` (all of them on one batch), are
+in :mod:`~rarn.robust.evaluation.masking_probes`; here are the flags and the comparisons of
+accuracies. docs/evaluation.md has what each catches, with numbers measured on models built to
+mask gradients.
 
 Count-based tolerances: a check comparing two attacks on n images flags a gap of more than
 ``tol`` *and* of at least :data:`MIN_POINTS` images (one or two images on a small check subset
@@ -26,21 +29,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
 
-import torch
-from torch import Tensor, nn
-
-from rarn.models.common import eval_mode
-from rarn.robust.attacks.gradient import input_gradient
-from rarn.robust.evaluation._core import _attack_preds, _predict, attack_seed, batch_generator
+from torch import Tensor
 
 __all__ = [  # in the order of MASKING_FLAGS
     "MASKING_FLAGS",
     "GradientMaskingWarning",
-    "check_probability_outputs",
-    "check_zero_gradients",
-    "check_randomized",
     "check_more_steps",
     "check_more_steps_stronger",
     "check_fgsm_vs_pgd",
@@ -50,7 +44,6 @@ __all__ = [  # in the order of MASKING_FLAGS
     "MIN_POINTS",
     "UNBOUNDED_LINF",
     "unbounded_radius",
-    "run_masking_checks",
 ]
 
 MASKING_FLAGS: tuple[str, ...] = (
@@ -85,70 +78,6 @@ class GradientMaskingWarning(UserWarning):
 def _warn(msg: str) -> None:
     # warnings, not logger.warning: one line, filterable; logging.captureWarnings routes them.
     warnings.warn(msg, GradientMaskingWarning, stacklevel=3)
-
-
-def check_probability_outputs(model: nn.Module, x: Tensor) -> bool:
-    """Flag a model whose outputs look like probabilities instead of logits.
-
-    Rows in [0, 1] summing to 1 mean a softmax at the end: cross-entropy on them has vanishing
-    gradients, so gradient attacks under-perform (AutoAttack's ``check_range_output``).
-
-    Args:
-        model: the classifier.
-        x: a batch of inputs (N, C, H, W).
-
-    Returns:
-        True (and a :class:`GradientMaskingWarning`) when the outputs are probabilities.
-    """
-    with eval_mode(model), torch.no_grad():
-        out = model(x).float()
-    in_range = bool(out.min() >= 0) and bool(out.max() <= 1)
-    flag = in_range and bool((out.sum(dim=1) - 1).abs().max() <= 1e-4)
-    if flag:
-        _warn("model outputs are probabilities (rows in [0, 1] summing to 1); attack logits")
-    return flag
-
-
-def check_zero_gradients(model: nn.Module, x: Tensor, y: Tensor, *, tol: float = 0.0) -> bool:
-    """Flag a model whose input gradient of the cross-entropy is exactly zero on some inputs.
-
-    Args:
-        model: the classifier (logits).
-        x: inputs (N, C, H, W) in [0, 1].
-        y: labels (N,).
-        tol: largest fraction of samples allowed a zero gradient (default 0).
-
-    Returns:
-        True (and a warning) when more than ``tol`` of the samples have an all-zero gradient.
-    """
-    with eval_mode(model), torch.enable_grad():
-        grad = input_gradient(model, x, y)  # summed cross-entropy, as the attacks use
-    frac = float((grad.flatten(1).abs().amax(dim=1) == 0).float().mean())
-    flag = frac > tol
-    if flag:
-        _warn(f"input gradients are exactly zero for {frac:.1%} of the samples")
-    return flag
-
-
-def check_randomized(model: nn.Module, x: Tensor, *, atol: float = 1e-5) -> bool:
-    """Flag a model whose eval-mode outputs differ between two identical forward passes.
-
-    Randomised defences need EOT attacks; plain PGD over-estimates their robustness.
-
-    Args:
-        model: the classifier.
-        x: inputs (N, C, H, W).
-        atol: absolute tolerance between the two passes (GPU kernels are not bitwise stable).
-
-    Returns:
-        True (and a warning) when the two passes differ.
-    """
-    with eval_mode(model), torch.no_grad():
-        a, b = model(x), model(x)
-    flag = not torch.allclose(a, b, rtol=1e-4, atol=atol)
-    if flag:
-        _warn("two forward passes in eval mode differ: the model is randomised (use EOT)")
-    return flag
 
 
 def _not_decreasing(accs: Sequence[float], tol: float, floor: float) -> bool:
@@ -306,99 +235,3 @@ def check_black_box_per_image(
     if flag:
         _warn(f"black-box attack fools {count} of {n} images every white-box attack failed on")
     return flag
-
-
-def run_masking_checks(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    generator: torch.Generator,
-    eps: float,
-    step_size: float,
-    steps: int,
-    white_box_robust: Tensor | None = None,
-    norm: str = "linf",
-    black_box_queries: int = 500,
-    more_steps_factor: int = 5,
-    tol: float = 0.02,
-    seed: int | None = None,
-    evidence: dict[str, tuple[str, dict[str, Any], Tensor]] | None = None,
-) -> dict[str, bool | None]:
-    """Run the gradient-masking checks on one batch.
-
-    Steps: PGD with 1 vs ``steps`` steps, and ``steps`` vs ``more_steps_factor * steps``. FGSM
-    vs PGD-``steps`` (L-inf only). Eps: PGD at ``eps`` vs :func:`unbounded_radius`, step size
-    scaled with eps. Black box: the Square-style :func:`rarn.robust.attacks.square` with
-    ``black_box_queries`` queries against the white-box evidence, per image and in aggregate;
-    L-inf only (``None`` for L2). The white-box evidence is ``white_box_robust`` AND this check's
-    PGD-``steps``.
-
-    Args:
-        model: the classifier (logits).
-        x: inputs (N, C, H, W) in [0, 1].
-        y: labels (N,).
-        generator: randomness of the attacks.
-        eps: threat-model radius.
-        step_size: PGD step at ``eps``.
-        steps: PGD steps.
-        white_box_robust: (N,) bool, True where the suite's white-box attacks all failed, if
-            known.
-        norm: "linf" or "l2".
-        black_box_queries: queries of the black-box attack.
-        more_steps_factor: how many times the steps of the more-steps check (>= 2).
-        tol: tolerance of the 1-vs-k steps, FGSM, eps and aggregate black-box checks (the
-            more-steps and per-image checks keep their own defaults).
-        seed: when given, each check attack draws from its own generator
-            (:func:`~rarn.robust.evaluation._core.attack_seed` of ``seed`` and its label, batch 0
-            on ``generator``'s device) instead of sharing ``generator``.
-        evidence: filled with label -> ``(registry key, params, predicted labels)`` of every
-            check attack at ``eps`` (predictions -1 where not run: misclassified clean), so that
-            the suite folds them into its worst case; labels ``check.<attack><steps>``.
-
-    Returns:
-        Flag name (:data:`MASKING_FLAGS`) -> bool, or None when the check was not run.
-    """
-    if more_steps_factor < 2:
-        raise ValueError(f"more_steps_factor must be >= 2, got {more_steps_factor}")
-    attack = "pgd_l2" if norm == "l2" else "pgd"
-    big, many, n = unbounded_radius(norm, x[0].numel()), max(steps, 2), len(y)
-    correct = _predict(model, x) == y
-
-    def survives(name: str, e: float, k: int, **extra: Any) -> Tensor:
-        params = {"eps": e, "step_size": step_size * e / eps, "steps": k, **extra}
-        label = f"check.{name}{k if name != 'fgsm' else ''}" + ("" if e == eps else "@large")
-        g = (
-            generator
-            if seed is None
-            else batch_generator(attack_seed(seed, label), 0, generator.device)
-        )
-        preds = _attack_preds(model, name, x, y, correct, g, params)
-        if evidence is not None and e == eps:
-            evidence[label] = (name, params, preds)
-        return preds == y
-
-    def acc(mask: Tensor) -> float:
-        return int(mask.sum()) / n
-
-    robust_k = survives(attack, eps, many)
-    acc_k = acc(robust_k)
-    flags: dict[str, bool | None] = dict.fromkeys(MASKING_FLAGS)
-    flags["probability_outputs"] = check_probability_outputs(model, x)
-    flags["zero_gradients"] = check_zero_gradients(model, x, y)
-    flags["randomized_outputs"] = check_randomized(model, x)
-    acc_1 = acc(survives(attack, eps, 1))
-    flags["steps_not_decreasing"] = check_more_steps({1: acc_1, many: acc_k}, tol=tol)
-    acc_more = acc(survives(attack, eps, many * more_steps_factor))
-    flags["more_steps_stronger"] = check_more_steps_stronger(acc_k, acc_more, n=n)
-    if big > eps:
-        curve = {eps: acc_k, big: acc(survives(attack, big, many))}
-        flags["eps_not_decreasing"] = check_larger_eps(curve, tol=tol, large_eps=big)
-    if norm == "linf":
-        fgsm = acc(survives("fgsm", eps, 1))
-        flags["fgsm_beats_pgd"] = check_fgsm_vs_pgd(fgsm, acc_k, tol=tol, n=n)
-        square = survives("square", eps, black_box_queries)
-        wb = robust_k if white_box_robust is None else white_box_robust.to(robust_k) & robust_k
-        flags["black_box_stronger"] = check_black_box(acc(wb), acc(square), tol=tol)
-        flags["black_box_breaks_robust"] = check_black_box_per_image(wb, square)
-    return flags

@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rarn.config.rules import choice_error, short_repr
+from rarn.config import EvaluationConfig
+from rarn.config.rules import choice_error, registry_rule, short_repr
 from rarn.config.schema import ITERATIONS, NON_NEGATIVE, ChoiceError, ConfigError, Range
 from rarn.robust.attacks import ATTACKS, attack_spec
 from rarn.robust.attacks.external import AUTOATTACK_VERSIONS
@@ -230,3 +231,12 @@ def config_suite(ev: Any) -> tuple[list[Any], list[str]]:
     keys += ["evaluation.autoattack"] * ev.autoattack
     keys += [f"evaluation.suite[{j}]" for j in range(len(ev.suite))]
     return entries, keys
+
+
+@registry_rule(EvaluationConfig)
+def _known_attacks(e: EvaluationConfig) -> None:
+    """Every entry of ``evaluation.attacks``/``evaluation.suite``, checked at config build."""
+    entries, keys = config_suite(e)
+    shared = {"eps": e.eps, "step_size": e.step_size, "steps": e.steps}
+    label = "evaluation.suite" if e.suite else "evaluation.attacks"
+    named_suite(entries, shared, keys=keys, label=label)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,6 @@ from torch import Tensor, nn
 from rarn.models.common import device_of
 from rarn.robust.attacks import (
     ATTACK_NORM,
-    get_attack,
     recording_components,
     validate_attack_args,
 )
@@ -32,7 +30,6 @@ from rarn.robust.evaluation._core import (
     Data,
     _attack_preds,
     _batches,
-    _check_budget,
     _fraction,
     _predict,
     _survives,
@@ -42,100 +39,14 @@ from rarn.robust.evaluation._core import (
 from rarn.robust.evaluation.adaptive import adaptive_plan, flag_outcomes, run_adaptive
 from rarn.robust.evaluation.evidence import masking_flags
 from rarn.robust.evaluation.masking import check_larger_eps, unbounded_radius
-from rarn.robust.evaluation.named import NamedAttack, config_suite, named_attack, named_suite
+from rarn.robust.evaluation.named import NamedAttack
 from rarn.robust.evaluation.records import DataHasher, weights_sha256
 from rarn.robust.evaluation.results import RobustnessResult
+from rarn.robust.evaluation.settings import Plan, SuiteSettings, suite_plan
 
-__all__ = ["SuiteSettings", "evaluate_robustness"]
+__all__ = ["evaluate_robustness"]
 
 logger = logging.getLogger(__name__)
-
-_ADAPTIVE = ("adaptive", "adaptive_square_queries", "eot_samples")
-
-Plan = dict[str, NamedAttack]
-"""Name -> the resolved entry: the suite in order, then the curve's attack if not in it."""
-
-
-@dataclass(frozen=True)
-class SuiteSettings:
-    """What :func:`evaluate_robustness` runs: the suite, its budget, the curve and the checks.
-
-    Attributes:
-        attacks: the suite, run in this order: registry names (:data:`rarn.robust.attacks.ATTACKS`,
-            with the shared ``eps``, ``step_size``, ``steps``), or named entries with their own
-            parameters, e.g. ``{"name": "pgd100", "attack": "pgd", "steps": 100}`` and
-            ``{"name": "aa", "attack": "autoattack", "n": 200}`` (``n``: only the first n
-            images); see :mod:`rarn.robust.evaluation.named`.
-        eps: threat-model radius shared by the suite.
-        step_size: step size shared by the suite.
-        steps: steps shared by the suite.
-        per_attack: also report each attack alone (see :func:`evaluate_robustness`).
-        main_attack: attack of the accuracy-vs-eps curve and the masking checks: a name of the
-            suite or a registry name.
-        eps_curve: radii of the curve (step size scaled by ``eps_i / eps``); empty: no curve.
-        attack_kwargs: per-name overrides, e.g. ``{"pgd_l2": {"eps": 0.5}, "autoattack":
-            {"n_iter": 10}}``.
-        checks: run the gradient-masking checks on the first ``check_n`` points.
-        check_n: size of the check subset.
-        black_box_queries: query budget of the black-box check.
-        more_steps_factor: the more-steps check compares PGD-``steps`` with this many times the
-            steps (default 5: PGD-20 vs PGD-100).
-        batch_size: batch size when the data is a pair of tensors (recorded per row; part of
-            the protocol: it changes the attacks' random draws).
-        adaptive: when a masking check fires, run the adaptive attacks it calls for (BPDA,
-            EOT, a longer Square; :mod:`~rarn.robust.evaluation.adaptive`) on the images still
-            robust, and fold them into the worst case (needs ``checks``).
-        adaptive_square_queries: queries of the adaptive Square.
-        eot_samples: forward passes per step of EOT-PGD.
-    """
-
-    attacks: tuple[str | Mapping[str, Any] | NamedAttack, ...] = ("fgsm", "pgd", "mim", "cw")
-    eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 20
-    per_attack: bool = True
-    main_attack: str = "pgd"
-    eps_curve: tuple[float, ...] = ()
-    attack_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    checks: bool = True
-    check_n: int = 256
-    black_box_queries: int = 500
-    more_steps_factor: int = 5
-    batch_size: int = 256
-    adaptive: bool = True
-    adaptive_square_queries: int = 5000
-    eot_samples: int = 20
-
-    def __post_init__(self) -> None:  # accept any sequence, store tuples (the record is frozen)
-        object.__setattr__(self, "attacks", tuple(self.attacks))
-        object.__setattr__(self, "eps_curve", tuple(self.eps_curve))
-        object.__setattr__(self, "attack_kwargs", dict(self.attack_kwargs or {}))
-
-    @classmethod
-    def from_config(cls, ev: Any, **overrides: Any) -> SuiteSettings:
-        """The suite of an :class:`~rarn.config.EvaluationConfig` (``evaluation`` section).
-
-        Its entries are ``evaluation.attacks`` then ``evaluation.suite``
-        (:func:`~rarn.robust.evaluation.named.config_suite`); the curve and the checks use the
-        first PGD of the suite (else its first attack). ``overrides`` replace fields.
-        """
-        entries, keys = config_suite(ev)
-        shared = {"eps": ev.eps, "step_size": ev.step_size, "steps": ev.steps}
-        named = named_suite(entries, shared, keys=keys, label="evaluation.attacks")
-        main = next((a.name for a in named if a.attack == "pgd"), named[0].name)
-        fields = {
-            "attacks": named,
-            "main_attack": main,
-            **shared,
-            "eps_curve": ev.eps_curve,
-            "batch_size": ev.batch_size,
-            "checks": ev.checks,
-            "check_n": ev.check_n,
-            "black_box_queries": ev.black_box_queries,
-            "more_steps_factor": ev.more_steps_factor,
-            **{k: getattr(ev, k) for k in _ADAPTIVE if hasattr(ev, k)},
-        }
-        return cls(**{**fields, **overrides})
 
 
 Records = dict[str, tuple[Tensor, Tensor, list[str | None]]]
@@ -241,124 +152,153 @@ def evaluate_robustness(
         TypeError: an override that is not a field of :class:`SuiteSettings`.
     """
     s = dataclasses.replace(settings or SuiteSettings(), **overrides)
-    plan, curve_eps = _plan(s)
+    plan, curve_eps = suite_plan(s)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     seed, gdev = generator.initial_seed(), generator.device
     device = torch.device(device) if device is not None else device_of(model)
     tally = _run_batches(model, data, s, plan, curve_eps, seed, gdev, device)
-    correct, attacked, preds, batches = tally.masks()
-    y = torch.cat(tally.labels)
-    survived = {a: p == y for a, p in preds.items()}
-    subsets = {a.name: a.subset(tally.n) for a in plan.values()}
-    params = {a.name: dict(a.params) for a in plan.values()}
-    methods = {a.name: a.attack for a in plan.values()}
-    sizes = dict.fromkeys(tally.attacks, s.batch_size)
-    names = list(tally.attacks)
+    rows = _Rows.of_suite(tally, plan, s.batch_size)
     runs: dict[str, tuple[str, dict[str, Any], Tensor]] = {}
-    flags = masking_flags(model, s, plan, tally, survived, generator, runs)
+    flags = masking_flags(model, s, plan, tally, rows.survived, generator, runs)
     m = len(torch.cat(tally.y_check)) if tally.y_check else 0
     for label, (method, p, pr) in runs.items():  # the checks' attacks at the suite's eps
         pad = torch.full((tally.n,), -1, dtype=torch.long)
         pad[:m] = pr.cpu()
-        names.append(label)
-        attacked[label], preds[label] = pad >= 0, pad
-        batches[label] = torch.where(pad >= 0, 0, -1)
-        survived[label] = pad == y
-        params[label], methods[label], subsets[label], sizes[label] = p, method, m, m
-    robust = _worst(correct, attacked, survived)
+        rows.add(label, pad >= 0, pad, torch.where(pad >= 0, 0, -1), p, method, m, m)
     main = plan[s.main_attack]
     norm = ATTACK_NORM[main.attack]
     curve = {e: tally.curve_hits[e] / tally.n for e in curve_eps}
     large = unbounded_radius(norm, tally.image_numel)
     if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
         flags["eps_not_decreasing"] = True  # before the adaptive plan: this flag calls for it too
-    outcomes: dict[str, str] = {}
     adaptive = adaptive_plan(flags, s, main, norm) if s.adaptive and tally.keep else ()
-    if adaptive:
-        index, xk, yk = (torch.cat(t) for t in zip(*tally.keep))
-        done = run_adaptive(
-            model, adaptive, index, xk, yk, robust,
-            seed=seed, batch_size=s.batch_size, device=device, generator_device=gdev,
+    outcomes = _adaptive_rows(model, adaptive, flags, tally, rows, s, seed, device, gdev)
+    sources = {a: "suite" for a in tally.attacks} | {a: "check" for a in runs}
+    sources |= {a.name: "adaptive" for a in adaptive}
+    return _result(model, model_name, s, tally, rows, curve, flags, sources, outcomes, seed)
+
+
+@dataclass
+class _Rows:
+    """Per attack of the result (the suite's, then the checks', then the adaptive ones), what
+    it reports; ``params``, ``methods`` and ``subsets`` also hold the curve's own attack."""
+
+    names: list[str]
+    correct: Tensor
+    y: Tensor
+    attacked: dict[str, Tensor]
+    preds: dict[str, Tensor]
+    batches: dict[str, Tensor]
+    survived: dict[str, Tensor]
+    params: dict[str, dict[str, Any]]
+    methods: dict[str, str]
+    subsets: dict[str, int]
+    sizes: dict[str, int]
+
+    @classmethod
+    def of_suite(cls, tally: _Tally, plan: Plan, batch_size: int) -> _Rows:
+        correct, attacked, preds, batches = tally.masks()
+        y = torch.cat(tally.labels)
+        return cls(
+            list(tally.attacks), correct, y, attacked, preds, batches,
+            survived={a: p == y for a, p in preds.items()},
+            params={a.name: dict(a.params) for a in plan.values()},
+            methods={a.name: a.attack for a in plan.values()},
+            subsets={a.name: a.subset(tally.n) for a in plan.values()},
+            sizes=dict.fromkeys(tally.attacks, batch_size),
         )  # fmt: skip
-        fooled = {}
-        for a in adaptive:
-            ran, pr, b = done[a.name]
-            names.append(a.name)
-            attacked[a.name], preds[a.name], batches[a.name] = ran, pr, b
-            survived[a.name] = pr == y
-            fooled[a.name] = int((ran & ~survived[a.name]).sum())
-            params[a.name], methods[a.name] = dict(a.params), a.attack
-            subsets[a.name], sizes[a.name] = tally.n, s.batch_size
-        outcomes = flag_outcomes(flags, adaptive, fooled, tally.n)
-        robust = _worst(correct, attacked, survived)
+
+    def add(self, name: str, attacked: Tensor, pred: Tensor, batch: Tensor,
+            params: dict[str, Any], method: str, subset: int, size: int) -> None:  # fmt: skip
+        self.names.append(name)
+        self.attacked[name], self.preds[name], self.batches[name] = attacked, pred, batch
+        self.survived[name] = pred == self.y
+        self.params[name], self.methods[name] = params, method
+        self.subsets[name], self.sizes[name] = subset, size
+
+    def robust(self) -> Tensor:
+        return _worst(self.correct, self.attacked, self.survived)
+
+
+def _adaptive_rows(
+    model: nn.Module,
+    adaptive: tuple[NamedAttack, ...],
+    flags: dict[str, bool | None],
+    tally: _Tally,
+    rows: _Rows,
+    s: SuiteSettings,
+    seed: int,
+    device: torch.device,
+    gdev: torch.device,
+) -> dict[str, str]:
+    """Run the adaptive attacks on the images still robust, add their rows and return the flag
+    outcomes (empty: none ran)."""
+    if not adaptive:
+        return {}
+    index, xk, yk = (torch.cat(t) for t in zip(*tally.keep))
+    done = run_adaptive(
+        model, adaptive, index, xk, yk, rows.robust(),
+        seed=seed, batch_size=s.batch_size, device=device, generator_device=gdev,
+    )  # fmt: skip
+    fooled = {}
+    for a in adaptive:
+        ran, pr, b = done[a.name]
+        rows.add(a.name, ran, pr, b, dict(a.params), a.attack, tally.n, s.batch_size)
+        fooled[a.name] = int((ran & ~rows.survived[a.name]).sum())
+    return flag_outcomes(flags, adaptive, fooled, tally.n)
+
+
+def _result(
+    model: nn.Module,
+    model_name: str,
+    s: SuiteSettings,
+    tally: _Tally,
+    rows: _Rows,
+    curve: dict[float, float],
+    flags: dict[str, bool | None],
+    sources: dict[str, str],
+    outcomes: dict[str, str],
+    seed: int,
+) -> RobustnessResult:
+    """The :class:`RobustnessResult` of the rows: per-attack numbers, worst case, records."""
+    names, survived, subsets = rows.names, rows.survived, rows.subsets
+    robust = rows.robust()
     per_attack = {a: _fraction(survived[a][: subsets[a]]) for a in names if a not in tally.attacks}
     if s.per_attack:
         per_attack = {a: _fraction(survived[a][: subsets[a]]) for a in tally.attacks} | per_attack
     per_attack = {a: v for a, v in per_attack.items() if not a.startswith("adaptive.")}
-    sources = {a: "suite" for a in tally.attacks} | {a: "check" for a in runs}
-    sources |= {a.name: "adaptive" for a in adaptive}
     return RobustnessResult(
         model_name=model_name,
         n=tally.n,
-        clean_accuracy=_fraction(correct),
+        clean_accuracy=_fraction(rows.correct),
         robust_accuracy=per_attack,
         worst_case_accuracy=_fraction(robust),
         robust=robust,
         attacks=tuple(names),
-        params=params,
+        params=rows.params,
         main_attack=s.main_attack,
         curve=curve,
         flags=flags,
         seed=seed,
-        correct=correct,
-        attacked={a: attacked[a] for a in names},
+        correct=rows.correct,
+        attacked={a: rows.attacked[a] for a in names},
         survived={a: survived[a] for a in names},
         per_attack=s.per_attack,
         data_sha256=tally.data.hexdigest(),
-        methods=methods,
+        methods=rows.methods,
         subsets=subsets,
-        preds={a: preds[a] for a in names},
-        batches={a: batches[a] for a in names},
+        preds={a: rows.preds[a] for a in names},
+        batches={a: rows.batches[a] for a in names},
         clean_pred=torch.cat(tally.clean_pred),
-        labels=y,
+        labels=rows.y,
         seeds={a: attack_seed(seed, a) for a in names},
-        batch_sizes=sizes,
+        batch_sizes=rows.sizes,
         sources=sources,
         outcomes=outcomes,
         weights_sha256=weights_sha256(model),
         components={a: c for a, c in tally.components.items() if any(c)},
     )
-
-
-def _plan(s: SuiteSettings) -> tuple[Plan, list[float]]:
-    """The resolved suite (and curve attack) and the sorted curve radii; fails before any work."""
-    if s.adaptive_square_queries < 1 or s.eot_samples < 1:
-        raise ValueError(
-            "adaptive_square_queries and eot_samples must be >= 1, got"
-            f" {s.adaptive_square_queries}, {s.eot_samples}"
-        )
-    if s.batch_size < 1 or s.check_n < 0 or s.more_steps_factor < 2:
-        raise ValueError(
-            "batch_size must be >= 1, check_n >= 0 and more_steps_factor >= 2, got"
-            f" {s.batch_size}, {s.check_n}, {s.more_steps_factor}"
-        )
-    shared = {"eps": s.eps, "step_size": s.step_size, "steps": s.steps}
-    plan: Plan = {a.name: a for a in named_suite(s.attacks, shared, overrides=s.attack_kwargs)}
-    if s.main_attack not in plan:  # a registry name outside the suite
-        plan[s.main_attack] = named_attack(
-            s.main_attack, shared, key="main_attack", overrides=s.attack_kwargs
-        )
-    for name in s.attack_kwargs:
-        if name not in plan:
-            get_attack(name)  # KeyError listing the known attacks
-    curve_eps = sorted({float(e) for e in s.eps_curve})
-    for e in curve_eps:
-        _check_budget(e, s.step_size, s.steps)
-    norms = {ATTACK_NORM[a.attack] for a in plan.values()}
-    if len(norms) > 1:
-        logger.warning("suite %s mixes L-inf and L2: the worst case is over their union", s.attacks)
-    return plan, curve_eps
 
 
 def _attack_batch(

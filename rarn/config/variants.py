@@ -1,13 +1,11 @@
-"""Named search variants for study mode, and the random-genotype baseline.
+"""Named search variants for study mode: a name -> dotted config overrides.
 
 A variant is a set of dotted ``search.``/``constraint.`` overrides on the config it runs in, so a
 study compares variants that differ in exactly what their overrides say (the data, the supernet's
-size and the budget are the config's). ``racl`` is the config itself.
+size and the budget are the config's). ``racl`` is the config itself. ``random-<seed>`` names the
+random-genotype baseline (:func:`rarn.space.genotype.random_genotype`).
 
-The random baseline (``random-<seed>``) is what the DARTS literature compares against (Li and
-Talwalkar 2019, arXiv:1902.07638; Yu et al. 2020, arXiv:1902.08142): a genotype drawn uniformly
-from the same space as the decoder's output (two distinct inputs per node, one op per edge, never
-``none``). A search that does not beat it at equal retraining budget has found nothing.
+Plain data: the config checks ``study.variants`` against this table without importing the library.
 """
 
 from __future__ import annotations
@@ -16,12 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
-from rarn.nas.genotype import Genotype
-from rarn.nas.ops import PRIMITIVES
-
-__all__ = ["RANDOM_PREFIX", "VARIANTS", "random_genotype", "random_seed_of", "variant_overrides"]
+__all__ = ["RANDOM_PREFIX", "VARIANTS", "random_seed_of", "variant_overrides"]
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # the config as it is (the shipped default: faithful bound, CE-balanced constraint)
@@ -85,23 +78,3 @@ def random_seed_of(name: str) -> int | None:
     """``random-<seed>`` -> seed; anything else -> None."""
     m = _RANDOM.fullmatch(name) if isinstance(name, str) else None
     return int(m.group(1)) if m else None
-
-
-def random_genotype(seed: int, nodes: int = 4) -> Genotype:
-    """A genotype drawn uniformly: per node two distinct earlier inputs, an op each (no ``none``).
-
-    Deterministic in ``seed`` (its own ``torch.Generator``), on every platform.
-    """
-    gen = torch.Generator().manual_seed(int(seed))
-    ops = [p for p in PRIMITIVES if p != "none"]
-
-    def cell() -> tuple[tuple[str, int], ...]:
-        edges = []
-        for i in range(nodes):
-            inputs = torch.randperm(i + 2, generator=gen)[:2].sort().values.tolist()
-            for j in inputs:
-                edges.append((ops[int(torch.randint(len(ops), (1,), generator=gen))], int(j)))
-        return tuple(edges)
-
-    concat = tuple(range(2, nodes + 2))
-    return Genotype(cell(), concat, cell(), concat)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rarn.nas.ops import PARAMETRIC, PRIMITIVES
+import torch
+
+from rarn.space.ops import PARAMETRIC, PRIMITIVES
 
 __all__ = [
     "GENOTYPES",
@@ -25,6 +27,7 @@ __all__ = [
     "edge_endpoints",
     "get_genotype",
     "parametric_share",
+    "random_genotype",
 ]
 
 
@@ -260,3 +263,26 @@ def get_genotype(name_or_path: str) -> Genotype:
     raise KeyError(
         f"unknown genotype {name_or_path!r}; known: {', '.join(GENOTYPES)} (or a path to a .json)"
     )
+
+
+def random_genotype(seed: int, nodes: int = 4) -> Genotype:
+    """A genotype drawn uniformly: per node two distinct earlier inputs, an op each (no ``none``).
+
+    The random baseline (``random-<seed>``) the DARTS literature compares against (Li and
+    Talwalkar 2019, arXiv:1902.07638; Yu et al. 2020, arXiv:1902.08142): drawn from the same
+    space as the decoder's output. A search that does not beat it at equal retraining budget has
+    found nothing. Deterministic in ``seed`` (its own ``torch.Generator``), on every platform.
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    ops = [p for p in PRIMITIVES if p != "none"]
+
+    def cell() -> tuple[tuple[str, int], ...]:
+        edges = []
+        for i in range(nodes):
+            inputs = torch.randperm(i + 2, generator=gen)[:2].sort().values.tolist()
+            for j in inputs:
+                edges.append((ops[int(torch.randint(len(ops), (1,), generator=gen))], int(j)))
+        return tuple(edges)
+
+    concat = tuple(range(2, nodes + 2))
+    return Genotype(cell(), concat, cell(), concat)
