@@ -343,14 +343,23 @@ def perturbation_select(
             _project(w, cell, e, best)
         score.changed()
         ref = score.loss(w) if score.exact else ref
+    edge_imp = _edge_importance(score, w, ref, nodes, term)
+    genotype = _genotype(op_imp, edge_imp, nodes)
+    return genotype, Importance(op_imp, edge_imp, base_loss, score.evaluations)
+
+
+def _edge_importance(
+    score: _Scorer, w: dict[str, Tensor], ref: float, nodes: int, term: Term | None
+) -> dict[str, Tensor]:
+    """Per cell type the rise when each edge is removed from the op-projected supernet, with
+    the term's rise balanced in per node (each node keeps two of its incoming edges)."""
     edge_imp = {c: score.edge_rises(w, c, ref) for c in _CELLS}
-    if term is not None:  # each node's decision: which of its incoming edges to keep
+    if term is not None:
         for c in _CELLS:
             for lo, hi in _edge_slices(nodes):
                 t = term.rises(w, f"{c}_edges", [(i,) for i in range(lo, hi)])
                 edge_imp[c][lo:hi] = term.combine(edge_imp[c][lo:hi], t)
-    genotype = _genotype(op_imp, edge_imp, nodes)
-    return genotype, Importance(op_imp, edge_imp, base_loss, score.evaluations)
+    return edge_imp
 
 
 def _project(w: dict[str, Tensor], cell: str, e: int, op: int) -> None:
