@@ -47,7 +47,13 @@ def test_two_epoch_search_yields_valid_genotype(data):
     assert [e for e, _ in seen] == [1, 2]
     assert isinstance(result.genotype, Genotype)
     assert Genotype.from_json(result.genotype.to_json()) == result.genotype
-    assert set(result.genotypes) == {"quantile", "median", "sample", "perturbation"}
+    decoded = {"quantile", "median", "sample", "perturbation"}
+    # the P-DARTS cap keeps what it replaced as `<rule>_uncapped`, and only when it acted
+    capped = "perturbation_uncapped" in result.genotypes
+    assert set(result.genotypes) == decoded | ({"perturbation_uncapped"} if capped else set())
+    if capped:
+        assert result.reports["perturbation_uncapped"].collapsed
+        assert result.genotypes["perturbation_uncapped"] != result.genotype
     assert set(result.reports) == set(result.genotypes)  # every decoding's collapse report
     last = seen[-1][1]
     for key in (
