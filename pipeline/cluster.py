@@ -41,6 +41,8 @@ __all__ = [
     "check_ray_address",
     "check_resources",
     "demands",
+    "task_cpus",
+    "use_assigned_cpus",
 ]
 
 _PROBE_TIMEOUT_S = 120.0  # a node's first task may wait for its worker and the job's code
@@ -100,6 +102,37 @@ def demands(cfg: Config, stages: Sequence[str]) -> list[Demand]:
     if "evaluate" in stages:
         out.append(Demand("an evaluation task (tune.cpus_per_trial, tune.gpus_per_trial)", trial))
     return out
+
+
+def task_cpus(per_task: float, n_tasks: int, nodes: Sequence[Node]) -> float:
+    """CPUs for each of ``n_tasks`` concurrent CPU tasks (evaluation, transfer, retraining
+    workers): at least ``per_task`` (the configured share), more where the cluster would
+    otherwise idle: an equal share of its CPUs in whole CPUs, such that all ``n_tasks`` fit on
+    the nodes at once (a task runs on one node).
+
+    One model on a 2-CPU machine gets both cores instead of leaving one idle (the default
+    pipeline's evaluation: 413 s with one thread, issue 20).
+    """
+    cpus = [n.resources.get("CPU", 0.0) for n in nodes]
+    if n_tasks < 1 or not cpus:
+        return per_task
+    share = int(min(max(cpus), sum(cpus) / n_tasks))
+    while share > per_task and Demand("", {"CPU": share}, n_tasks).fits(nodes) < n_tasks:
+        share -= 1  # uneven nodes: every task must still find room at once
+    return max(per_task, float(share))
+
+
+def use_assigned_cpus() -> int:
+    """In a Ray task: as many torch threads as the task was given CPUs (at least 1); returns
+    the count. Ray sets ``OMP_NUM_THREADS`` per task, but a reused worker process imported
+    torch under an earlier task's value, so the threads are set here, explicitly."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    n = max(1, int(cpus))
+    torch.set_num_threads(n)
+    return n
 
 
 def _capacity(nodes: Sequence[Node]) -> str:

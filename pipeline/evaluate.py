@@ -29,6 +29,7 @@ from typing import Any
 import ray
 import torch
 
+from pipeline.cluster import alive_nodes, task_cpus, use_assigned_cpus
 from pipeline.model_store import load_model_checked
 from pipeline.state import EvalOutcome, RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking
@@ -175,6 +176,7 @@ def _evaluate(
 ) -> EvalOutcome:
     """Ray task: load (sha256-checked), evaluate, log to the retraining run."""
     try:
+        use_assigned_cpus()
         model = load_model_checked(tracking, retrained.model_uri, retrained.model_sha256)
         x, y = as_tensors(bundle.test)  # Ray resolved the reference (zero-copy)
         result, parquet, png = evaluate_model(
@@ -210,12 +212,12 @@ def run_evaluate_stage(
 ) -> list[EvalOutcome]:
     """Evaluate every retrained model, concurrently; one outcome per model, in order (a model
     that cannot be evaluated, for want of a logged model, gets an outcome with its error)."""
-    task = _evaluate.options(num_cpus=tune_cfg.cpus_per_trial, num_gpus=tune_cfg.gpus_per_trial)
-    refs = {
-        r.key: task.remote(r, tracking, bundle, ev, str(out_dir))
-        for r in retrained
-        if r.error is None and r.model_uri
-    }
+    todo = [r for r in retrained if r.error is None and r.model_uri]
+    cpus = tune_cfg.cpus_per_trial
+    if not tune_cfg.gpus_per_trial:  # the CPUs the other models leave idle
+        cpus = task_cpus(cpus, len(todo), alive_nodes())
+    task = _evaluate.options(num_cpus=cpus, num_gpus=tune_cfg.gpus_per_trial)
+    refs = {r.key: task.remote(r, tracking, bundle, ev, str(out_dir)) for r in todo}
     done = dict(zip(refs, ray.get(list(refs.values()))))
     skipped = "skipped: its retraining logged no model"
     return [done.get(r.key) or EvalOutcome(r.key, error=r.error or skipped) for r in retrained]

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 import torch
 
+from pipeline.cluster import alive_nodes, task_cpus, use_assigned_cpus
 from pipeline.model_store import load_model_checked
 from pipeline.state import RetrainOutcome, TransferOutcome
 from pipeline.tracking import ChildRun, Tracking
@@ -59,6 +60,7 @@ def _transfer(
     """Ray task: load every model (sha256-checked), run the matrix, write and log both files."""
     keys = [m.key for m in models]
     try:
+        use_assigned_cpus()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         nets = {m.key: load_model_checked(tracking, m.model_uri, m.model_sha256).to(device)
                 for m in models}  # fmt: skip
@@ -93,5 +95,8 @@ def run_transfer_stage(
 ) -> TransferOutcome:
     """The transfer matrix of ``models`` (each with a logged model), in one Ray task with a
     trial's resources; its outcome names the files, or the error."""
-    task = _transfer.options(num_cpus=tune_cfg.cpus_per_trial, num_gpus=tune_cfg.gpus_per_trial)
+    cpus = tune_cfg.cpus_per_trial
+    if not tune_cfg.gpus_per_trial:  # one task: the cluster's idle CPUs, up to a node's
+        cpus = task_cpus(cpus, 1, alive_nodes())
+    task = _transfer.options(num_cpus=cpus, num_gpus=tune_cfg.gpus_per_trial)
     return ray.get(task.remote(list(models), tracking, bundle, ev, str(out_dir)))

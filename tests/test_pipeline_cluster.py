@@ -292,6 +292,48 @@ def test_resource_demands_against_nodes():
     assert check_resources(gpu, ["search"], one_gpu, can_grow=False) == []
 
 
+def test_task_cpus_fill_the_idle_cpus_up_to_a_node():
+    """Evaluation/transfer tasks: a trial's share at least, an equal share of the cluster's
+    CPUs where they would idle, never more than the largest node holds, whole CPUs."""
+    from pipeline.cluster import Node, task_cpus
+
+    one = [Node("a", "10.0.0.2", {"CPU": 2.0})]
+    assert task_cpus(1.0, 1, one) == 2.0  # one model on 2 CPUs: both cores, not one
+    assert task_cpus(1.0, 2, one) == 1.0 and task_cpus(1.0, 5, one) == 1.0  # never below
+    assert task_cpus(3.0, 1, one) == 3.0  # the configured share stands (its check is elsewhere)
+    three = [Node("h", "10.0.0.1", {"CPU": 0.0}), *(Node(w, "", {"CPU": 4.0}) for w in "bc")]
+    assert task_cpus(1.0, 1, three) == 4.0  # one node's CPUs: a task runs on one node
+    assert task_cpus(1.0, 3, three) == 2.0 and task_cpus(0.5, 16, three) == 0.5
+    assert task_cpus(1.0, 0, three) == 1.0 and task_cpus(1.0, 1, []) == 1.0
+    uneven = [Node("a", "", {"CPU": 4.0}), Node("b", "", {"CPU": 1.0})]
+    assert task_cpus(1.0, 2, uneven) == 2.0  # 2 + 2 on a (2.5 each would not fit)
+    assert task_cpus(1.0, 3, uneven) == 1.0  # 3 x 1: a holds 4, so 1 each (not 5 / 3)
+
+
+def test_a_task_gets_as_many_torch_threads_as_cpus(ray_local):
+    """Ray reuses worker processes across tasks: torch keeps the thread count of the first
+    task's ``OMP_NUM_THREADS`` unless :func:`use_assigned_cpus` sets it (measured: a 2-CPU
+    task in a process a 1-CPU task had started ran 1 thread)."""
+    import ray
+
+    from pipeline.cluster import use_assigned_cpus
+
+    @ray.remote
+    def threads(set_them: bool) -> tuple[int, int]:
+        import os
+
+        import torch
+
+        n = use_assigned_cpus() if set_them else -1
+        return os.getpid(), torch.get_num_threads() if set_them else n
+
+    pid1, _ = ray.get(threads.options(num_cpus=1).remote(False))
+    pid2, n = ray.get(threads.options(num_cpus=2).remote(True))
+    assert n == 2, (pid1, pid2)
+    pid3, n = ray.get(threads.options(num_cpus=1).remote(True))
+    assert n == 1
+
+
 def test_multi_node_rejects_a_local_tracking_store(ray_local, tmp_path, monkeypatch, capsys):
     """``tune.cluster=multi-node`` runs the multi-node checks on the one local node: the run_dir
     probe passes (the node sees it), the sqlite store does not."""
