@@ -124,8 +124,13 @@ _NOT_PROTOCOL = ("transfer", "transfer_n")  # change no number of the evaluation
 def protocol_sha256(ev: EvaluationConfig) -> str:
     """sha256 of the evaluation settings that change its numbers: all but the transfer
     matrix's. The batch size is part of it: every attack draws its random numbers per batch
-    (CW moved from 86.35 % to 86.07 % with another batch size)."""
+    (CW moved from 86.35 % to 86.07 % with another batch size). So is every entry that runs on
+    the earlier ones' survivors (``survivors``, AutoAttack's by default, written or not): its
+    accuracy is then robust to it and every earlier attack."""
     settings = {k: v for k, v in config_to_dict(ev).items() if k not in _NOT_PROTOCOL}
+    survivors = [a.name for a in SuiteSettings.from_config(ev).attacks if a.survivors]
+    if survivors:  # none: the digest of the settings alone, as before the option
+        settings["survivors"] = survivors
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

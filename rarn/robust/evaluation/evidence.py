@@ -47,14 +47,15 @@ def masking_flags(
 
     White-box evidence: images that every purely white-box attack of the suite (not AutoAttack,
     whose Square is a black box) ran on and failed on; none such: the checks' own PGD alone.
-    Attacks run on a subset smaller than the check's give no evidence on the rest, so they are
-    left out.
+    Attacks run on a subset smaller than the check's give no evidence on the rest, and entries
+    run on the earlier ones' survivors none alone, so both are left out.
     """
     flags: dict[str, bool | None] = dict.fromkeys(MASKING_FLAGS)
     if not (s.checks and s.check_n > 0):
         return flags
     xc, yc = torch.cat(tally.x_check), torch.cat(tally.y_check)
     full = [plan[a] for a in tally.attacks if plan[a].subset(tally.n) >= len(yc)]
+    full = [a for a in full if not a.survivors]  # saw only the earlier ones' survivors
     white = [a.name for a in full if _pure_white_box(a.attack)]
     wb = None
     if white:

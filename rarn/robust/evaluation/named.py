@@ -9,7 +9,16 @@ its own parameters, so that PGD-20 and PGD-100 run side by side::
     {"name": "aa", "attack": "autoattack", "n": 200}
 
 ``n`` limits an entry to the first ``n`` evaluated images (the same images for every model):
-a recorded, deterministic subset for the expensive attacks, never fewer iterations. Every other
+a recorded, deterministic subset for the expensive attacks, never fewer iterations.
+``survivors`` runs an entry only on the images of its subset that no earlier entry fooled (the
+reference AutoAttack's own early exit: an image already fooled is not robust whatever a later
+attack does, so the worst case is the same); its accuracy is then robust to it *and* to every
+earlier entry. It defaults to true for the AutoAttack family (:data:`SURVIVORS_BY_DEFAULT`), the
+suite's most expensive entries, and to false for every other attack::
+
+    {"name": "aa", "attack": "autoattack", "n": 100, "survivors": false}
+
+Every other
 key is a keyword argument of the attack (``rarn.robust.attacks``), checked here against the
 attack's signature, its type and its range (``eps`` against the attack's threat model). The
 config (``evaluation.attacks`` / ``evaluation.suite``) and :class:`SuiteSettings` both go through
@@ -33,6 +42,7 @@ from rarn.robust.attacks.external import AUTOATTACK_VERSIONS
 __all__ = [
     "EPS_RANGE",
     "PARAM_RANGES",
+    "SURVIVORS_BY_DEFAULT",
     "NamedAttack",
     "config_suite",
     "named_attack",
@@ -58,6 +68,10 @@ PARAM_RANGES: dict[str, Range | tuple[str, ...]] = {
 }
 """Parameter -> its range (or choices), whichever attack it belongs to."""
 
+SURVIVORS_BY_DEFAULT: tuple[str, ...] = ("autoattack", "autoattack_l2", "autoattack_torchattacks")
+"""The attacks whose entries run on the survivors of the earlier ones unless they say otherwise:
+the AutoAttack family (each its own early exit, and by far the suite's most expensive)."""
+
 _RESERVED = ("clean", "worst_case")  # row labels of the results tables
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")  # also an MLflow metric name: eval_<name>_acc
 _SHARED = {"eps": float, "step_size": float, "steps": int}
@@ -73,12 +87,19 @@ class NamedAttack:
         params: every keyword argument it is called with (``eps``, ``step_size``, ``steps`` and
             the attack's own, e.g. MIM's ``decay``), the suite's shared ones filled in.
         n: only the first ``n`` evaluated images (0: all of them).
+        survivors: only the images of its subset that no earlier entry of the suite fooled
+            (None: the attack's default, true for :data:`SURVIVORS_BY_DEFAULT`).
     """
 
     name: str
     attack: str
     params: Mapping[str, Any] = field(default_factory=dict)
     n: int = 0
+    survivors: bool | None = None
+
+    def __post_init__(self) -> None:  # None: the attack's default, resolved once
+        if self.survivors is None:
+            object.__setattr__(self, "survivors", self.attack in SURVIVORS_BY_DEFAULT)
 
     def subset(self, total: int) -> int:
         """How many of ``total`` images it runs on (the first ones)."""
@@ -87,7 +108,8 @@ class NamedAttack:
 
 def _allowed(attack: str) -> dict[str, Any]:
     """The keys an entry of ``attack`` may set, with their defaults (None: no default)."""
-    return {**dict.fromkeys(_SHARED), "n": 0, **attack_spec(attack).settings({})}
+    own = {"n": 0, "survivors": attack in SURVIVORS_BY_DEFAULT}
+    return {**dict.fromkeys(_SHARED), **own, **attack_spec(attack).settings({})}
 
 
 def _check_value(key: str, name: str, value: Any, default: Any, attack: str) -> Any:
@@ -124,7 +146,8 @@ def _is_inf(v: Any) -> bool:
 def _as_mapping(entry: Any, key: str) -> dict[str, Any]:
     """An entry as a mapping: a registry name is ``{"name": it, "attack": it}``."""
     if isinstance(entry, NamedAttack):
-        return {"name": entry.name, "attack": entry.attack, **entry.params, "n": entry.n}
+        own = {"n": entry.n, "survivors": entry.survivors}
+        return {"name": entry.name, "attack": entry.attack, **entry.params, **own}
     if isinstance(entry, str):
         return {"name": entry, "attack": entry}
     if not isinstance(entry, Mapping):
@@ -158,8 +181,8 @@ def _resolve(entry: dict[str, Any], shared: Mapping[str, Any], key: str) -> Name
             )
     params = {**{k: shared[k] for k in _SHARED}, **entry}
     checked = {k: _check_value(f"{key}.{k}", k, v, allowed[k], attack) for k, v in params.items()}
-    n = checked.pop("n", 0)
-    return NamedAttack(name, attack, checked, n)
+    n, survivors = checked.pop("n", 0), checked.pop("survivors", None)
+    return NamedAttack(name, attack, checked, n, survivors)
 
 
 def named_attack(
@@ -186,8 +209,8 @@ def named_suite(
     """Check and resolve the entries of a suite, in order.
 
     Args:
-        entries: registry names, mappings (``name``, ``attack``, ``n`` and the attack's keyword
-            arguments) or :class:`NamedAttack` records.
+        entries: registry names, mappings (``name``, ``attack``, ``n``, ``survivors`` and the
+            attack's keyword arguments) or :class:`NamedAttack` records.
         shared: the suite's ``eps``, ``step_size`` and ``steps``, for what an entry leaves out.
         keys: a label per entry for the messages (default ``attacks[i]``), e.g. the config's
             ``evaluation.suite[2]``.

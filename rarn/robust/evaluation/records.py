@@ -59,7 +59,7 @@ RECORDS_SCHEMA = pa.schema(
         _f("component", pa.string(), "AutoAttack's component that broke it; null: none", True),
         _f("batch_size", pa.int64(), "the attack's batch size (a batch is rerun whole)"),
         _f("subset_n", pa.int64(), "the attack's subset: it saw only images 0 .. subset_n-1"),
-        _f("mode", pa.string(), "'per_attack' or 'survivors' (see RECORDS_SCHEMA's doc)"),
+        _f("mode", pa.string(), "how this attack ran: 'per_attack' or 'survivors' (see the doc)"),
         _f("norm", pa.string(), "threat model of eps: 'linf', 'l2' or 'none' (clean)"),
         _f("eps", pa.float64(), "radius of the threat model (0 for clean)"),
         _f("step_size", pa.float64(), "step size as passed (ignored by fgsm, square, autoattack)"),
@@ -81,13 +81,14 @@ RECORDS_SCHEMA = pa.schema(
 
 ``robust`` is True where the image is still classified correctly after the attack (for
 ``clean``: classified correctly at all) and null where the attack did not run on it: the image
-was misclassified clean, or, in ``mode`` 'survivors' (AutoAttack's way: each attack only on the
-images no earlier attack fooled), an earlier attack had already fooled it; in 'per_attack' mode
-every attack ran on every clean-correct image of its subset. ``subset_n`` is the number of
-images the attack was limited to (``n`` of its suite entry: the first ones; the number of images
-when it saw all), so an image ``>= subset_n`` with ``robust`` null was never shown to it.
-``queries`` is Square's query budget (its
-``steps``) or AutoAttack's ``n_queries``; ``settings`` is JSON with sorted keys.
+was misclassified clean, or, in ``mode`` 'survivors' (AutoAttack's way: the attack only on the
+images no earlier attack fooled; the AutoAttack entries' default, every attack's without
+``per_attack``), an earlier attack had already fooled it; in 'per_attack' mode the attack ran on
+every clean-correct image of its subset; the clean rows' ``mode`` is the evaluation's.
+``subset_n`` is the number of images the attack was limited to (``n`` of its suite entry: the
+first ones; the number of images when it saw all), so an image ``>= subset_n`` with ``robust``
+null was never shown to it. ``queries`` is Square's query budget (its ``steps``) or
+AutoAttack's ``n_queries``; ``settings`` is JSON with sorted keys.
 
 The ledger: ``weights_sha256`` names the weights, ``clean_pred`` and ``pred`` the labels before and
 after the attack, ``seed`` the attack's own seed; batch ``batch`` of that attack (the rows of the
@@ -180,16 +181,17 @@ def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
         "model": r.model_name,
         "data_sha256": r.data_sha256,
         "weights_sha256": r.weights_sha256 or "",
-        "mode": "per_attack" if r.per_attack else "survivors",
         "eval_seed": r.seed,
         "implementation": rarn.implementation,
         "impl_version": rarn.version,
     }
     clean = {**_CLEAN, "settings": "{}", "source": "clean", "batch_size": 0, "seed": r.seed}
+    clean["mode"] = "per_attack" if r.per_attack else "survivors"
     blocks = [("clean", r.correct, torch.ones_like(r.correct), clean_pred, none, clean)]
     for a in r.attacks:
         settings = _settings_columns(r.method(a), r.params[a])
         settings |= {
+            "mode": "survivors" if a in r.survivors or not r.per_attack else "per_attack",
             "source": r.sources.get(a, "suite"),
             "batch_size": r.batch_sizes.get(a, 0),
             "seed": r.seeds.get(a, r.seed),

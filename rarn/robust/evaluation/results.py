@@ -60,6 +60,13 @@ RESULTS_SCHEMA = pa.schema(
         _f("suite", pa.string(), "attacks of the worst case, '+'-joined, in order"),
         _f("coverage", pa.string(), "attacks that saw only some images: '<attack> on k of n'"),
         _f(
+            "survivors",
+            pa.bool_(),
+            "the attack ran only on the images no earlier attack fooled: its accuracy is robust"
+            " to it and to every earlier one; null: clean, worst_case",
+            True,
+        ),
+        _f(
             "outcome",
             pa.string(),
             "adaptive attacks on the raised flags: 'confirmed' (any"
@@ -72,14 +79,17 @@ RESULTS_SCHEMA = pa.schema(
         ),
         _f("masking_suspected", pa.bool_(), "any flag raised; null: no check run", True),
     ],
-    metadata={"rarn.schema": "robustness-results/4"},
+    metadata={"rarn.schema": "robustness-results/5"},
 )
 """One row per model x attack x eps (clean, each attack alone, worst case, curve points).
 
 An attack run on a subset (``n`` in its suite entry: the first n images; the masking checks'
 attacks: the first ``check_n``) has that ``n`` and its accuracy over those images; the worst case
 is over all images, each robust when no attack that ran on it fooled it, and ``coverage`` says
-which attacks saw only some of them ("autoattack on 100 of 359"). ``ci_low``/``ci_high``: the
+which attacks saw only some of them ("autoattack on 100 of 359"). An attack with ``survivors``
+(AutoAttack's entries by default) ran only on the images of its subset that no earlier attack
+fooled, so its ``accuracy`` is "robust to it and to every earlier attack" over its ``n``; every
+image of its subset is still decided, by an earlier attack or by it. ``ci_low``/``ci_high``: the
 95 % Wilson interval of ``accuracy`` over ``n``.
 """
 
@@ -120,6 +130,9 @@ class RobustnessResult:
         survived: attack -> (n,) bool on CPU, True where it ran and the image stayed correct.
         per_attack: each attack ran on every clean-correct image (else only on the survivors
             of the earlier ones).
+        survivors: the suite's attacks that ran only on the images no earlier attack fooled
+            (an entry's ``survivors``; all of them without ``per_attack``): their accuracy is
+            robust to them and to every earlier attack.
         data_sha256: sha256 of the evaluated inputs and labels
             (:func:`rarn.robust.evaluation.data_sha256`).
         methods: name -> registry key of the attack (missing: the name is the key).
@@ -157,6 +170,7 @@ class RobustnessResult:
     attacked: dict[str, Tensor] = field(default_factory=dict)
     survived: dict[str, Tensor] = field(default_factory=dict)
     per_attack: bool = True
+    survivors: tuple[str, ...] = ()
     data_sha256: str | None = None
     methods: dict[str, str] = field(default_factory=dict)
     subsets: dict[str, int] = field(default_factory=dict)
@@ -260,6 +274,7 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
         rows.append({**base, **clean, "step_size": 0.0, "steps": 0, "accuracy": r.clean_accuracy})
         for a, acc in r.robust_accuracy.items():
             row = _attack_row(a, r.params[a], r.method(a))
+            row["survivors"] = a in r.survivors
             rows.append({**base, **row, "n": r.subset(a), "accuracy": acc})
         worst = {
             "attack": "worst_case",
@@ -273,6 +288,7 @@ def results_table(results: Iterable[RobustnessResult]) -> pa.Table:
         }
         rows.append({**base, **worst, "accuracy": r.worst_case_accuracy})
         main, alone = r.params[r.main_attack], r.subset(r.main_attack) == r.n
+        alone = alone and r.main_attack not in r.survivors
         for e, acc in r.curve.items():
             if r.main_attack in r.robust_accuracy and alone and math.isclose(e, main["eps"]):
                 continue  # already a row

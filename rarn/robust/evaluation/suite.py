@@ -60,6 +60,7 @@ class _Tally:
 
     attacks: tuple[str, ...]
     curve_hits: dict[float, int]
+    survivors: tuple[str, ...] = ()  # those run only on the earlier ones' survivors
     n: int = 0
     correct: list[Tensor] = field(default_factory=list)
     clean_pred: list[Tensor] = field(default_factory=list)
@@ -117,12 +118,15 @@ def evaluate_robustness(
     """Clean, per-attack and worst-case robust accuracy, the eps curve and the masking flags.
 
     Only clean-correct points are attacked (a misclassified point is never robust). With
-    ``per_attack`` every attack runs alone on all clean-correct points of its subset; without
-    it, AutoAttack-style, each attack runs only on the points that survived the earlier ones
-    (cheaper, but no per-attack numbers). The masking checks' attacks at the suite's eps (their
-    PGD, PGD with more steps, FGSM and the black-box Square, on the first ``check_n`` images)
-    and, when a check fires, the adaptive attacks (:mod:`~rarn.robust.evaluation.adaptive`)
-    join them. The headline ``worst_case_accuracy`` is over **all** images: an image is robust
+    ``per_attack`` every attack runs alone on all clean-correct points of its subset, except an
+    entry with ``survivors`` (AutoAttack's by default): it runs only on the points no earlier
+    attack fooled, and its accuracy is robust to it and every earlier one; without
+    ``per_attack``, AutoAttack-style, every attack runs that way (cheaper, but no per-attack
+    numbers). Either way the worst case is the same: a skipped point was already fooled. The
+    masking checks' attacks at the suite's eps (their PGD, PGD with more steps, FGSM and the
+    black-box Square, on the first ``check_n`` images) and, when a check fires, the adaptive
+    attacks (:mod:`~rarn.robust.evaluation.adaptive`) join them. The headline
+    ``worst_case_accuracy`` is over **all** images: an image is robust
     when it is classified correctly and no attack that ran on it fooled it, so adding an attack
     can only lower it, and ``worst_case_accuracy <= min(robust_accuracy.values())`` for attacks
     that saw every image.
@@ -285,6 +289,7 @@ def _result(
         attacked={a: rows.attacked[a] for a in names},
         survived={a: survived[a] for a in names},
         per_attack=s.per_attack,
+        survivors=tally.survivors,
         data_sha256=tally.data.hexdigest(),
         methods=rows.methods,
         subsets=subsets,
@@ -314,12 +319,12 @@ def _attack_batch(
     in_turn: bool,
 ) -> tuple[Records, Tensor]:
     """Every attack on the clean-correct points of its subset (``suite``: name -> entry, subset
-    mask): alone (per-attack mode) or, ``in_turn`` (AutoAttack's way), only on the points no
-    earlier attack fooled. Each draws from its own generator for batch ``b``. Returns the records
-    and where the batch is still robust."""
+    mask): alone (per-attack mode) or, ``in_turn`` (AutoAttack's way) or for an entry with
+    ``survivors``, only on the points no earlier attack fooled. Each draws from its own generator
+    for batch ``b``. Returns the records and where the batch is still robust."""
     records, robust = {}, correct
     for name, (a, seen) in suite.items():
-        mask = (robust if in_turn else correct) & seen
+        mask = (robust if in_turn or a.survivors else correct) & seen
         g = batch_generator(seeds[name], b, gdev)
         with recording_components() as holder:  # AutoAttack: the component that broke each
             pred = _attack_preds(model, a.attack, x, y, mask, g, a.params)
@@ -346,6 +351,7 @@ def _run_batches(
     main = plan[s.main_attack]
     seeds = {a: attack_seed(seed, a) for a in names}
     tally = _Tally(attacks=names, curve_hits=dict.fromkeys(curve_eps, 0))
+    tally.survivors = tuple(a for a in names if plan[a].survivors or not s.per_attack)
     keep = s.adaptive and s.checks and s.check_n > 0  # the survivors, for adaptive attacks
     for b, (xb, yb) in enumerate(_batches(data, s.batch_size)):
         xb, yb = xb.to(device), yb.to(device)
@@ -367,6 +373,7 @@ def _run_batches(
             tally.keep.append((index[robust].cpu(), xb[robust].cpu(), yb[robust].cpu()))
         for e in curve_eps:
             reuse = s.per_attack and s.main_attack in records and main.n == 0
+            reuse = reuse and not main.survivors  # else it saw only the earlier ones' survivors
             if reuse and math.isclose(e, main.params["eps"]):
                 hits = records[s.main_attack][1] == yb  # the curve point is the attack alone
             else:
