@@ -131,12 +131,13 @@ def check_resume(cfg: Config, run_dir: Path, stages: Sequence[str]) -> RunState:
     """
     from pipeline.checkpoints import check_tree
     from pipeline.storage import run_storage_path
-    from pipeline.tune_state import verify_storage
+    from pipeline.tune_state import SNAPSHOTS, verify_storage
 
     check_tree(run_dir)  # names that leave their folder, links out of the run directory
     state = RunState.load(run_dir)
     if "search" in stages and state.search is None:
-        verify_storage(run_storage_path(cfg, run_dir), state.tune_files)
+        verify_storage(run_storage_path(cfg, run_dir), state.tune_files,
+                       snapshots=run_dir / SNAPSHOTS)  # fmt: skip
     return state
 
 
@@ -153,8 +154,9 @@ def check_resume_store(cfg: Config, run_dir: Path, stages: Sequence[str], state:
         pipeline.tune_state.UntrustedTuneState: a Tune file the store did not record.
     """
     from pipeline.storage import run_storage_path
-    from pipeline.tune_state import store_digests, verify_storage
+    from pipeline.tune_state import SNAPSHOTS, store_digests, verify_storage
 
     recorded = store_digests(uri, state.parent_run_id)
     if "search" in stages and state.search is None:
-        verify_storage(run_storage_path(cfg, run_dir), recorded, where="the tracking store")
+        verify_storage(run_storage_path(cfg, run_dir), recorded, where="the tracking store",
+                       snapshots=run_dir / SNAPSHOTS)  # fmt: skip

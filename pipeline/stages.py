@@ -60,6 +60,16 @@ class Pipeline:
 
     # -- stage 1 --------------------------------------------------------------------------------
 
+    def _restore_recorded_tune(self) -> None:
+        """Before ``Tuner.restore``: a Tune file saved after its last record (the driver was
+        killed in between) is replaced by the kept copy of the version the tracking store
+        recorded (:func:`pipeline.tune_state.verify_storage`; pre-flight refused anything else)."""
+        from pipeline.tune_state import SNAPSHOTS, store_digests, verify_storage
+
+        recorded = store_digests(self.tracking.uri, self.state.parent_run_id)
+        verify_storage(self.storage_path, recorded, "the tracking store",
+                       snapshots=self.run_dir / SNAPSHOTS, restore=True)  # fmt: skip
+
     def _record_tune(self, digests: dict[str, str]) -> None:
         """Record the sha256 of Ray Tune's files as Tune writes them, in the tracking store (the
         parent run's tags) and in ``state.json`` (see :mod:`pipeline.tune_state`): ``--resume``
@@ -90,7 +100,7 @@ class Pipeline:
             select_top_k,
         )
         from pipeline.trials import trial_points
-        from pipeline.tune_state import digest_recorder, storage_digests
+        from pipeline.tune_state import SNAPSHOTS, digest_recorder, storage_digests
         from rarn.nas.loop import SearchData
 
         if self.state.search is not None:
@@ -99,6 +109,8 @@ class Pipeline:
         cfg, t = self.cfg, self.cfg.tune
         data = SearchData.from_bundle(self.bundle, cfg.data.train_portion, cfg.data.seed)
         job = SearchJob(cfg, self.tracking, str(self.run_dir))
+        if self.resume:  # a version saved after the last record: back to the recorded one
+            self._restore_recorded_tune()
         tuner = build_tuner(
             cfg, data, job, storage_path=self.storage_path, resume=self.resume,
             verbose=self.verbose,
@@ -106,7 +118,8 @@ class Pipeline:
         experiment = experiment_name(job)  # Tune's folder under storage
         self._record_tune(storage_digests(self.storage_path, experiment))  # tuner.pkl, just written
         attach(tuner, level=self.verbose, reporter=progress_reporter(t.select_metric, self.verbose),
-               callbacks=[digest_recorder(self._record_tune), trial_lines(self.echo)])  # fmt: skip
+               callbacks=[digest_recorder(self._record_tune, self.run_dir / SNAPSHOTS),
+                          trial_lines(self.echo)])  # fmt: skip
         n = len(trial_points(cfg))
         chosen = "all (study)" if cfg.study.variants else f"top {t.top_k}"
         self.echo(f"[search] Ray Tune: {n} trials, {chosen} by {t.select_metric}")

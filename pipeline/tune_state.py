@@ -13,6 +13,14 @@ digest was not recorded: first against ``state.json`` (no tracking store needed)
 the tracking store (:func:`store_digests`), the one that counts: a planted pickle whose sha256
 was written into ``state.json`` too is still refused.
 
+A driver killed between Tune's save and the next record (a few milliseconds, but ``kill -9``
+finds them: seen once in three runs of tests/test_pipeline_multinode.py) leaves a version in
+storage that was never recorded. So the recorder also keeps a copy of each recorded version
+beside the run (``<run_dir>/search/tune_recorded/``): ``--resume`` puts the last recorded
+version back in place of an unrecorded one, when the copy's digest is the recorded one (the
+resumed Tune state is then at most one loop step older; trials resume from their own verified
+commits), and refuses as before when there is no such copy.
+
 Trial checkpoints (``checkpoint_*`` folders) are not Tune's to unpickle: they hold this
 pipeline's own files, verified against their own digests (:mod:`pipeline.checkpoints`).
 This module imports Ray only inside :func:`digest_recorder`.
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,6 +48,9 @@ __all__ = [
 ]
 
 TAG_PREFIX = "rarn.tune_sha256."
+SNAPSHOTS = "search/tune_recorded"  # under the run directory: the last recorded versions
+
+log = logging.getLogger(__name__)
 
 _KEEP = 8  # digests kept per file: the storage copy may lag Tune's staging copy by a few saves
 
@@ -172,12 +184,28 @@ def store_digests(uri: str, parent_run_id: str) -> dict[str, list[str]]:
     return digests_from_tags(run.data.tags)
 
 
-def verify_storage(storage: str, recorded: Mapping[str, list[str]],
-                   where: str = "state.json") -> None:  # fmt: skip
+def _recorded_copies(bad: Iterable[str], recorded: Mapping[str, list[str]],
+                     snapshots: Path | None) -> dict[str, bytes]:  # fmt: skip
+    """The kept copies of ``bad`` files whose content has a recorded digest."""
+    out = {}
+    for name in bad if snapshots is not None else ():
+        try:
+            data = (snapshots / name).read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() in recorded.get(name, ()):
+            out[name] = data
+    return out
+
+
+def verify_storage(storage: str, recorded: Mapping[str, list[str]], where: str = "state.json",
+                   *, snapshots: Path | None = None, restore: bool = False) -> None:  # fmt: skip
     """Refuse Tune files under ``storage`` whose digest this run did not record.
 
     The experiments checked are the ones this run recorded files of (others sharing the storage
-    are not restored by it), or every experiment there when it recorded none.
+    are not restored by it), or every experiment there when it recorded none. A file with a
+    kept copy of a recorded version under ``snapshots`` is not refused; ``restore`` writes that
+    copy in its place (the search stage, just before ``Tuner.restore``).
 
     Raises:
         UntrustedTuneState: names the files and how to continue without them.
@@ -187,6 +215,8 @@ def verify_storage(storage: str, recorded: Mapping[str, list[str]],
     found = {rel.as_posix(): _hash(fs, path) for path, rel in _walk(fs, root, only)}
     bad = [name for name, digest in sorted(found.items())
            if digest not in recorded.get(name, ())]  # fmt: skip
+    copies = _recorded_copies(bad, recorded, snapshots)
+    bad = [name for name in bad if name not in copies]
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
         experiments = sorted({f"{storage.rstrip('/')}/{b.split('/', 1)[0]}" for b in bad})
@@ -196,6 +226,11 @@ def verify_storage(storage: str, recorded: Mapping[str, list[str]],
             f"changed, delete {', '.join(experiments)}: the search then restarts its trials "
             "from their own verified checkpoints"
         )
+    for name, data in copies.items() if restore else ():
+        with fs.open_output_stream(f"{root.rstrip('/')}/{name}") as f:
+            f.write(data)
+        log.warning("Tune's %s was saved after its last recorded version (the driver died in "
+                    "between): resuming from that recorded version", name)  # fmt: skip
 
 
 def _local_digests(staging: Path, experiment: str, cache: dict[str, tuple[int, int, str]]
@@ -216,12 +251,27 @@ def _local_digests(staging: Path, experiment: str, cache: dict[str, tuple[int, i
     return out
 
 
-def digest_recorder(record: Callable[[dict[str, str]], None]) -> Any:
+def _keep_copies(staging: Path, new: Mapping[str, str], snapshots: Path) -> None:
+    """Copy each just-recorded file (``experiment/rel`` -> digest) to ``snapshots``, if its
+    content is still the recorded one."""
+    from rarn.checkpoint import atomic_write
+
+    for key, digest in new.items():
+        try:
+            data = (staging / key.split("/", 1)[1]).read_bytes()
+        except OSError:
+            continue
+        if hashlib.sha256(data).hexdigest() == digest:
+            atomic_write(snapshots / key, data)
+
+
+def digest_recorder(record: Callable[[dict[str, str]], None], snapshots: Path | None = None) -> Any:
     """A Tune callback that passes new digests of Tune's staging files to ``record``.
 
     Tune writes its state into a local staging folder and uploads that folder to the storage
     path; the callback hashes the staging folder at the end of every loop step (right after
-    Tune's save), so every version that reaches storage was recorded first.
+    Tune's save) and keeps a copy of each recorded version under ``snapshots`` (for a driver
+    killed between a save and its record: :func:`verify_storage`).
     """
     from ray.tune import Callback
 
@@ -242,5 +292,7 @@ def digest_recorder(record: Callable[[dict[str, str]], None]) -> Any:
             if new:
                 record(new)
                 self.sent.update(new)
+                if snapshots is not None:
+                    _keep_copies(staging, new, snapshots)
 
     return _Recorder()

@@ -209,6 +209,48 @@ def test_digest_recorder_hashes_tunes_staging_folder(tmp_path):
     assert list(got[1]) == ["search/experiment_state-1.json"]
 
 
+def test_a_save_the_driver_died_before_recording_resumes_from_the_recorded_version(tmp_path):
+    """The race seen in test_pipeline_multinode (SIGKILL between Tune's save and the record):
+    the recorder keeps a copy of each recorded version; ``--resume`` accepts an unrecorded file
+    only when that copy's digest is recorded, and puts the copy back in its place."""
+    import hashlib
+
+    staging, storage, keep = tmp_path / "staging", tmp_path / "storage", tmp_path / "kept"
+    staging.mkdir()
+    state = staging / "experiment_state-1.json"
+    state.write_text('{"v": 1}')
+
+    class Storage:
+        experiment_driver_staging_path = str(staging)
+        experiment_dir_name = "search-x"
+
+    class Trial:
+        storage = Storage()
+
+    recorded: dict[str, list[str]] = {}
+    cb = digest_recorder(lambda d: [recorded.setdefault(k, []).append(v) for k, v in d.items()],
+                         keep)  # fmt: skip
+    cb.on_step_end(iteration=1, trials=[Trial()])
+    name = "search-x/experiment_state-1.json"
+    assert (keep / name).read_text() == '{"v": 1}'
+    (storage / "search-x").mkdir(parents=True)
+    (storage / "search-x/tuner.pkl").write_bytes(b"t")
+    recorded["search-x/tuner.pkl"] = [hashlib.sha256(b"t").hexdigest()]
+    (storage / name).write_text('{"v": 2}')  # saved and uploaded; the driver died: no record
+    with pytest.raises(UntrustedTuneState, match="experiment_state-1.json"):
+        verify_storage(str(storage), recorded)  # no kept copies: refused as before
+    verify_storage(str(storage), recorded, snapshots=keep)  # pre-flight: reads only
+    assert (storage / name).read_text() == '{"v": 2}'
+    verify_storage(str(storage), recorded, snapshots=keep, restore=True)
+    assert (storage / name).read_text() == '{"v": 1}'  # the recorded version is back
+    # A kept copy counts only with a recorded digest: a planted copy is refused.
+    (storage / name).write_text('{"v": 3}')
+    (keep / name).write_text('{"planted": 1}')
+    with pytest.raises(UntrustedTuneState, match="experiment_state-1.json"):
+        verify_storage(str(storage), recorded, snapshots=keep, restore=True)
+    assert (storage / name).read_text() == '{"v": 3}'  # nothing written on refusal
+
+
 # ----------------------------------------------------------------------------------------------
 # Pre-flight failures write nothing
 
