@@ -57,6 +57,9 @@ def attach(tuner: Any, *, level: int, callbacks: Sequence[Any], reporter: Any) -
     Done after construction, on the tuner's own run config, because ``Tuner`` pickles its run
     config into ``tuner.pkl`` when built (callbacks holding this run's state must not be
     pickled, nor come back from an old pickle) and ``Tuner.restore`` takes no run config.
+    The one private Ray attribute the pipeline reads: Ray has no public way to reach a restored
+    tuner's run config (ray-project/ray#41364, open; pinned Ray 2.60.0), and the resume tests
+    (tests/test_pipeline_resume.py, test_pipeline_console.py) fail at once if it goes away.
     """
     rc = tuner._local_tuner.get_run_config()
     rc.verbose = tune_verbosity(level)

@@ -25,10 +25,13 @@ from rarn.config import rules as _config_rules
 __version__ = "0.1.0"
 
 # The modules whose registries check config names (data.name, retrain.genotype/baselines, the
-# evaluation suite). rarn.config imports no other room, so the root names them; they are imported
-# when a config is first checked.
+# evaluation suite, the constraint's choices). rarn.config imports no other room, so the root
+# names them; they are imported when a config is first checked.
 _config_rules.rule_modules(
-    "rarn.data.sources", "rarn.models.baselines", "rarn.robust.evaluation.named"
+    "rarn.data.sources",
+    "rarn.models.baselines",
+    "rarn.robust.evaluation.named",
+    "rarn.nas.choices",
 )
 
 # public name -> module that defines it

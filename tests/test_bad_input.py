@@ -186,8 +186,7 @@ CHOICES = _choice_fields()
 def test_choice_fields_are_literals() -> None:
     keys = {k for k, _ in CHOICES}
     expected = {
-        "search.grad_norm_mode", "search.decode", "constraint.estimator", "constraint.bound",
-        "constraint.mixture", "constraint.threshold", "retrain.method", "retrain.schedule",
+        "search.grad_norm_mode", "search.decode", "retrain.method", "retrain.schedule",
         "tune.scheduler", "tune.select_mode",
     }  # fmt: skip
     assert expected <= keys
@@ -210,6 +209,11 @@ def test_bad_choice_lists_allowed_values(key: str, allowed: tuple[str, ...]) -> 
             "rarn.robust.attacks:ATTACKS",
         ),
         ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.space.genotype:GENOTYPES"),
+        ("constraint.estimator=fw", "constraint.estimator", "rarn.nas.constraint:ESTIMATORS"),
+        ("constraint.bound=sum", "constraint.bound", "rarn.nas.constraint:BOUNDS"),
+        ("constraint.mixture=some", "constraint.mixture", "rarn.nas.constraint:MIXTURES"),
+        ("constraint.threshold=x", "constraint.threshold", "rarn.nas.constraint:THRESHOLDS"),
+        ("constraint.balance=x", "constraint.balance", "rarn.nas.balance:BALANCES"),
         ("retrain.genotype=DARTS_V3", "retrain.genotype", "rarn.models.baselines:BASELINES"),
         ("retrain.baselines=[resnet19]", "retrain.baselines[0]", "rarn.space.genotype:GENOTYPES"),
         (

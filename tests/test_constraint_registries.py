@@ -8,12 +8,11 @@ Synthetic op constants on the 2-node cell (5 edges), no supernet: milliseconds.
 from __future__ import annotations
 
 import math
-from typing import get_args
 
 import pytest
 import torch
 
-from rarn.config import Balance, Bound, ConstraintConfig, Estimator, Mixture, Threshold
+from rarn.config import ConfigError, ConstraintConfig, load_config, with_overrides
 from rarn.nas.balance import BALANCES, arch_gradients
 from rarn.nas.constraint import (
     BOUNDS,
@@ -43,18 +42,29 @@ def _arch(seed: int = 0) -> ArchDistribution:
     return ArchDistribution(NODES, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize(
-    "registry, literal",
-    [
-        (ESTIMATORS, Estimator),
-        (BOUNDS, Bound),
-        (MIXTURES, Mixture),
-        (THRESHOLDS, Threshold),
-        (BALANCES, Balance),
-    ],
-)
-def test_registry_keys_are_the_config_choices(registry: dict, literal: object) -> None:
-    assert tuple(registry) == get_args(literal)
+TABLES = {
+    "estimator": ESTIMATORS,
+    "bound": BOUNDS,
+    "mixture": MIXTURES,
+    "threshold": THRESHOLDS,
+    "balance": BALANCES,
+}
+
+
+@pytest.mark.parametrize("key", list(TABLES))
+def test_the_registry_is_the_config_choice(key: str, monkeypatch) -> None:
+    """The config accepts exactly a registry's names (no second list): every entry loads, an
+    unknown name is an error naming the key and every entry, and an entry added to the table
+    alone (as a new estimator would be) is accepted with no other file touched."""
+    base = load_config(None)
+    for name in TABLES[key]:
+        assert getattr(with_overrides(base, {f"constraint.{key}": name}).constraint, key) == name
+    with pytest.raises(ConfigError, match=rf"constraint\.{key}: 'nope' not allowed") as e:
+        with_overrides(base, {f"constraint.{key}": "nope"})
+    assert all(name in str(e.value) for name in TABLES[key])
+    monkeypatch.setitem(TABLES[key], "added_by_the_test", next(iter(TABLES[key].values())))
+    cfg = with_overrides(base, {f"constraint.{key}": "added_by_the_test"})
+    assert getattr(cfg.constraint, key) == "added_by_the_test"
 
 
 @pytest.mark.parametrize("mixture", list(MIXTURES))

@@ -4,10 +4,12 @@ A field's allowed values sit next to it, so the schema is also the reference:
 
 * ``Annotated[int, Range(1, 10_000)]``: an interval (upper limits keep absurd sizes, such as
   ``search.epochs=1e29`` or a batch of a billion, from reaching a trial);
-* ``Literal[...]`` aliases (:data:`Estimator`, :data:`Bound`, ...): closed choices. They are the one
-  list of allowed values; the library's tuples derive from them (``typing.get_args``);
+* ``Literal[...]`` aliases (:data:`DecodeRule`, :data:`TrainMethod`, ...): closed choices. They
+  are the one list of allowed values; the library's tuples derive from them (``typing.get_args``);
 * plain ``str`` for names backed by a registry (``data.name``, ``evaluation.attacks``,
-  ``retrain.genotype``), checked by :mod:`rarn.config.rules` against the registry itself.
+  ``retrain.genotype``, the constraint's ``estimator``/``bound``/``mixture``/``threshold``/
+  ``balance``), checked against the registry itself by a rule registered beside it
+  (:func:`rarn.config.rules.registry_rule`): a new entry is one line in its registry.
 
 Nothing here validates: :mod:`rarn.config.build` does, when a config is built.
 """
@@ -19,18 +21,14 @@ from typing import Annotated, Any, Literal
 
 __all__ = [
     "Augment",
-    "Balance",
-    "Bound",
     "ChoiceError",
     "Config",
     "ConfigError",
     "ConstraintConfig",
     "DataConfig",
     "DecodeRule",
-    "Estimator",
     "EvaluationConfig",
     "GradNormMode",
-    "Mixture",
     "PerturbationEstimate",
     "DecodeObjective",
     "Range",
@@ -40,7 +38,6 @@ __all__ = [
     "SearchConfig",
     "SelectMode",
     "StudyConfig",
-    "Threshold",
     "TrackingConfig",
     "TrainMethod",
     "TuneConfig",
@@ -102,11 +99,6 @@ GradNormMode = Literal["exact", "finite_difference"]
 PerturbationEstimate = Literal["first_order", "exact"]
 DecodeObjective = Literal["ce", "lagrangian"]
 DecodeRule = Literal["quantile", "median", "sample", "perturbation", "perturbation_robust"]
-Estimator = Literal["delta", "monte_carlo"]
-Bound = Literal["product", "node_mean"]
-Mixture = Literal["all", "no_none", "parametric"]
-Threshold = Literal["absolute", "relative", "tracking"]
-Balance = Literal["none", "ce_norm"]
 TrainMethod = Literal["standard", "pgd", "trades", "fast"]
 Schedule = Literal["cosine", "step"]
 Augment = Literal["none", "crop_flip"]
@@ -228,19 +220,21 @@ class ConstraintConfig:
 
     enabled: bool = True
     eta: Annotated[float, Range(0.5, 1, "[)")] = 0.9  # confidence; >= 0.5 keeps it convex
-    estimator: Estimator = "delta"
+    # estimator, bound, mixture, threshold, balance: registry names (rarn.nas.constraint's
+    # ESTIMATORS, BOUNDS, MIXTURES, THRESHOLDS; rarn.nas.balance's BALANCES), checked there
+    estimator: str = "delta"
     mc_samples: Annotated[int, Range(1, 100_000)] = 16  # >= 2 for estimator=monte_carlo
-    bound: Bound = "product"  # the spec's product bound of lambda_F; see docs/constraint.md
-    mixture: Mixture = "all"  # ops in the bound's mixture (parametric: a documented variant)
+    bound: str = "product"  # the spec's product bound of lambda_F; see docs/constraint.md
+    mixture: str = "all"  # ops in the bound's mixture (parametric: a documented variant)
     include_bn: bool = True  # BN scale from running statistics in every lambda_o
-    threshold: Threshold = "tracking"  # rarn.nas.constraint.ChanceConstraint
+    threshold: str = "tracking"  # rarn.nas.constraint.ChanceConstraint
     kappa: Annotated[float, Range(0, 1)] = 0.01  # ln lambda_bar = f_ref - kappa |f_ref|
     # kappa rises linearly from 0 to its value over this share of the architecture steps (0: at
     # once), so the demand keeps growing and the constraint keeps binding [ours, docs/method.md]
     kappa_ramp: Annotated[float, Range(0, 1)] = 0.0
     log_lambda_bar: float = 0.0  # absolute threshold on the (possibly per-node) log-bound
     rho: Annotated[float, POSITIVE] = 0.1  # penalty and dual step (per demand under ce_norm)
-    balance: Balance = "ce_norm"  # constraint gradient vs CE (rarn.nas.balance)
+    balance: str = "ce_norm"  # constraint gradient vs CE (rarn.nas.balance)
     dual_init: Annotated[float, NON_NEGATIVE] = 0.0
     power_iterations: Annotated[int, Range(1, 1_000)] = 1  # per architecture step
 

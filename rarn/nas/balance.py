@@ -31,8 +31,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from rarn.config.schema import Balance
-
 __all__ = [
     "BALANCES",
     "METRICS",
@@ -60,11 +58,12 @@ class BalanceRule:
     relative: bool
 
 
-BALANCES: dict[Balance, BalanceRule] = {
+BALANCES: dict[str, BalanceRule] = {
     "none": BalanceRule(lambda ce_n, h_n: 1.0, relative=False),  # the spec's form
     "ce_norm": BalanceRule(lambda ce_n, h_n: ce_n / max(h_n, _TINY), relative=True),
 }
-"""Balance -> its rule; the keys are the config's ``Balance`` Literal, in the same order."""
+"""``constraint.balance`` -> its rule (a new balance is one entry here; the config checks a name
+against this table: :mod:`rarn.nas.choices`)."""
 _STEP_KEYS = ("penalty_ce_ratio", "bound_ce_ratio", "chance_pull", "confidence_share")
 METRICS: tuple[str, ...] = (*_STEP_KEYS, "mu_move", "mu_move_met", "sigma_mean")
 """What :meth:`ArchDiagnostics.metrics` adds to every epoch with architecture steps."""

@@ -37,7 +37,7 @@ import torch
 from scipy.stats import norm
 from torch import Tensor
 
-from rarn.config import Bound, ConstraintConfig, Estimator, Mixture, Threshold
+from rarn.config import ConstraintConfig
 from rarn.nas.balance import BALANCES
 from rarn.nas.supernet import ArchDistribution, ArchSample, node_log_softmax
 from rarn.space.ops import PARAMETRIC, PRIMITIVES
@@ -60,9 +60,9 @@ __all__ = [
 ]
 
 # The constraint's choices are registries, one entry each: MIXTURES here, BOUNDS, ESTIMATORS and
-# THRESHOLDS above ChanceConstraint (their keys are the config's Literals, in the same order:
-# tests/test_config.py; rarn.config checks a value at load).
-MIXTURES: dict[Mixture, tuple[str, ...]] = {  # the ops left out of the bound's mixture
+# THRESHOLDS above ChanceConstraint, BALANCES in rarn.nas.balance; rarn.nas.choices checks a
+# config's names against them. A new choice is one entry in its table plus its test.
+MIXTURES: dict[str, tuple[str, ...]] = {  # the ops left out of the bound's mixture
     "all": (),
     "no_none": ("none",),
     "parametric": tuple(p for p in PRIMITIVES if p not in PARAMETRIC),
@@ -216,7 +216,7 @@ def _node_mean(
     return node_log_factors(z, inputs, mixture, log_weights).mean(dim=(-1, -2))
 
 
-BOUNDS: dict[Bound, Callable[..., Tensor]] = {"product": _product, "node_mean": _node_mean}
+BOUNDS: dict[str, Callable[..., Tensor]] = {"product": _product, "node_mean": _node_mean}
 """Bound -> ``f(z, inputs, mixture, log_weights=False)``, the log-bound :func:`log_bound`
 constrains."""
 
@@ -234,7 +234,7 @@ def _monte_carlo(arch: ArchDistribution, inputs: BoundInputs, bound: str, mixtur
 Moments = Callable[
     [ArchDistribution, BoundInputs, str, str, torch.Generator, int], tuple[Tensor, Tensor]
 ]
-ESTIMATORS: dict[Estimator, Moments] = {"delta": _delta, "monte_carlo": _monte_carlo}
+ESTIMATORS: dict[str, Moments] = {"delta": _delta, "monte_carlo": _monte_carlo}
 """Estimator -> ``(arch, inputs, bound, mixture, generator, samples) -> (mu_F, sigma_F)`` under
 the architecture distribution (``samples`` draws from ``generator`` where it samples)."""
 
@@ -258,7 +258,7 @@ def _below_reference(ref: float, kappa: float) -> float:
     return ref - kappa * abs(ref)
 
 
-THRESHOLDS: dict[Threshold, ThresholdRule] = {
+THRESHOLDS: dict[str, ThresholdRule] = {
     "absolute": ThresholdRule(None),
     "relative": ThresholdRule(_below_reference),
     "tracking": ThresholdRule(_below_reference, tracks=True),
