@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.env import env_seconds
 from pipeline.storage import is_uri
 from pipeline.tracking_uri import redact_uri
 from rarn.config import Config, ConfigError
@@ -251,14 +252,10 @@ def check_cluster(cfg: Config, stages: Sequence[str], *, joined: bool, uri: str,
 
 
 def _seconds(name: str, default: str) -> float:
-    text = os.environ.get(name, default)
     try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise ConfigError(f"{name}={text!r}: expected seconds in (0, 3600]")
-    return value
+        return env_seconds(name, default)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_ray_address(address: str, timeout: float | None = None) -> None:

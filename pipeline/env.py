@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["LOOPBACK", "QUIET", "TESTING", "TRACKING", "apply_env_defaults", "env_defaults"]
+__all__ = [
+    "LOOPBACK",
+    "QUIET",
+    "TESTING",
+    "TRACKING",
+    "apply_env_defaults",
+    "env_defaults",
+    "env_seconds",
+]
 
 # Always: MLflow's HTTP client bounded (its defaults retry for minutes) and never following a
 # redirect with the credentials; the user's exported values win (configurable).
@@ -65,3 +73,19 @@ def apply_env_defaults(*, connect: bool = False, testing: bool = False) -> dict[
             os.environ[key] = value
             applied[key] = value
     return applied
+
+
+def env_seconds(name: str, default: str) -> float:
+    """A timeout from the environment variable ``name`` (``default`` when unset), in seconds.
+
+    Raises:
+        ValueError: not a number in (0, 3600] (the message names the variable).
+    """
+    text = os.environ.get(name, default)
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise ValueError(f"{name}={text!r}: expected seconds in (0, 3600]")
+    return value

@@ -14,6 +14,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from pipeline.env import env_seconds
 from rarn.config import TrackingConfig
 
 __all__ = [
@@ -101,14 +102,7 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def probe_timeout() -> float:
     """Seconds each probe request may take: ``$RARN_TRACKING_TIMEOUT_S`` (default 5)."""
-    text = os.environ.get("RARN_TRACKING_TIMEOUT_S", "5")
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= 3600:
-        raise ValueError(f"RARN_TRACKING_TIMEOUT_S={text!r}: expected seconds in (0, 3600]")
-    return value
+    return env_seconds("RARN_TRACKING_TIMEOUT_S", "5")
 
 
 def _get(uri: str, path: str, timeout: float) -> int:
