@@ -42,6 +42,7 @@ __all__ = [
     "check_ray_address",
     "check_resources",
     "demands",
+    "idle_cpu_share",
     "task_cpus",
     "use_assigned_cpus",
 ]
@@ -121,6 +122,11 @@ def task_cpus(per_task: float, n_tasks: int, nodes: Sequence[Node]) -> float:
     while share > per_task and Demand("", {"CPU": share}, n_tasks).fits(nodes) < n_tasks:
         share -= 1  # uneven nodes: every task must still find room at once
     return max(per_task, float(share))
+
+
+def idle_cpu_share(per_task: float, n_tasks: int, *, gpu: bool) -> float:
+    """:func:`task_cpus` on the alive nodes for CPU tasks; GPU tasks keep ``per_task``."""
+    return per_task if gpu else task_cpus(per_task, n_tasks, alive_nodes())
 
 
 def use_assigned_cpus() -> int:

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.cluster import alive_nodes, task_cpus, use_assigned_cpus
+from pipeline.cluster import idle_cpu_share, use_assigned_cpus
 from pipeline.model_store import load_model_checked
 from pipeline.state import EvalOutcome, RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking
@@ -218,9 +218,7 @@ def run_evaluate_stage(
     """Evaluate every retrained model, concurrently; one outcome per model, in order (a model
     that cannot be evaluated, for want of a logged model, gets an outcome with its error)."""
     todo = [r for r in retrained if r.error is None and r.model_uri]
-    cpus = tune_cfg.cpus_per_trial
-    if not tune_cfg.gpus_per_trial:  # the CPUs the other models leave idle
-        cpus = task_cpus(cpus, len(todo), alive_nodes())
+    cpus = idle_cpu_share(tune_cfg.cpus_per_trial, len(todo), gpu=tune_cfg.gpus_per_trial > 0)
     task = _evaluate.options(num_cpus=cpus, num_gpus=tune_cfg.gpus_per_trial)
     refs = {r.key: task.remote(r, tracking, bundle, ev, str(out_dir)) for r in todo}
     done = dict(zip(refs, ray.get(list(refs.values()))))

@@ -36,7 +36,7 @@ import torch
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.checkpoints import PROGRESS, CheckpointCorrupted, TrialStore
-from pipeline.cluster import alive_nodes, task_cpus, use_assigned_cpus
+from pipeline.cluster import idle_cpu_share, use_assigned_cpus
 from pipeline.model_store import log_model_checked
 from pipeline.state import RetrainOutcome
 from pipeline.tracking import ChildRun, Tracking, allowed_params
@@ -293,10 +293,12 @@ def run_retrain_stage(
         progress_every_s: how often to print each job's last epoch (from its local commits).
         echo: where progress lines go.
     """
-    if not tune_cfg.retrain_use_gpu:  # the CPUs the other jobs leave idle, per worker
-        share = task_cpus(tune_cfg.retrain_cpus_per_worker, len(jobs) * tune_cfg.retrain_workers,
-                          alive_nodes())  # fmt: skip
-        tune_cfg = dataclasses.replace(tune_cfg, retrain_cpus_per_worker=share)
+    share = idle_cpu_share(
+        tune_cfg.retrain_cpus_per_worker,
+        len(jobs) * tune_cfg.retrain_workers,
+        gpu=tune_cfg.retrain_use_gpu,
+    )  # the CPUs the other jobs leave idle
+    tune_cfg = dataclasses.replace(tune_cfg, retrain_cpus_per_worker=share)
     # In a list, the reference reaches the workers unresolved: one copy in the object store.
     refs = [_fit.remote(job, [bundle], tune_cfg, storage_path) for job in jobs]
     pending, last = list(refs), 0.0

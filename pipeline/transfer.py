@@ -21,7 +21,7 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.cluster import alive_nodes, task_cpus, use_assigned_cpus
+from pipeline.cluster import idle_cpu_share, use_assigned_cpus
 from pipeline.model_store import load_model_checked
 from pipeline.state import RetrainOutcome, TransferOutcome
 from pipeline.tracking import ChildRun, Tracking
@@ -95,8 +95,6 @@ def run_transfer_stage(
 ) -> TransferOutcome:
     """The transfer matrix of ``models`` (each with a logged model), in one Ray task with a
     trial's resources; its outcome names the files, or the error."""
-    cpus = tune_cfg.cpus_per_trial
-    if not tune_cfg.gpus_per_trial:  # one task: the cluster's idle CPUs, up to a node's
-        cpus = task_cpus(cpus, 1, alive_nodes())
+    cpus = idle_cpu_share(tune_cfg.cpus_per_trial, 1, gpu=tune_cfg.gpus_per_trial > 0)
     task = _transfer.options(num_cpus=cpus, num_gpus=tune_cfg.gpus_per_trial)
     return ray.get(task.remote(list(models), tracking, bundle, ev, str(out_dir)))
