@@ -7,7 +7,9 @@ Starts an MLflow tracking server (``mlflow server --host 127.0.0.1``) and a Ray 
 its environment, as a cluster's nodes would have it), submits exactly
 ``ray job submit --working-dir . -- python pipeline/run.py --config configs/smoke.yaml`` from a
 copy of the project, and checks the registered model and its lineage on the server. Only the
-processes this test started are stopped, by their recorded PIDs (never ``ray stop``).
+processes this test started are stopped, by their recorded PIDs (never ``ray stop``). That test
+runs only where the three-node cluster of ``test_pipeline_multinode.py`` cannot be built: there
+the same submitted job runs on three nodes with the same checks (CI time, issue 20).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from netns_cluster import unavailable_reason
 from trial_files import committed_epoch
 
 from pipeline.env import env_defaults
@@ -62,7 +65,15 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    unavailable_reason() is None,
+    reason="the three-node cluster runs the same job (ray job submit, MLflow server, lineage) in"
+    " tests/test_pipeline_multinode.py::test_smoke_pipeline_runs_on_both_workers_and_survives_a_"
+    "retrain_node_loss; this single-node copy is for machines that cannot build it",
+)
 def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
+    """Where network namespaces cannot be made (not root, no iproute2), the submitted smoke
+    pipeline on a loopback head; elsewhere the multinode module checks all of this and more."""
     mlflow_port, gcs, dash, client_port, agent, agent_grpc, env_agent, metrics = _free_ports(8)
     uri = f"http://127.0.0.1:{mlflow_port}"
     env = {

@@ -11,11 +11,14 @@ What is checked, one cluster for the module, tests in order:
 2. run a, the smoke pipeline with ``run_dir`` and ``tune.storage_path`` on shared storage: its
    two search trials run on both worker nodes; its retraining (two Ray Train workers, one per
    worker node) loses a node after its first epoch and resumes from the last epoch once the
-   node is back; the champion's lineage is on the MLflow server;
+   node is back; the champion's lineage is on the MLflow server, and no node wrote a local
+   tracking store (this is also the ``ray job submit`` test of ``test_pipeline_cluster.py``,
+   which runs only where this module cannot);
 3. run b, into the same ``tune.storage_path``: killing the worker node that runs a trial (SIGKILL
    on all its processes) resumes that trial on the other node from its last checkpoint; then
    SIGKILL of the driver, and ``--resume`` as a new job continues from the shared storage, the
-   trial from its last committed epoch; runs a and b each have their own Tune experiment;
+   trial from its last committed epoch, in its one MLflow run with every epoch logged once;
+   runs a and b each have their own Tune experiment;
 4. run c, Tune's state in S3 (moto, ``s3://rarn/ray?endpoint_override=...``): ``ray job stop``
    (SIGTERM) mid-search ends the driver with the resume hint, and ``--resume`` restores the
    experiment from the bucket (skipped where ``moto_server`` is not installed).
@@ -121,6 +124,8 @@ def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cl
     cluster.start_node("w2")  # the two-worker group needs both nodes again
     assert _finish(cluster, p, job, 600) == "SUCCEEDED", _logs(cluster, job)
     assert "models:/rarn-smoke@champion" in cluster.job_logs(job)
+    submitted = (cluster.base / "logs" / f"{job}.submit.log").read_text()
+    assert "succeeded" in submitted, submitted[-3000:]  # what the user's `ray job submit` says
     starts = _starts(rank0)
     assert starts[0] == 0 and len(starts) >= 2 and at_kill <= starts[1] <= at_kill + 1, starts
 
@@ -133,7 +138,11 @@ def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cl
     retrain = client.get_run(mv.tags["rarn.retrain_run_id"])
     search = client.get_run(mv.tags["rarn.search_run_id"])
     assert retrain.data.tags["rarn.search_run_id"] == search.info.run_id
+    assert retrain.data.tags["mlflow.parentRunId"] == mv.tags["rarn.parent_run_id"]
     assert search.info.status == retrain.info.status == "FINISHED"
+    # the job tracked to the cluster's server only: no node fell back to a local store
+    assert not [f for n in cluster.nodes for f in (cluster.base / n / "tmp").rglob("mlflow.db")]
+    assert not list(cluster.project().rglob("mlflow.db"))
     cluster.wait_alive(3)
 
 
@@ -185,6 +194,19 @@ def test_node_loss_then_driver_loss_then_resume(cluster):
     assert len(starts) == 3 and at_driver_loss <= starts[2] <= at_driver_loss + 1, starts
     state = json.loads((run / "state.json").read_text())
     assert state["search"]["done"] and state["search"]["selected"]
+    # In MLflow (on the server): t01's one run continued through both losses, every epoch
+    # logged exactly once, every run of this pipeline FINISHED (test_pipeline_resume.py checks
+    # the same on one node where this module cannot run).
+    client = Tracking(cluster.tracking_uri, "", "").client()
+    parent = state["parent_run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'")
+    search = [r for r in runs if r.data.tags.get("rarn.role") == "search"]
+    assert sorted(r.data.tags["rarn.key"] for r in search) == ["t00", "t01"], search
+    (r01,) = [r for r in search if r.data.tags["rarn.key"] == "t01"]
+    steps = [m.step for m in client.get_metric_history(r01.info.run_id, "epoch")]
+    assert sorted(steps) == list(range(1, 8)), steps  # LONG_T01: 7 epochs, each once
+    assert {r.info.status for r in [*runs, client.get_run(parent)]} == {"FINISHED"}
     # Every run that shares the storage path has its own Tune experiment: no collision.
     runs = [r for r in (cluster.shared / "runs").iterdir() if (r / "state.json").is_file()]
     experiments = {e.name for e in storage.glob("search-*")}

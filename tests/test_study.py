@@ -368,7 +368,7 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
     args = [
         "--config", str(ROOT / "configs/smoke.yaml"), "--force-promote",
         "tune.param_space={}", "study.variants=[racl,pcdarts_plain]", "study.seeds=[0]",
-        "retrain.baselines=[RACL,resnet18]", "evaluation.checks=false",
+        "retrain.baselines=[resnet18]", "evaluation.checks=false",
     ]  # fmt: skip
     rc = main(args)
     out = capsys.readouterr().out
@@ -379,7 +379,6 @@ def test_study_through_the_pipeline(ray_local, tmp_path, monkeypatch, capsys):
         "pcdarts_plain",
         "racl",
         "random",
-        "ref:RACL",
         "ref:resnet18",
     ]
     assert all(v == v for v in runs.column("worst_case_acc").to_pylist())  # every model evaluated
