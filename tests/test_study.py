@@ -211,6 +211,13 @@ def test_val_pgd_acc_is_reported_every_epoch_and_carried_between_measurements(da
     accs = [h["val_pgd_acc"] for h in result.history]
     assert accs[1] == accs[0] and all(0 <= a <= 1 for a in accs)
     assert all(math.isfinite(h["log_lambda_faithful"]) for h in result.history)
+    # measuring leaves the search as it was: every epoch's measurement gives the same run
+    every = run_search(dataclasses.replace(cfg, robust_eval_every=1),
+                       load_config(None).constraint, data)  # fmt: skip
+    assert every.genotype == result.genotype
+    assert [h["val_pgd_acc"] for h in every.history][::3] == accs[::3]
+    for key in ("train_loss", "val_loss", "mu_F"):
+        assert [h[key] for h in every.history] == [h[key] for h in result.history], key
 
 
 def test_supernet_pgd_accuracy_falls_with_eps(digits_net_trainer):
