@@ -79,6 +79,19 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def single_node_fallback(what: str):
+    """A pytest mark: run this single-node test only where the three-node cluster cannot be built
+    (``unavailable_reason()``); where it can, ``test_pipeline_multinode.py`` checks ``what`` on
+    three nodes, and CI does not pay for both."""
+    import pytest
+
+    return pytest.mark.skipif(
+        unavailable_reason() is None,
+        reason=f"tests/test_pipeline_multinode.py checks {what} on the three-node cluster; this"
+        " single-node copy is for machines that cannot build it",
+    )
+
+
 def _sh(*cmd: str) -> str:
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     if p.returncode != 0:

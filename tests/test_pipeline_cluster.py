@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from netns_cluster import unavailable_reason
+from netns_cluster import single_node_fallback
 from trial_files import committed_epoch
 
 from pipeline.env import env_defaults
@@ -65,12 +65,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    unavailable_reason() is None,
-    reason="the three-node cluster runs the same job (ray job submit, MLflow server, lineage) in"
-    " tests/test_pipeline_multinode.py::test_smoke_pipeline_runs_on_both_workers_and_survives_a_"
-    "retrain_node_loss; this single-node copy is for machines that cannot build it",
-)
+@single_node_fallback("the same submitted job (ray job submit, MLflow server, lineage)")
 def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
     """Where network namespaces cannot be made (not root, no iproute2), the submitted smoke
     pipeline on a loopback head; elsewhere the multinode module checks all of this and more."""

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from netns_cluster import unavailable_reason
+from netns_cluster import single_node_fallback
 from trial_files import committed_epoch
 from trial_files import start_epochs as _starts
 
@@ -88,12 +88,7 @@ LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFF
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    unavailable_reason() is None,
-    reason="the three-node cluster interrupts and resumes the same search (SIGTERM, which the"
-    " driver turns into SIGINT; SIGKILL; --resume; every epoch logged once) in"
-    " tests/test_pipeline_multinode.py; this single-node copy is for machines that cannot build it",
-)
+@single_node_fallback("the same interruptions (SIGTERM, handled as SIGINT; SIGKILL; --resume)")
 def test_sigint_then_sigkill_then_resume(tmp_path, reaper):
     t00, t01 = (tmp_path / "run/search/trials" / k for k in ("t00", "t01"))
     # 1. SIGINT once t00 has finished and t01 has a checkpoint: Tune saves its state, exit 130.
