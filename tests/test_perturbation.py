@@ -170,7 +170,15 @@ def test_picks_the_only_op_that_matters(known_op):
         for cell in ("normal", "reduce"):
             others = imp.ops[cell][:, [i for i in range(N_OPS) if i not in (SEP3, 0)]]
             assert others.abs().max() < 1e-6
-            assert (imp.ops[cell][:, SEP3] >= 0).all() and imp.ops[cell][:, SEP3].max() > 1e-3
+            sep3 = imp.ops[cell][:, SEP3]
+            assert sep3.max() > 1e-3
+            # Every kept edge is one whose sep_conv_3x3 the fit needs (its removal raises the
+            # loss). An edge whose trained sep_conv_3x3 hurts the fit (removal lowers the loss;
+            # on some CPUs' kernels one of the five does) ties its zero ops above it and is
+            # never kept: each node keeps the two edges whose removal hurts most.
+            pairs = getattr(g, cell)
+            kept = [sum(range(2, 2 + i // 2)) + inp for i, (_, inp) in enumerate(pairs)]
+            assert (sep3[kept] >= 0).all(), (cell, sep3, kept)
 
 
 def test_supernet_loss_leaves_running_statistics():
