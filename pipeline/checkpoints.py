@@ -307,7 +307,16 @@ class TrialStore:
             raise errors[0]
 
     def record_attempt(self, start_epoch: int) -> None:
-        """Append ``{pid, start_epoch, time}`` to ``attempts.jsonl`` (what resumed from where)."""
-        line = {"pid": os.getpid(), "start_epoch": start_epoch, "time": time.time()}
+        """Append ``{pid, node_ip, start_epoch, time}`` to ``attempts.jsonl`` (what resumed from
+        where, on which Ray node; ``node_ip`` is None outside Ray)."""
+        line = {"pid": os.getpid(), "node_ip": _node_ip(), "start_epoch": start_epoch,
+                "time": time.time()}  # fmt: skip
         with open(self.root / "attempts.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def _node_ip() -> str | None:
+    """The Ray node this process runs on (None when Ray is not initialised here)."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else None

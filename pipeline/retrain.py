@@ -2,8 +2,12 @@
 
 One ``TorchTrainer`` per genotype (DDP over ``tune.retrain_workers`` workers, gloo on CPU, NCCL
 on GPU), each launched from a zero-CPU Ray task so several genotypes train concurrently when the
-cluster has room. The worker loop is a thin adapter around :func:`rarn.robust.retrain.run_retrain`
-with numbered Ray touch-points: data by reference from the object store, resume from
+cluster has room. With one worker (the default) there is nothing to distribute: the same loop
+runs in a plain Ray task with the worker's resources and ``max_failures`` retries, resuming from
+rank 0's commits, without Ray Train's start-up (its controller and helper actors).
+
+The worker loop is a thin adapter around :func:`rarn.robust.retrain.run_retrain` with numbered
+Ray touch-points: data by reference from the object store, resume from
 ``ray.train.get_checkpoint()`` or rank 0's newer local commit (every rank from the same epoch),
 DDP through ``prepare_model`` and a ``DistributedSampler`` share reshuffled every epoch, a
 per-epoch ``ray.train.report`` with rank 0's checkpoint, and ``FailureConfig`` retries. Ray
@@ -131,12 +135,35 @@ class RetrainJob:
 
 def retrain_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: one genotype's adversarial retraining (one DDP rank)."""
-    job: RetrainJob = config["job"]
     use_assigned_cpus()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     # [1] Data: one copy in the object store, shared by every worker on a node.
     (bundle,) = ray.get(config["bundle"])
+
+    def report(metrics: dict[str, float], commit: Path | None) -> None:
+        checkpoint = None if commit is None else ray.train.Checkpoint.from_directory(str(commit))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    wrap = ray.train.torch.prepare_model if world > 1 else None
+    _train_rank(config["job"], bundle, rank, world, ray.train.get_checkpoint(), report,
+                ray.train.torch.get_device(), wrap)  # fmt: skip
+
+
+def _train_rank(
+    job: RetrainJob,
+    bundle: Any,
+    rank: int,
+    world: int,
+    reported: Any,
+    report_to_ray: Any,
+    device: torch.device,
+    wrap: Any,
+) -> None:
+    """One rank of one job's retraining, Ray Train worker or single-worker task alike:
+    ``reported`` is the checkpoint Ray hands back (None for a task: rank 0's own commits are
+    the resume point), ``report_to_ray(metrics, commit)`` passes each epoch on (rank 0 with its
+    committed folder)."""
     store, run = job.store(rank), (job.open_run() if rank == 0 else None)
     commits = _recorded_commits(job, run)
 
@@ -144,26 +171,24 @@ def retrain_loop(config: dict[str, Any]) -> None:
         commits[:] = run.record_commit(commits, digest)
 
     def report(epoch: int, metrics: Mapping[str, float]) -> None:
-        checkpoint = None
+        commit = None
         if rank == 0:  # [3] Every rank reports; rank 0 commits and attaches its checkpoint.
-            ckpt = store.commit(epoch, extra={"metrics": dict(metrics)}, record=record)
+            commit = store.commit(epoch, extra={"metrics": dict(metrics)}, record=record)
             run.log_metrics(metrics, step=epoch)
-            checkpoint = ray.train.Checkpoint.from_directory(str(ckpt))
-        ray.train.report(dict(metrics), checkpoint=checkpoint)
+        report_to_ray(dict(metrics), commit)
 
     with run.failing_on_error() if run is not None else contextlib.nullcontext():
         # [2] Resume from Ray Train's checkpoint (retry/restore) or rank 0's newer local commit:
         # every rank from the same epoch.
-        source = _resume_source(job, rank, ray.train.get_checkpoint())
+        source = _resume_source(job, rank, reported)
         progress = store.restore(source, f"retraining {job.key} r{rank}", commits)
         store.record_attempt(
             run.resumed(progress) if run else int((progress or {}).get("epoch", 0))
         )
         # [4] DDP: prepare_model wraps the network for the training steps; ranks train shards.
-        wrap = ray.train.torch.prepare_model if world > 1 else None
         result = run_retrain(
             job.worker_config(world), bundle, callbacks=[report], checkpoint_dir=store.work,
-            device=ray.train.torch.get_device(), wrap_model=wrap, shard=(rank, world),
+            device=device, wrap_model=wrap, shard=(rank, world),
         )  # fmt: skip
         if run is not None:
             example = torch.stack([bundle.test[i][0] for i in range(min(2, len(bundle.test)))])
@@ -252,9 +277,48 @@ def _fit(job: RetrainJob, bundle: Any, tune_cfg: TuneConfig, storage_path: str) 
     try:
         trainer.fit()
     except Exception as e:  # TrainingFailedError wraps the worker's exception
-        text = str(e).strip().splitlines()
-        return next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "error")
+        return _error_text(e)
     return None
+
+
+@ray.remote
+def _fit_single(job: RetrainJob, bundle: Any) -> None:
+    """One worker, no process group: the retraining runs in this task (resources, retries and
+    GPU set by :func:`_launch`); it resumes from rank 0's last commit on a retry or --resume."""
+    use_assigned_cpus()
+    (data,) = ray.get(bundle)
+    device = torch.device("cuda", 0) if ray.get_gpu_ids() else torch.device("cpu")
+    _train_rank(job, data, 0, 1, None, lambda metrics, commit: None, device, None)
+
+
+def _error_text(e: BaseException) -> str:
+    """The line of a (wrapped) worker exception that names the error."""
+    text = str(e).strip().splitlines()
+    return next((ln for ln in reversed(text) if "Error" in ln), text[-1] if text else "error")
+
+
+def _launch(job: RetrainJob, bundle: Any, tune_cfg: TuneConfig, storage_path: str) -> Any:
+    """A ``TorchTrainer`` for ``tune.retrain_workers`` > 1; one worker is a plain Ray task with
+    the same resources and ``max_failures`` retries (a node lost or an error raised), which
+    skips Ray Train's controller, placement group and helper actors (about 12 s of start-up
+    per job on 2 CPUs, docs/benchmarks.md) and has no process group to set up."""
+    if tune_cfg.retrain_workers > 1:
+        return _fit.remote(job, bundle, tune_cfg, storage_path)
+    gpu = tune_cfg.retrain_use_gpu
+    return _fit_single.options(
+        num_cpus=tune_cfg.retrain_cpus_per_worker,
+        num_gpus=1 if gpu else 0,
+        max_retries=tune_cfg.max_failures,
+        retry_exceptions=True,
+    ).remote(job, bundle)
+
+
+def _wait(ref: Any) -> str | None:
+    """A launched job's error text, or None."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as e:  # the task's error, or its node or worker lost for good
+        return _error_text(e)
 
 
 def _outcome(job: RetrainJob, error: str | None) -> RetrainOutcome:
@@ -300,7 +364,7 @@ def run_retrain_stage(
     )  # the CPUs the other jobs leave idle
     tune_cfg = dataclasses.replace(tune_cfg, retrain_cpus_per_worker=share)
     # In a list, the reference reaches the workers unresolved: one copy in the object store.
-    refs = [_fit.remote(job, [bundle], tune_cfg, storage_path) for job in jobs]
+    refs = [_launch(job, [bundle], tune_cfg, storage_path) for job in jobs]
     pending, last = list(refs), 0.0
     while pending:
         _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
@@ -308,7 +372,7 @@ def run_retrain_stage(
             last = time.monotonic()
             for job in jobs:
                 echo(f"[retrain] {job.key}: {_progress_line(job)}")
-    errors = ray.get(refs)
+    errors = [_wait(ref) for ref in refs]
     return [_outcome(job, err) for job, err in zip(jobs, errors)]
 
 

@@ -223,10 +223,14 @@ class Pipeline:
             self.echo(f"[retrain] finished earlier: {[j.key for j in jobs]}")
             return
         t = self.cfg.tune
-        self.echo(
-            f"[retrain] Ray Train: {len(todo)} genotype(s) x {t.retrain_workers} worker(s) "
-            f"({'NCCL/GPU' if t.retrain_use_gpu else 'gloo/CPU'}), {self.cfg.retrain.epochs} epochs"
+        gpu = t.retrain_use_gpu
+        how = (
+            f"Ray Train: {len(todo)} genotype(s) x {t.retrain_workers} worker(s) "
+            f"({'NCCL/GPU' if gpu else 'gloo/CPU'})"
+            if t.retrain_workers > 1
+            else f"{len(todo)} genotype(s), one Ray task each ({'GPU' if gpu else 'CPU'})"
         )
+        self.echo(f"[retrain] {how}, {self.cfg.retrain.epochs} epochs")
         outcomes = run_retrain_stage(
             todo, self.data_ref(), t, storage_path=self.storage_path,
             echo=self.echo if self.verbose else (lambda _: None),

@@ -355,6 +355,7 @@ def test_multi_node_rejects_a_local_tracking_store(ray_local, tmp_path, monkeypa
 
 
 @pytest.mark.slow
+@single_node_fallback("the Ray Train run's name (retrain-<key>-<parent run>)")
 def test_two_runs_into_one_storage_path_do_not_collide(ray_local, tmp_path, monkeypatch):
     """Ray Train run names carry the pipeline run's id: the second run into the same
     ``tune.storage_path`` starts its own Ray Train run instead of resuming the first one's."""
@@ -363,7 +364,7 @@ def test_two_runs_into_one_storage_path_do_not_collide(ray_local, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     common = ["--config", SMOKE, "--stages", "retrain", "--quiet", "retrain.genotype=RACL",
-              f"tune.storage_path={tmp_path}/shared"]  # fmt: skip
+              f"tune.storage_path={tmp_path}/shared", "tune.retrain_workers=2"]  # fmt: skip
     for name in ("a", "b"):
         assert main([*common, f"run_dir={tmp_path}/{name}"]) == 0
     parents = [json.loads((tmp_path / n / "state.json").read_text())["parent_run_id"]

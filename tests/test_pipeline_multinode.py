@@ -8,20 +8,20 @@ What is checked, one cluster for the module, tests in order:
 1. a job whose ``run_dir`` is node-local (the default, inside the job's working directory on the
    head) and whose tracking store is an sqlite file is refused before any trial (exit 2), naming
    the nodes that cannot see the run directory;
-2. run a, the smoke pipeline with ``run_dir`` and ``tune.storage_path`` on shared storage: its
-   two search trials run on both worker nodes; its retraining (two Ray Train workers, one per
-   worker node) loses a node after its first epoch and resumes from the last epoch once the
-   node is back; the champion's lineage is on the MLflow server, and no node wrote a local
-   tracking store (this is also the ``ray job submit`` test of ``test_pipeline_cluster.py``,
-   which runs only where this module cannot);
+2. run a, the smoke pipeline with ``run_dir`` on shared storage and ``tune.storage_path`` in S3
+   (moto on the head, ``s3://rarn/ray?endpoint_override=...``; the shared file system where
+   ``moto_server`` is not installed): its two search trials run on both worker nodes; its
+   retraining (two Ray Train workers, one per worker node) loses a node after its first epoch
+   and resumes from the last epoch once the node is back; the champion's lineage is on the
+   MLflow server, and no node wrote a local tracking store (this is also the ``ray job submit``
+   test of ``test_pipeline_cluster.py``, which runs only where this module cannot);
 3. run b, into the same ``tune.storage_path``: killing the worker node that runs a trial (SIGKILL
    on all its processes) resumes that trial on the other node from its last checkpoint; then
-   SIGKILL of the driver, and ``--resume`` as a new job continues from the shared storage, the
-   trial from its last committed epoch, in its one MLflow run with every epoch logged once;
-   runs a and b each have their own Tune experiment;
-4. run c, Tune's state in S3 (moto, ``s3://rarn/ray?endpoint_override=...``): ``ray job stop``
-   (SIGTERM) mid-search ends the driver with the resume hint, and ``--resume`` restores the
-   experiment from the bucket (skipped where ``moto_server`` is not installed).
+   SIGKILL of the driver, and ``--resume`` as a new job restores the experiment from the bucket:
+   the finished trial is not rerun, the other continues from its last committed epoch, in its
+   one MLflow run with every epoch logged once; runs a and b each have their own Tune
+   experiment. (SIGTERM, which ``ray job stop`` sends, ends a driver like Ctrl-C: the plain
+   driver test of ``test_pipeline_cluster.py``.)
 
 Skips, with the reason, where namespaces cannot be made (not root, no ``ip``/``unshare``).
 Run the module alone: it needs about 2.5 GB and both cores for a few minutes.
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 from netns_cluster import ClusterUnavailable, NetnsCluster, unavailable_reason
-from trial_files import committed_epoch
+from trial_files import attempt_nodes, committed_epoch
 from trial_files import start_epochs as _starts
 
 from pipeline.tracking import Tracking
@@ -76,12 +76,6 @@ def _logs(cluster: NetnsCluster, job: str) -> str:
     return cluster.job_logs(job)[-5000:]
 
 
-def _node_ips(experiment: Path, key: str) -> list[str]:
-    """The node of every result Tune recorded for trial ``key``, in order."""
-    lines = (experiment / key / "result.json").read_text().splitlines()
-    return [json.loads(ln)["node_ip"] for ln in lines if ln.strip()]
-
-
 def _wait_for(cond, what: str, timeout: float = 240.0) -> None:
     t0 = time.monotonic()
     while not cond():
@@ -89,9 +83,29 @@ def _wait_for(cond, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.2)
 
 
-def _experiment(storage: Path, run: Path) -> Path:
-    parent = json.loads((run / "state.json").read_text())["parent_run_id"]
-    return storage / f"search-{parent[:12]}"
+def _storage(cluster: NetnsCluster) -> str:
+    """``tune.storage_path`` of runs a and b: the moto bucket, else the shared file system."""
+    if cluster.s3:
+        return f"s3://rarn/ray?endpoint_override={cluster.s3}&scheme=http"
+    return str(cluster.shared / "ray")
+
+
+def _stored(cluster: NetnsCluster) -> dict[str, set[str]]:
+    """The runs in the storage path (``search-<parent>``, ``retrain-<key>-<parent>``), each with
+    the names of its top-level entries."""
+    if cluster.s3:
+        keys = [k.split("/")[1:3] for k in cluster.s3_keys("rarn", "ray/")]
+    else:
+        root = cluster.shared / "ray"
+        keys = [[d.name, f.name] for d in root.iterdir() if d.is_dir() for f in d.iterdir()]
+    out: dict[str, set[str]] = {}
+    for k in (k for k in keys if k and k[0]):  # not the prefix's own folder marker
+        out.setdefault(k[0], set()).add(k[1] if len(k) > 1 else "")
+    return out
+
+
+def _parent(run: Path) -> str:
+    return json.loads((run / "state.json").read_text())["parent_run_id"]
 
 
 def test_node_local_run_dir_and_sqlite_tracking_are_refused(cluster):
@@ -110,11 +124,11 @@ def test_node_local_run_dir_and_sqlite_tracking_are_refused(cluster):
 def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cluster):
     """Run a: the smoke pipeline, retrained by two Ray Train workers (one per worker node); w2
     dies after the first retraining epoch and comes back: the worker group resumes."""
-    run, storage = cluster.shared / "runs/a", cluster.shared / "ray"
+    run = cluster.shared / "runs/a"
     job = "smoke-a"
     # --force-promote: the chance-level smoke model earns no promotion (docs/registry.md)
     p = cluster.submit("--config", "configs/smoke.yaml", "--force-promote", f"run_dir={run}",
-                       f"tune.storage_path={storage}", "tune.retrain_workers=2",
+                       f"tune.storage_path={_storage(cluster)}", "tune.retrain_workers=2",
                        "retrain.epochs=6", job_id=job)  # fmt: skip
     _wait_for(lambda: list(run.glob("retrain/*/rank0")), "the retraining", 400)
     rank0 = next(run.glob("retrain/*/rank0"))
@@ -129,8 +143,8 @@ def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cl
     starts = _starts(rank0)
     assert starts[0] == 0 and len(starts) >= 2 and at_kill <= starts[1] <= at_kill + 1, starts
 
-    experiment = _experiment(storage, run)
-    nodes = {key: set(_node_ips(experiment, key)) for key in ("t00", "t01")}
+    trials = run / "search/trials"
+    nodes = {key: set(attempt_nodes(trials / key)) for key in ("t00", "t01")}
     workers = {cluster.nodes[w].ip for w in ("w1", "w2")}
     assert nodes["t00"] | nodes["t01"] == workers, nodes  # both worker nodes ran a trial
     client = Tracking(cluster.tracking_uri, "", "").client()
@@ -140,6 +154,12 @@ def test_smoke_pipeline_runs_on_both_workers_and_survives_a_retrain_node_loss(cl
     assert retrain.data.tags["rarn.search_run_id"] == search.info.run_id
     assert retrain.data.tags["mlflow.parentRunId"] == mv.tags["rarn.parent_run_id"]
     assert search.info.status == retrain.info.status == "FINISHED"
+    # the Tune experiment and the Ray Train run are named after the pipeline's parent run: runs
+    # into one storage path never resume each other's (test_pipeline_cluster.py runs two
+    # retrainings into one path where this module cannot)
+    parent = mv.tags["rarn.parent_run_id"][:12]
+    stored = _stored(cluster)
+    assert set(stored) == {f"search-{parent}", f"retrain-{mv.tags['rarn.trial_key']}-{parent}"}
     # the job tracked to the cluster's server only: no node fell back to a local store
     assert not [f for n in cluster.nodes for f in (cluster.base / n / "tmp").rglob("mlflow.db")]
     assert not list(cluster.project().rglob("mlflow.db"))
@@ -162,24 +182,25 @@ def _driver_pids(cluster: NetnsCluster, marker: str) -> list[int]:
 
 
 def test_node_loss_then_driver_loss_then_resume(cluster):
-    """Run b, into run a's ``tune.storage_path``: t01's worker node dies after two epochs (t01
-    resumes on the other node), then the driver is SIGKILLed, then ``--resume`` finishes."""
-    run, storage = cluster.shared / "runs/b", cluster.shared / "ray"
-    t01 = run / "search/trials/t01"
-    args = [*SEARCH, f"run_dir={run}", f"tune.storage_path={storage}", LONG_T01]
+    """Run b, into run a's ``tune.storage_path`` (the bucket): t00 finishes after one epoch;
+    t01's worker node dies after two epochs (t01 resumes on the other node), then the driver is
+    SIGKILLed, then ``--resume`` restores the experiment from the storage and finishes."""
+    run = cluster.shared / "runs/b"
+    t00, t01 = run / "search/trials/t00", run / "search/trials/t01"
+    args = [*SEARCH, f"run_dir={run}", f"tune.storage_path={_storage(cluster)}", LONG_T01]
     p = cluster.submit(*args, job_id="node-loss")
-    _wait_for(lambda: committed_epoch(t01) >= 2, "t01's second epoch", 400)
-    experiment = _experiment(storage, run)
-    victim_ip = _node_ips(experiment, "t01")[-1]
+    _wait_for(lambda: committed_epoch(t00) == 1 and committed_epoch(t01) >= 2,
+              "t00's one epoch and t01's second", 400)  # fmt: skip
+    victim_ip = attempt_nodes(t01)[-1]
     victim = next(n for n, node in cluster.nodes.items() if node.ip == victim_ip)
     assert victim != "head"
     cluster.kill_node(victim)
     at_node_loss = committed_epoch(t01)
-    # t01 resumed on the other node (the victim is still down) and reported from there ...
-    _wait_for(lambda: len(_starts(t01)) >= 2 and len(_node_ips(experiment, "t01")) > at_node_loss,
-              "t01's first report after the node loss")  # fmt: skip
-    ips = _node_ips(experiment, "t01")
-    assert ips[0] == victim_ip and ips[-1] != victim_ip, ips  # resumed elsewhere
+    # t01 resumed on the other node (the victim is still down) and committed from there ...
+    _wait_for(lambda: len(_starts(t01)) >= 2 and committed_epoch(t01) > at_node_loss,
+              "t01's first commit after the node loss")  # fmt: skip
+    ips = attempt_nodes(t01)
+    assert ips[0] == victim_ip and ips[1] != victim_ip, ips  # resumed elsewhere
     cluster.start_node(victim)
     # ... now the driver dies.
     (driver,) = _driver_pids(cluster, f"run_dir={run}")
@@ -192,6 +213,7 @@ def test_node_loss_then_driver_loss_then_resume(cluster):
     starts = _starts(t01)  # each attempt started from the last committed epoch, never from 0
     assert starts[0] == 0 and starts[1] == at_node_loss >= 2, (starts, at_node_loss)
     assert len(starts) == 3 and at_driver_loss <= starts[2] <= at_driver_loss + 1, starts
+    assert all(e == 1 for e in _starts(t00)[1:]), _starts(t00)  # finished: never rerun from 0
     state = json.loads((run / "state.json").read_text())
     assert state["search"]["done"] and state["search"]["selected"]
     # In MLflow (on the server): t01's one run continued through both losses, every epoch
@@ -207,36 +229,9 @@ def test_node_loss_then_driver_loss_then_resume(cluster):
     steps = [m.step for m in client.get_metric_history(r01.info.run_id, "epoch")]
     assert sorted(steps) == list(range(1, 8)), steps  # LONG_T01: 7 epochs, each once
     assert {r.info.status for r in [*runs, client.get_run(parent)]} == {"FINISHED"}
-    # Every run that shares the storage path has its own Tune experiment: no collision.
-    runs = [r for r in (cluster.shared / "runs").iterdir() if (r / "state.json").is_file()]
-    experiments = {e.name for e in storage.glob("search-*")}
-    assert experiments == {_experiment(storage, r).name for r in runs} and len(runs) >= 1
+    # Each run in the shared storage path has its own Tune experiment, restored from there.
+    stored = _stored(cluster)
+    runs_ab = {f"search-{_parent(cluster.shared / f'runs/{r}')[:12]}" for r in "ab"}
+    assert len(runs_ab) == 2 and runs_ab <= set(stored), stored
+    assert "tuner.pkl" in stored[f"search-{parent[:12]}"], stored
     cluster.wait_alive(3)
-
-
-def test_s3_storage_survives_ray_job_stop_and_resumes(cluster):
-    """Run c keeps Tune's state in S3 (moto on the head, ``?endpoint_override=``): ``ray job
-    stop`` mid-search (SIGTERM) ends the driver like Ctrl-C, and ``--resume`` restores the
-    experiment from the bucket: the finished trial is not rerun, the other continues."""
-    if not cluster.s3:
-        pytest.skip("moto_server is not installed (pip install 'moto[server]'): no S3 server")
-    run = cluster.shared / "runs/c"
-    t00, t01 = run / "search/trials/t00", run / "search/trials/t01"
-    storage = f"s3://rarn/ray?endpoint_override={cluster.s3}&scheme=http"
-    args = [*SEARCH, f"run_dir={run}", f"tune.storage_path={storage}", LONG_T01]
-    p = cluster.submit(*args, job_id="s3-stopped")
-    _wait_for(lambda: committed_epoch(t00) == 1 and committed_epoch(t01) >= 2, "t01's 2nd epoch")
-    time.sleep(2.0)  # let Tune record t00 as finished
-    cluster.stop_job("s3-stopped")
-    assert _finish(cluster, p, "s3-stopped", 120) == "STOPPED"
-    logs = cluster.job_logs("s3-stopped")
-    assert "interrupted; continue with:" in logs and "--resume" in logs, logs[-3000:]
-    at_stop = committed_epoch(t01)
-    p = cluster.submit(*args, "--resume", job_id="s3-resumed")
-    assert _finish(cluster, p, "s3-resumed", 600) == "SUCCEEDED", _logs(cluster, "s3-resumed")
-    assert _starts(t00) == [0]  # restored from the bucket: the finished trial was not rerun
-    starts = _starts(t01)
-    assert starts[0] == 0 and len(starts) == 2 and 2 <= starts[1] <= at_stop + 1, starts
-    parent = json.loads((run / "state.json").read_text())["parent_run_id"]
-    keys = cluster.s3_keys("rarn", f"ray/search-{parent[:12]}/")
-    assert any(k.endswith("tuner.pkl") for k in keys), keys[:10]

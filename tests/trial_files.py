@@ -22,3 +22,9 @@ def start_epochs(trial: Path) -> list[int]:
     """The epoch each attempt of the trial started from (``attempts.jsonl``), in order."""
     lines = (trial / "attempts.jsonl").read_text().splitlines()
     return [json.loads(ln)["start_epoch"] for ln in lines]
+
+
+def attempt_nodes(trial: Path) -> list[str | None]:
+    """The Ray node (IP) each attempt of the trial ran on (``attempts.jsonl``), in order."""
+    lines = (trial / "attempts.jsonl").read_text().splitlines()
+    return [json.loads(ln).get("node_ip") for ln in lines]
