@@ -15,7 +15,12 @@ from torch import nn
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.decode import cap_parameter_free, decode, quantile_logits
 from rarn.nas.loop import arch_start, ramped_kappa
-from rarn.nas.perturbation import ESTIMATES, perturbation_select, supernet_loss
+from rarn.nas.perturbation import (
+    ESTIMATES,
+    _frozen_statistics,
+    perturbation_select,
+    supernet_loss,
+)
 from rarn.nas.supernet import ArchSample, Supernet
 from rarn.space.genotype import Genotype
 from rarn.space.ops import PRIMITIVES
@@ -188,6 +193,22 @@ def test_supernet_loss_leaves_running_statistics():
     supernet_loss(model, [(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long))], w)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_one_restore_per_selection_gives_the_per_pass_losses():
+    """A selection restores the running statistics once, at its end, not after every pass: the
+    passes do write them, never read them (train mode), so the losses are the per-pass ones."""
+    model = Supernet(C=4, num_classes=2, layers=3, in_channels=1, nodes=1, k=2)
+    batch = [(torch.rand(8, 1, 8, 8), torch.randint(0, 2, (8,)))]
+    w = model.mixing_weights(model.arch.mu())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = [supernet_loss(model, batch, w) for _ in range(3)]
+    with _frozen_statistics(model):
+        nested = [supernet_loss(model, batch, w) for _ in range(3)]
+        written = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert any("running_mean" in k for k in written)  # the passes wrote the statistics
+    assert nested == alone
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_cap_parameter_free_keeps_the_best_scored():

@@ -47,7 +47,7 @@ Here, with our choices marked (docs/method.md, "Decoding"):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import get_args
 
@@ -96,15 +96,31 @@ class Importance:
     evaluations: int
 
 
+_FROZEN: set[int] = set()  # ids of the models inside an outer _frozen_statistics
+
+
 @contextmanager
 def _frozen_statistics(model: nn.Module):
-    """Train mode (batch statistics) with every buffer (BN running mean/var/count) restored."""
+    """Train mode (batch statistics) with every buffer (BN running mean/var/count) restored.
+
+    Re-entrant: inside an outer use only the outer one saves and restores. A train-mode pass
+    writes the running statistics but never reads them, so restoring once at the outermost exit
+    gives the same losses as restoring after every pass; a selection's 250 passes no longer
+    clone and copy every buffer of the supernet each (17 s of a 39 s exact decoding, profiled).
+    """
+    if id(model) in _FROZEN:
+        if not model.training:
+            model.train()
+        yield
+        return
     was_training = model.training
     saved = {k: b.detach().clone() for k, b in model.named_buffers()}
     model.train()
+    _FROZEN.add(id(model))
     try:
         yield
     finally:
+        _FROZEN.discard(id(model))
         with torch.no_grad():
             for k, b in model.named_buffers():
                 b.copy_(saved[k])
@@ -308,6 +324,23 @@ def perturbation_select(
         The genotype (per node the two edges whose removal raises the loss most, each with the
         op whose removal raised it most, never ``none``) and the importances.
     """
+    # One save and restore of the running statistics for the whole selection; ``tune`` trains
+    # the supernet between projections, and its statistics are kept.
+    with _frozen_statistics(model) if tune is None else nullcontext():
+        return _select(model, batches, base, estimate, progressive, generator, tune, attack, term)
+
+
+def _select(
+    model: nn.Module,
+    batches: Sequence[Batch],
+    base: ArchSample,
+    estimate: str,
+    progressive: bool,
+    generator: torch.Generator | None,
+    tune: Callable[[ArchSample], None] | None,
+    attack: Attack | None,
+    term: Term | None,
+) -> tuple[Genotype, Importance]:
     nodes = model.arch.nodes
     with torch.no_grad():
         w = {
