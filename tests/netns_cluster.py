@@ -68,7 +68,10 @@ class ClusterUnavailable(RuntimeError):
 
 
 def unavailable_reason() -> str | None:
-    """Why a cluster cannot be built on this machine, or None."""
+    """Why a cluster cannot be built on this machine, or None. ``RARN_TEST_NO_NETNS=1`` says
+    it cannot (to run the single-node fallbacks on a machine that could)."""
+    if os.environ.get("RARN_TEST_NO_NETNS") == "1":
+        return "RARN_TEST_NO_NETNS=1"
     if sys.platform != "linux":
         return "network namespaces need Linux"
     if os.geteuid() != 0:

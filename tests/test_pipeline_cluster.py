@@ -68,7 +68,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
 @single_node_fallback("the same submitted job (ray job submit, MLflow server, lineage)")
 def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
     """Where network namespaces cannot be made (not root, no iproute2), the submitted smoke
-    pipeline on a loopback head; elsewhere the multinode module checks all of this and more."""
+    pipeline on a loopback head, retrained by two Ray Train workers; elsewhere the multinode
+    module checks all of this and more."""
     mlflow_port, gcs, dash, client_port, agent, agent_grpc, env_agent, metrics = _free_ports(8)
     uri = f"http://127.0.0.1:{mlflow_port}"
     env = {
@@ -111,7 +112,8 @@ def test_ray_job_submit_with_mlflow_server(tmp_path, reaper):
         job = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
              "--working-dir", ".", "--", "python", "pipeline/run.py", "--config",
-             "configs/smoke.yaml", "--force-promote"],  # a chance-level model: flagged
+             "configs/smoke.yaml", "--force-promote",  # a chance-level model: flagged
+             "tune.retrain_workers=2"],  # Ray Train (DDP over gloo), as on the three nodes
             cwd=project, env=env, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
         reaper.track_tree(head.pid)  # the job's workers too

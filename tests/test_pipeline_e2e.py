@@ -3,8 +3,9 @@
 Checks the registered model and its alias, the lineage (parent -> search trials -> retraining,
 tags pointing back), run statuses, the params allow-list, and the registry CLI (``show`` and
 ``evaluate``, which re-checks the model's sha256 before loading it, and ``verify``, which reruns
-ten rows of the evaluation's ledger). Retraining uses two Ray
-Train workers, so DDP over gloo runs here too, and the search runs under the ASHA scheduler.
+ten rows of the evaluation's ledger). The retraining is the default one-worker Ray task (two
+Ray Train workers, DDP over gloo: the three-node module, or the submitted job of
+test_pipeline_cluster.py where that cannot run); the search runs under the ASHA scheduler.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def test_smoke_pipeline_registers_champion_with_lineage(ray_local, tmp_path, mon
     monkeypatch.chdir(tmp_path)  # the default store is ./mlflow.db
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "do-not-log-me")
-    # Two DDP workers for the retraining; ASHA may stop the weaker search after epoch 1.
-    overrides = ["tune.retrain_workers=2", "tune.scheduler=asha", "tune.grace_period=1"]
+    # ASHA may stop the weaker search after epoch 1.
+    overrides = ["tune.scheduler=asha", "tune.grace_period=1"]
     # The smoke model (one epoch) predicts at chance at every eps: its evaluation raises
     # masking flags, so only --force-promote makes it the champion (see test_pipeline_registry).
     rc = main(["--config", str(ROOT / "configs/smoke.yaml"), "--force-promote", *overrides])
