@@ -15,13 +15,9 @@ from torch import nn
 from rarn.config import ConstraintConfig, SearchConfig
 from rarn.nas.decode import cap_parameter_free, decode, quantile_logits
 from rarn.nas.loop import arch_start, ramped_kappa
-from rarn.nas.perturbation import (
-    ESTIMATES,
-    _frozen_statistics,
-    perturbation_select,
-    supernet_loss,
-)
+from rarn.nas.perturbation import ESTIMATES, perturbation_select, supernet_loss
 from rarn.nas.supernet import ArchSample, Supernet
+from rarn.nas.supernet_loss import frozen_statistics
 from rarn.space.genotype import Genotype
 from rarn.space.ops import PRIMITIVES
 
@@ -203,7 +199,7 @@ def test_one_restore_per_selection_gives_the_per_pass_losses():
     w = model.mixing_weights(model.arch.mu())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     alone = [supernet_loss(model, batch, w) for _ in range(3)]
-    with _frozen_statistics(model):
+    with frozen_statistics(model):
         nested = [supernet_loss(model, batch, w) for _ in range(3)]
         written = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
         assert any("running_mean" in k for k in written)  # the passes wrote the statistics

@@ -47,7 +47,7 @@ Here, with our choices marked (docs/method.md, "Decoding"):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import get_args
 
@@ -57,6 +57,14 @@ from torch import Tensor, nn
 
 from rarn.config.schema import PerturbationEstimate
 from rarn.nas.supernet import ArchSample, node_softmax
+from rarn.nas.supernet_loss import (
+    Attack,
+    Batch,
+    FixedWeights,
+    attacked,
+    frozen_statistics,
+    supernet_loss,
+)
 from rarn.space.genotype import Genotype
 from rarn.space.ops import PRIMITIVES
 
@@ -70,7 +78,6 @@ __all__ = [
     "supernet_loss",
 ]
 
-Batch = tuple[Tensor, Tensor]
 _CELLS = ("normal", "reduce")
 _NONE = PRIMITIVES.index("none")
 _KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")
@@ -94,41 +101,6 @@ class Importance:
     edges: dict[str, Tensor]
     base_loss: float
     evaluations: int
-
-
-_FROZEN: set[int] = set()  # ids of the models inside an outer _frozen_statistics
-
-
-@contextmanager
-def _frozen_statistics(model: nn.Module):
-    """Train mode (batch statistics) with every buffer (BN running mean/var/count) restored.
-
-    Re-entrant: inside an outer use only the outer one saves and restores. A train-mode pass
-    writes the running statistics but never reads them, so restoring once at the outermost exit
-    gives the same losses as restoring after every pass; a selection's 250 passes no longer
-    clone and copy every buffer of the supernet each (17 s of a 39 s exact decoding, profiled).
-    """
-    if id(model) in _FROZEN:
-        if not model.training:
-            model.train()
-        yield
-        return
-    was_training = model.training
-    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
-    model.train()
-    _FROZEN.add(id(model))
-    try:
-        yield
-    finally:
-        _FROZEN.discard(id(model))
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
-        model.train(was_training)
-
-
-Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
-"""``attack(net, x, y) -> x_adv`` against ``net`` (an ``x -> logits`` model)."""
 
 
 @dataclass(frozen=True)
@@ -165,49 +137,6 @@ class Term:
         out = loss_rises.clone()
         out[ok] += self.coef * scale * term_rises[ok]
         return out
-
-
-class FixedWeights(nn.Module):
-    """The supernet under fixed mixing weights, as a plain ``x -> logits`` model that keeps the
-    supernet's mode: an attack's eval mode must not swap the batch statistics the selection
-    measures with for the supernet's running ones."""
-
-    def __init__(self, model: nn.Module, weights: tuple[Tensor, ...]) -> None:
-        super().__init__()
-        self.model, self.weights = model, tuple(w.detach() for w in weights)
-
-    def train(self, mode: bool = True) -> FixedWeights:
-        self.training = mode  # this wrapper only; the supernet stays as it is
-        return self
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x, weights=self.weights)
-
-
-def _attacked(model: nn.Module, x: Tensor, y: Tensor, weights: tuple, attack: Attack | None):
-    if attack is None:
-        return x
-    with torch.enable_grad():
-        return attack(FixedWeights(model, weights), x, y).detach()
-
-
-def supernet_loss(
-    model: nn.Module,
-    batches: Sequence[Batch],
-    weights: tuple[Tensor, ...],
-    attack: Attack | None = None,
-) -> float:
-    """Mean CE of ``model(x, weights=weights)`` over ``batches`` (batch statistics, the running
-    statistics untouched); with ``attack``, on its examples against this very supernet."""
-    total, n = 0.0, 0
-    with _frozen_statistics(model):
-        for x, y in batches:
-            x = _attacked(model, x, y, weights, attack)
-            with torch.no_grad():
-                logits = model(x, weights=weights)
-            total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
-            n += len(y)
-    return total / max(n, 1)
 
 
 def _edge_slices(nodes: int) -> list[tuple[int, int]]:
@@ -252,9 +181,9 @@ class _Scorer:
         if self._grads is None:
             leaves = {k: w[k].detach().clone().requires_grad_(True) for k in _KEYS}
             n = sum(len(y) for _, y in self.batches)
-            with _frozen_statistics(self.model):  # Danskin: the loss at the attack's point
+            with frozen_statistics(self.model):  # Danskin: the loss at the attack's point
                 for x, y in self.batches:
-                    x = _attacked(self.model, x, y, self.weights(w), self.attack)
+                    x = attacked(self.model, x, y, self.weights(w), self.attack)
                     with torch.enable_grad():
                         logits = self.model(x, weights=self.weights(leaves))
                         (F.cross_entropy(logits.float(), y, reduction="sum") / n).backward()
@@ -326,7 +255,7 @@ def perturbation_select(
     """
     # One save and restore of the running statistics for the whole selection; ``tune`` trains
     # the supernet between projections, and its statistics are kept.
-    with _frozen_statistics(model) if tune is None else nullcontext():
+    with frozen_statistics(model) if tune is None else nullcontext():
         return _select(model, batches, base, estimate, progressive, generator, tune, attack, term)
 
 
