@@ -29,7 +29,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,9 +156,9 @@ def _train_rank(
     rank: int,
     world: int,
     reported: Any,
-    report_to_ray: Any,
+    report_to_ray: Callable[[dict[str, float], Path | None], None],
     device: torch.device,
-    wrap: Any,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None,
 ) -> None:
     """One rank of one job's retraining, Ray Train worker or single-worker task alike:
     ``reported`` is the checkpoint Ray hands back (None for a task: rank 0's own commits are
