@@ -61,9 +61,9 @@ def _jacobian_norm(f, x, iters=15):
     v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
     v = v / v.norm()
     s = 0.0
+    _, pull = vjp(f, x)  # J^T at x, once: the pullback is linear in its argument
     for _ in range(iters):
         _, jv = jvp(f, (x,), (v,))
-        _, pull = vjp(f, x)
         (jtjv,) = pull(jv)
         s = float(jv.detach().norm())
         v = jtjv / jtjv.norm().clamp_min(1e-12)
