@@ -18,7 +18,7 @@ What is checked, one cluster for the module, tests in order:
 3. run b, into the same ``tune.storage_path``: killing the worker node that runs a trial (SIGKILL
    on all its processes) resumes that trial on the other node from its last checkpoint; then
    SIGKILL of the driver, and ``--resume`` as a new job restores the experiment from the bucket:
-   the finished trial is not rerun, the other continues from its last committed epoch, in its
+   the finished trial is not rerun from 0, the other continues from its last committed epoch, in its
    one MLflow run with every epoch logged once; runs a and b each have their own Tune
    experiment. (SIGTERM, which ``ray job stop`` sends, ends a driver like Ctrl-C: the plain
    driver test of ``test_pipeline_cluster.py``.)
