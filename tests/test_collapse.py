@@ -140,6 +140,7 @@ def test_darts_plus_early_stop_freezes_the_architecture(tmp_path):
     cfg = SearchConfig(
         epochs=3, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
         max_steps_per_epoch=2, arch_lr=6e-3, arch_stop_param_free=0.5, decode_n=16, seed=0,
+        decode_estimate="first_order", robust_eval_n=16, robust_eval_steps=2,  # plumbing: cheap
     )  # fmt: skip
     s = RACLSearch(cfg, ConstraintConfig(), num_classes=10, in_channels=1)
     _push(s, "normal", [PRIMITIVES.index("skip_connect")] * 5)

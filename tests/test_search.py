@@ -30,6 +30,8 @@ TINY = SearchConfig(
     arch_lr=6e-3,
     decode_n=16,
     decode_estimate="first_order",  # the end-of-search selection in 5 passes (exact: ~230)
+    robust_eval_n=16,  # val_pgd_acc on 16 D_V images, PGD-2: plumbing (the default 256 images
+    robust_eval_steps=2,  # were two thirds of a TINY search; the training never reads it)
     seed=0,
 )
 

@@ -38,9 +38,10 @@ from rarn.study import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+# val_pgd_acc and the final selection on 16 images, first order: plumbing, in seconds
 TINY = SearchConfig(epochs=3, warmup_epochs=1, batch_size=16, init_channels=8, layers=3, nodes=2,
                     max_steps_per_epoch=2, robust_eval_n=16, robust_eval_steps=2,
-                    robust_eval_eps=0.1)  # fmt: skip
+                    robust_eval_eps=0.1, decode_n=16, decode_estimate="first_order")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
