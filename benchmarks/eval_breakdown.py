@@ -80,7 +80,8 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "eval_breakdown", "model": str(found[-1].parent), "threads": args.threads,
         "total_s": round(total, 1), "n": len(y), "clean": r.clean_accuracy,
-        "worst_case": r.worst_case_accuracy, "flags": sorted(k for k, v in r.flags.items() if v),
+        "worst_case": r.worst_case_accuracy, "robust_accuracy": r.robust_accuracy,
+        "model_form": r.model_form, "flags": sorted(k for k, v in r.flags.items() if v),
         "parts": {k: [round(v[0], 1), v[1], v[2]] for k, v in parts},
     }))  # fmt: skip
 

@@ -6,7 +6,9 @@ each attack costs only what the earlier evidence has not settled (AutoAttack's `
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from rarn.models.common import eval_mode
+from rarn.models.inference import FoldedModel, folded_copy
 from rarn.robust.attacks import get_attack, validate_attack_args
+
+logger = logging.getLogger(__name__)
 
 Data = Iterable[Sequence[Tensor]] | tuple[Tensor, Tensor]
 """A loader yielding ``(x, y, ...)`` batches, or one ``(x, y)`` pair of tensors."""
@@ -30,6 +35,44 @@ def _batches(data: Data, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         return
     for batch in data:
         yield batch[0], batch[1]
+
+
+MODEL_FORMS: dict[bool, str] = {False: "as_given", True: "bn_folded"}
+"""Whether the attacks ran on the folded copy -> the ``model_form`` a result records: the model
+as given, or its copy with the batch norms folded (:func:`~rarn.models.inference.folded_copy`)."""
+
+
+def attack_model(
+    model: nn.Module, fold: bool, device: torch.device | str | None = None
+) -> nn.Module:
+    """What an evaluation's attacks run on: ``model``'s folded copy when ``fold`` and the model
+    can be copied (else, with a warning, the model itself)."""
+    if not fold:
+        return model
+    try:
+        return folded_copy(model, device)
+    except (TypeError, RuntimeError, copy.Error) as e:
+        logger.warning("cannot copy %s to fold its batch norms (%s): attacking it as given",
+                       type(model).__name__, e)  # fmt: skip
+        return model
+
+
+def model_form(net: nn.Module) -> str:
+    """The ``model_form`` of what the attacks ran on (:func:`attack_model`), after they ran: a
+    folded copy whose first-call check failed fell back to the model as given."""
+    return MODEL_FORMS[isinstance(net, FoldedModel) and bool(net.active)]
+
+
+def model_in_form(
+    model: nn.Module, form: str, device: torch.device | str | None = None
+) -> nn.Module:
+    """What the attacks of a result whose ``model_form`` is ``form`` ran on, rebuilt from
+    ``model`` (ValueError: an unknown form)."""
+    if form == MODEL_FORMS[True]:
+        return folded_copy(model, device)
+    if form == MODEL_FORMS[False]:
+        return model
+    raise ValueError(f"unknown model_form {form!r}; known: {sorted(MODEL_FORMS.values())}")
 
 
 def _check_budget(eps: float, step_size: float, steps: int) -> None:

@@ -72,10 +72,11 @@ RECORDS_SCHEMA = pa.schema(
         _f("implementation", pa.string(), "who implements the attack: 'rarn' or 'torchattacks'"),
         _f("impl_version", pa.string(), "version of that implementation"),
         _f("settings", pa.string(), "every keyword argument it ran with, defaults too, as JSON"),
+        _f("model_form", pa.string(), "what the attack ran on: 'as_given' or 'bn_folded'"),
         _f("seed", pa.uint64(), "the attack's own seed (attack_seed(eval_seed, attack))", True),
         _f("eval_seed", pa.uint64(), "the evaluation's seed", nullable=True),
     ],
-    metadata={"rarn.schema": "robustness-records/3"},
+    metadata={"rarn.schema": "robustness-records/4"},
 )
 """One row per model x image x attack (``clean`` included): the evidence of the worst case.
 
@@ -182,6 +183,7 @@ def _one_result(r: RobustnessResult) -> Iterable[pa.Table]:
         "data_sha256": r.data_sha256,
         "weights_sha256": r.weights_sha256 or "",
         "eval_seed": r.seed,
+        "model_form": r.model_form,
         "implementation": rarn.implementation,
         "impl_version": rarn.version,
     }

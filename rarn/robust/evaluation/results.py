@@ -148,6 +148,8 @@ class RobustnessResult:
         weights_sha256: :func:`~rarn.robust.evaluation.weights_sha256` of the evaluated model.
         components: name -> per image, the AutoAttack component that broke it (None: not
             broken, or not recorded); only for the reference AutoAttack.
+        model_form: what the attacks ran on: ``"as_given"`` (the model) or ``"bn_folded"``
+            (:func:`~rarn.models.inference.folded_copy`, ``fold_batchnorm``).
 
     ``correct``, ``attacked`` and ``survived`` are the per-image records
     (:func:`rarn.robust.evaluation.records_table`); ``robust`` is ``correct`` AND every
@@ -184,6 +186,7 @@ class RobustnessResult:
     outcomes: dict[str, str] = field(default_factory=dict)
     weights_sha256: str | None = None
     components: dict[str, list[str | None]] = field(default_factory=dict)
+    model_form: str = "as_given"
 
     def method(self, name: str) -> str:
         """The registry key of the attack called ``name`` in the suite."""

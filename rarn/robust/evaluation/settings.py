@@ -58,6 +58,10 @@ class SuiteSettings:
             robust, and fold them into the worst case (needs ``checks``).
         adaptive_square_queries: queries of the adaptive Square.
         eot_samples: forward passes per step of EOT-PGD.
+        fold_batchnorm: attack a copy of the model with its eval-mode batch norms folded into
+            the convolutions before them, channels-last on CPU
+            (:func:`~rarn.models.inference.folded_copy`: the same function to float rounding,
+            faster passes); False: the model as given. Recorded per row (``model_form``).
     """
 
     # the defaults are EvaluationConfig's (one set of defaults); only what the config derives
@@ -78,6 +82,7 @@ class SuiteSettings:
     adaptive: bool = EvaluationConfig.adaptive
     adaptive_square_queries: int = EvaluationConfig.adaptive_square_queries
     eot_samples: int = EvaluationConfig.eot_samples
+    fold_batchnorm: bool = EvaluationConfig.fold_batchnorm
 
     def __post_init__(self) -> None:  # accept any sequence, store tuples (the record is frozen)
         object.__setattr__(self, "attacks", tuple(self.attacks))

@@ -33,8 +33,10 @@ from rarn.robust.evaluation._core import (
     _fraction,
     _predict,
     _survives,
+    attack_model,
     attack_seed,
     batch_generator,
+    model_form,
 )
 from rarn.robust.evaluation.adaptive import adaptive_plan, flag_outcomes, run_adaptive
 from rarn.robust.evaluation.evidence import masking_flags
@@ -161,10 +163,11 @@ def evaluate_robustness(
         generator = torch.Generator().manual_seed(0)
     seed, gdev = generator.initial_seed(), generator.device
     device = torch.device(device) if device is not None else device_of(model)
-    tally = _run_batches(model, data, s, plan, curve_eps, seed, gdev, device)
+    net = attack_model(model, s.fold_batchnorm, device)  # the model, or its folded copy
+    tally = _run_batches(net, data, s, plan, curve_eps, seed, gdev, device)
     rows = _Rows.of_suite(tally, plan, s.batch_size)
     runs: dict[str, tuple[str, dict[str, Any], Tensor]] = {}
-    flags = masking_flags(model, s, plan, tally, rows.survived, generator, runs)
+    flags = masking_flags(net, s, plan, tally, rows.survived, generator, runs)
     m = len(torch.cat(tally.y_check)) if tally.y_check else 0
     for label, (method, p, pr) in runs.items():  # the checks' attacks at the suite's eps
         pad = torch.full((tally.n,), -1, dtype=torch.long)
@@ -177,10 +180,11 @@ def evaluate_robustness(
     if len(curve) >= 2 and check_larger_eps(curve, large_eps=large):
         flags["eps_not_decreasing"] = True  # before the adaptive plan: this flag calls for it too
     adaptive = adaptive_plan(flags, s, main, norm) if s.adaptive and tally.keep else ()
-    outcomes = _adaptive_rows(model, adaptive, flags, tally, rows, s, seed, device, gdev)
+    outcomes = _adaptive_rows(net, adaptive, flags, tally, rows, s, seed, device, gdev)
     sources = {a: "suite" for a in tally.attacks} | {a: "check" for a in runs}
     sources |= {a.name: "adaptive" for a in adaptive}
-    return _result(model, model_name, s, tally, rows, curve, flags, sources, outcomes, seed)
+    r = _result(model, model_name, s, tally, rows, curve, flags, sources, outcomes, seed)
+    return dataclasses.replace(r, model_form=model_form(net))
 
 
 @dataclass

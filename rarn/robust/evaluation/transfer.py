@@ -25,6 +25,7 @@ from rarn.robust.evaluation._core import (
     _predict,
     attack_seed,
     batch_generator,
+    model_in_form,
 )
 from rarn.robust.evaluation.records import data_sha256
 from rarn.robust.evaluation.results import (
@@ -140,6 +141,7 @@ def add_transfer(
     m = result.n if n == 0 else min(n, result.n)
     seed = attack_seed(result.seed or 0, name)
     dev, gdev = device_of(target), device_of(source)
+    judge = model_in_form(target, result.model_form, dev)  # as the result's own attacks did
     pred = torch.full((result.n,), -1, dtype=torch.long)
     batch = torch.full((result.n,), -1, dtype=torch.long)
     for b, i in enumerate(range(0, m, batch_size)):
@@ -149,7 +151,7 @@ def add_transfer(
             continue
         g = batch_generator(seed, b, gdev)
         x_adv = get_attack(attack)(source, x[idx].to(gdev), y[idx].to(gdev), generator=g, **p)
-        pred[idx], batch[idx] = _predict(target, x_adv.to(dev)).cpu(), b
+        pred[idx], batch[idx] = _predict(judge, x_adv.to(dev)).cpu(), b
     labels = y.cpu().long()
     ran = pred >= 0
     survived = ran & (pred == labels)

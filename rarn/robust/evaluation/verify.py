@@ -5,7 +5,8 @@ Every row of :data:`~rarn.robust.evaluation.RECORDS_SCHEMA` names the weights
 (``method``, ``settings``), its own seed and its batch. An attack's batch ``b`` drew from
 ``batch_generator(seed, b)`` and attacked, in image order, exactly the images whose rows of that
 attack have batch ``b`` and a non-null ``robust``; :func:`verify_records` reruns that batch alone
-and compares the predicted label after the attack (``pred``) and ``robust`` of every chosen row.
+and compares the predicted label after the attack (``pred``) and ``robust`` of every chosen row,
+on what the row's attack ran on (``model_form``: the model, or its folded copy).
 Reruns are exact on the device kind the evaluation ran on (CPU here; GPU kernels may differ from
 CPU ones). Rows of transfer attacks need their source model (``sources``).
 """
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from rarn.robust.attacks import get_attack
-from rarn.robust.evaluation._core import _predict, batch_generator
+from rarn.robust.evaluation._core import MODEL_FORMS, _predict, batch_generator, model_in_form
 from rarn.robust.evaluation.records import data_sha256, weights_sha256
 
 __all__ = ["RowCheck", "choose_rows", "verify_records"]
@@ -105,11 +106,16 @@ def verify_records(
         if d != want_d:
             raise ValueError(f"data sha256 {want_d[:12]}... is not the rows' ({d[:12]}...)")
     reruns: dict[tuple[str, str, int], dict[int, int]] = {}
+    forms: dict[str, nn.Module] = {}  # model_form -> what the attacks ran on
     out = []
     for i, r in zip(rows, sub.to_pylist()):
         image, attack = r["image"], r["attack"]
+        form = r.get("model_form") or MODEL_FORMS[False]  # ledgers before the column: as given
+        if form not in forms:
+            forms[form] = model_in_form(model, form, device)
+        net = forms[form]
         if attack == "clean":
-            pred = int(_predict(model, x[image : image + 1].to(device))[0])
+            pred = int(_predict(net, x[image : image + 1].to(device))[0])
             out.append(_check(i, r, pred, pred == r["label"]))
             continue
         if r["robust"] is None:
@@ -117,7 +123,7 @@ def verify_records(
             continue
         key = (r["model"], attack, r["batch"])
         if key not in reruns:
-            reruns[key] = _rerun_batch(model, x, y, table, r, device, sources or {})
+            reruns[key] = _rerun_batch(net, x, y, table, r, device, sources or {})
         pred = reruns[key].get(image)
         out.append(_check(i, r, pred, None if pred is None else pred == r["label"]))
     return out
