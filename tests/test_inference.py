@@ -183,3 +183,70 @@ def test_the_headline_is_the_same_with_and_without_folding(digits_darts):
     assert set(table.column("model_form").to_pylist()) == {"bn_folded"}
     checks = verify_records(model, x, y, table, list(range(0, table.num_rows, 37)))
     assert checks and all(c.ok for c in checks), [str(c) for c in checks if not c.ok]
+
+
+# --- adversarial training: the inner maximisation on the refreshed copy -------------------------
+
+
+def test_refresh_follows_a_model_in_training():
+    net = _trained_stats_network()
+    fast = folded_copy(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.rand(6, 3, 8, 8)
+    for _ in range(3):  # weights and running statistics move
+        net.train()
+        loss = net(torch.rand(16, 3, 8, 8)).logsumexp(dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        fast.refresh()
+        net.eval()
+        torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-5)
+    assert fast.active is True
+
+
+def test_a_pgd_step_on_the_copy_is_the_step_on_the_model():
+    from rarn.robust.steps import pgd_step
+
+    net = _trained_stats_network()
+    x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    kw = {"eps": 8 / 255, "step_size": 2 / 255, "steps": 3}
+    out, start = {}, {k: v.clone() for k, v in net.state_dict().items()}
+    for name, copy_ in (("model", None), ("copy", folded_copy(net))):
+        net.load_state_dict(start)  # the training pass moved the running statistics
+        net.train()
+        g = torch.Generator().manual_seed(0)
+        out[name] = pgd_step(net, x, y, generator=g, attack_model=copy_, **kw)
+    assert net.training  # the step trains in training mode; the attack ran in eval mode
+    torch.testing.assert_close(out["copy"].loss, out["model"].loss, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out["copy"].logits, out["model"].logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "fold", "refreshed"),
+    [("pgd", True, True), ("fast", True, True), ("pgd", False, False), ("trades", True, False)],
+)
+def test_retraining_refreshes_the_copy_before_every_inner_maximisation(
+    monkeypatch, method, fold, refreshed
+):
+    import rarn.robust.retrain as retrain
+    from rarn.config import DataConfig, RetrainConfig
+    from rarn.data import load_dataset
+
+    calls, steps = [], []
+    refresh, train_epoch = FoldedModel.refresh, retrain.train_epoch
+    monkeypatch.setattr(FoldedModel, "refresh", lambda self: calls.append(1) or refresh(self))
+
+    def counting(*args, **kwargs):
+        out = train_epoch(*args, **kwargs)
+        steps.append(int(out["steps"]))
+        return out
+
+    monkeypatch.setattr(retrain, "train_epoch", counting)
+    cfg = RetrainConfig(
+        genotype="RACL", epochs=1, batch_size=32, init_channels=4, layers=2, method=method,
+        steps=1, step_size=8 / 255, val_fraction=0.25, val_steps=1, fold_batchnorm=fold,
+    )  # fmt: skip
+    retrain.run_retrain(cfg, load_dataset(DataConfig(name="digits", limit=96, test_limit=8)))
+    assert steps and steps[0] > 0
+    assert len(calls) == (sum(steps) if refreshed else 0)

@@ -273,6 +273,10 @@ class RetrainConfig:
     augment: Augment = "none"  # crop_flip: random crop (pad 4) + horizontal flip (CIFAR)
     bf16: bool = False  # autocast on GPU
     channels_last: bool = False
+    # PGD-AT / Fast-AT: the inner maximisation runs on a copy with the batch norms folded into
+    # their convolutions (channels-last on CPU), refreshed from the weights before each step:
+    # the same eval-mode function, cheaper passes (rarn.models.inference); false: the model
+    fold_batchnorm: bool = True
     seed: Annotated[int, SEED] = 0
 
 

@@ -23,14 +23,16 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 __all__ = ["FoldedModel", "fold_batchnorm", "folded_copy"]
 
 logger = logging.getLogger(__name__)
 
 
-def fold_batchnorm(module: nn.Module) -> int:
+def fold_batchnorm(
+    module: nn.Module, pairs: list[tuple[str, str, str]] | None = None, prefix: str = ""
+) -> int:
     """Fold, in place, every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` in an
     ``nn.Sequential`` (of ``module`` or below) into that convolution; the norm becomes an
     ``nn.Identity`` (the positions of a Sequential stay as they were).
@@ -40,12 +42,19 @@ def fold_batchnorm(module: nn.Module) -> int:
     Sequential (e.g. torchvision's ``bn1`` attributes, whose use only the module's ``forward``
     knows) are left too: the copy is then slower, never different.
 
+    Args:
+        module: the module to fold, in place.
+        pairs: when given, each fold appends ``(folded conv, conv, norm)`` qualified names
+            (relative to ``module``; the folded convolution takes the conv's name), so that
+            :meth:`FoldedModel.refresh` can fold the live pair again.
+        prefix: the qualified name of ``module`` (for ``pairs``).
+
     Returns:
         How many norms were folded.
     """
     folded = 0
-    for child in module.children():
-        folded += fold_batchnorm(child)
+    for name, child in module.named_children():
+        folded += fold_batchnorm(child, pairs, f"{prefix}{name}.")
     if not isinstance(module, nn.Sequential):
         return folded
     names = list(module._modules)
@@ -61,6 +70,8 @@ def fold_batchnorm(module: nn.Module) -> int:
             module._modules[a] = fuse_conv_bn_eval(conv, bn)
             module._modules[b] = nn.Identity()
             folded += 1
+            if pairs is not None:
+                pairs.append((f"{prefix}{a}", f"{prefix}{a}", f"{prefix}{b}"))
     return folded
 
 
@@ -91,13 +102,45 @@ class FoldedModel(nn.Module):
     attacks look for (BPDA's ``input_transform`` and ``classifier``) are still there.
     """
 
-    def __init__(self, net: nn.Module, original: nn.Module, channels_last: bool, folded: int):
+    def __init__(
+        self,
+        net: nn.Module,
+        original: nn.Module,
+        channels_last: bool,
+        pairs: list[tuple[str, str, str]],
+    ):
         super().__init__()
         self.net = net
         self.original = original  # a submodule: eval_mode(copy) sets its mode too
         self.channels_last = channels_last
-        self.folded = folded
+        self.folded = len(pairs)
         self.active: bool | None = None
+        # for refresh(): the live pairs behind each folded convolution, and the copy's other
+        # tensors beside the live ones they copy (the same objects while the model trains)
+        nets, lives = dict(net.named_modules()), dict(original.named_modules())
+        self._fold = [(nets[f], lives[c], lives[b]) for f, c, b in pairs]
+        fused = {f for f, _, _ in pairs}
+        sources = dict(original.named_parameters()) | dict(original.named_buffers())
+        self._same = [
+            (t, sources[name])
+            for name, t in [*net.named_parameters(), *net.named_buffers()]
+            if name.rpartition(".")[0] not in fused
+        ]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Make the copy the original's current self again: after a training step, the folded
+        convolutions from the live conv and norm (weights and running statistics), every other
+        parameter and buffer copied. Adversarial training calls it before each inner
+        maximisation (``retrain.fold_batchnorm``); a few small tensor operations per norm."""
+        for fused, conv, bn in self._fold:
+            w, b = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            )
+            fused.weight.copy_(w)
+            fused.bias.copy_(b)
+        for dst, src in self._same:
+            dst.copy_(src)
 
     def _fast(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
@@ -165,7 +208,8 @@ def folded_copy(model: nn.Module, device: torch.device | str | None = None) -> F
         >>> x_adv = pgd(fast, x, y, eps=8 / 255, step_size=2 / 255, steps=10)
     """
     net = copy.deepcopy(model).eval()
-    folded = fold_batchnorm(net)
+    pairs: list[tuple[str, str, str]] = []
+    fold_batchnorm(net, pairs)
     for p in net.parameters():
         p.requires_grad_(False)
     if device is None:
@@ -173,4 +217,4 @@ def folded_copy(model: nn.Module, device: torch.device | str | None = None) -> F
     cpu = torch.device(device).type == "cpu"
     if cpu:
         net = net.to(memory_format=torch.channels_last)
-    return FoldedModel(net, model, channels_last=cpu, folded=folded)
+    return FoldedModel(net, model, channels_last=cpu, pairs=pairs)

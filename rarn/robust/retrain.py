@@ -33,6 +33,7 @@ from rarn.config import RetrainConfig, check, config_to_dict
 from rarn.lipschitz.certify import lipschitz_upper_bound, local_lipschitz
 from rarn.models.common import enable_cudnn_autotune
 from rarn.models.darts import build_network, count_parameters
+from rarn.models.inference import folded_copy
 from rarn.robust.augment import augmenting
 from rarn.robust.loop import (
     EpochCallback,
@@ -64,9 +65,19 @@ class RetrainResult:
     final: dict[str, float] = field(default_factory=dict)  # params, Lipschitz, best val metrics
 
 
-def _step_kwargs(cfg: RetrainConfig, generator: torch.Generator) -> dict[str, Any]:
+FOLDED_ATTACKS: frozenset[str] = frozenset({"pgd", "fast"})
+"""Methods whose inner maximisation runs on the network's folded copy with
+``retrain.fold_batchnorm`` (an eval-mode attack on the current weights; TRADES's adversary is
+not routed through it)."""
+
+
+def _step_kwargs(
+    cfg: RetrainConfig, generator: torch.Generator, attack_model: nn.Module | None = None
+) -> dict[str, Any]:
     aux = {"auxiliary_weight": cfg.auxiliary_weight}
     attack = {"eps": cfg.eps, "generator": generator}
+    if attack_model is not None and cfg.method in FOLDED_ATTACKS:
+        attack["attack_model"] = attack_model
     return {
         "standard": aux,
         "pgd": aux | attack | {"step_size": cfg.step_size, "steps": cfg.steps},
@@ -207,7 +218,10 @@ def _build(
         generators["augment"] = torch.Generator(device=device).manual_seed(cfg.seed + 4)
     if hasattr(model, "drop_path_generator"):
         model.drop_path_generator = generators["drop_path"]
-    step_fn = make_step(cfg.method, **_step_kwargs(cfg, generators["attack"]))
+    folded = None  # the attacks' copy: refreshed from the model before every inner maximisation
+    if cfg.fold_batchnorm and cfg.method in FOLDED_ATTACKS:
+        folded = folded_copy(model, device)
+    step_fn = make_step(cfg.method, **_step_kwargs(cfg, generators["attack"], folded))
     step_fn = augmenting(step_fn, cfg.augment, generators.get("augment"))
     channels_last = cfg.channels_last and device.type == "cuda"
     setup = _Setup(cfg, device, train_loader, val_loader, train_model, step_fn, channels_last)

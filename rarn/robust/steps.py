@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rarn.models.common import eval_mode
+from rarn.models.inference import FoldedModel
 from rarn.robust.attacks import AttackFn, get_attack
 
 __all__ = [
@@ -64,6 +65,16 @@ def _ce(out: Tensor | tuple[Tensor, Tensor], y: Tensor, auxiliary_weight: float)
     return StepOutput(F.cross_entropy(out, y), out)
 
 
+def _attack_target(model: nn.Module, attack_model: nn.Module | None) -> nn.Module:
+    """What an inner maximisation runs on: ``attack_model`` (a folded copy brought up to date
+    with ``model`` first) or ``model``."""
+    if attack_model is None:
+        return model
+    if isinstance(attack_model, FoldedModel):
+        attack_model.refresh()
+    return attack_model
+
+
 def _main(out: Tensor | tuple[Tensor, Tensor]) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -79,7 +90,7 @@ def pgd_step(
     model: nn.Module, x: Tensor, y: Tensor, *,
     eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 7,
     generator: torch.Generator | None = None, attack: str | AttackFn = "pgd",
-    auxiliary_weight: float = 0.0,
+    auxiliary_weight: float = 0.0, attack_model: nn.Module | None = None,
 ) -> StepOutput:  # fmt: skip
     """Madry PGD-AT: cross-entropy on PGD-``steps`` examples from the attack registry.
 
@@ -93,12 +104,16 @@ def pgd_step(
         generator: draws the random start (on ``x``'s device).
         attack: registry name or attack function.
         auxiliary_weight: weight of the auxiliary-head loss.
+        attack_model: what the inner maximisation runs on (default: ``model``): e.g. the
+            model's :func:`~rarn.models.inference.folded_copy` (the same eval-mode function,
+            cheaper passes), refreshed here from ``model``'s current weights and statistics.
 
     Returns:
         The loss on the adversarial batch and its logits.
     """
     fn = get_attack(attack) if isinstance(attack, str) else attack
-    x_adv = fn(model, x, y, eps=eps, step_size=step_size, steps=steps, generator=generator)
+    target = _attack_target(model, attack_model)
+    x_adv = fn(target, x, y, eps=eps, step_size=step_size, steps=steps, generator=generator)
     return _ce(model(x_adv), y, auxiliary_weight)
 
 
@@ -106,6 +121,7 @@ def fast_step(
     model: nn.Module, x: Tensor, y: Tensor, *,
     eps: float = 8 / 255, step_size: float | None = None,
     generator: torch.Generator | None = None, auxiliary_weight: float = 0.0,
+    attack_model: nn.Module | None = None,
 ) -> StepOutput:  # fmt: skip
     """Fast-AT (Wong et al. 2020): one FGSM step of ``1.25 eps`` from a uniform random start.
 
@@ -114,7 +130,9 @@ def fast_step(
     """
     alpha = 1.25 * eps if step_size is None else step_size
     knobs = {"eps": eps, "step_size": alpha, "steps": 1, "generator": generator}
-    return pgd_step(model, x, y, auxiliary_weight=auxiliary_weight, **knobs)
+    return pgd_step(
+        model, x, y, auxiliary_weight=auxiliary_weight, attack_model=attack_model, **knobs
+    )
 
 
 def _trades_adversary(
