@@ -208,8 +208,9 @@ def _crash_after_epoch_1_and_resume(cfg, digits, directory):
     return run_retrain(cfg, digits, checkpoint_dir=directory, device="cpu")
 
 
-def test_resume_is_exact(digits: DatasetBundle, tmp_path: Path) -> None:
-    cfg = _tiny_cfg(method="pgd", steps=1, step_size=8 / 255)
+@pytest.mark.parametrize("fold", [False, True])  # the attacks on the model, or its folded copy
+def test_resume_is_exact(digits: DatasetBundle, tmp_path: Path, fold: bool) -> None:
+    cfg = _tiny_cfg(method="pgd", steps=1, step_size=8 / 255, fold_batchnorm=fold)
     straight = run_retrain(cfg, digits, checkpoint_dir=tmp_path / "a", device="cpu")
 
     resumed = _crash_after_epoch_1_and_resume(cfg, digits, tmp_path / "b")
