@@ -250,3 +250,14 @@ def test_retraining_refreshes_the_copy_before_every_inner_maximisation(
     retrain.run_retrain(cfg, load_dataset(DataConfig(name="digits", limit=96, test_limit=8)))
     assert steps and steps[0] > 0
     assert len(calls) == (sum(steps) if refreshed else 0)
+
+
+def test_the_first_call_check_leaves_every_submodule_mode_as_it_was():
+    net = _trained_stats_network()
+    net.train()
+    net.stem.eval()  # a deliberately frozen part stays frozen
+    modes = [m.training for m in net.modules()]
+    fast = folded_copy(net)
+    fast(torch.rand(2, 3, 8, 8))
+    assert fast.active is True
+    assert [m.training for m in net.modules()] == modes

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
+from rarn.models.common import eval_mode
+
 __all__ = ["FoldedModel", "fold_batchnorm", "folded_copy"]
 
 logger = logging.getLogger(__name__)
@@ -148,21 +150,16 @@ class FoldedModel(nn.Module):
         return self.net(x)
 
     def _check(self, x: Tensor) -> None:
-        training = self.original.training
-        self.original.eval()
-        try:
-            with torch.no_grad():
-                want = self.original(x)
-                try:
-                    got, why = self._fast(x), ""
-                except RuntimeError as e:  # e.g. a .view that needs NCHW strides
-                    got, why = None, f"it raised {e}"
-            if got is not None:
-                gap = float((got - want).abs().max()) if got.shape == want.shape else math.inf
-                if not gap <= 1e-3 * (1.0 + float(want.abs().max())):
-                    why = f"its outputs differ by {gap:.3g}"
-        finally:
-            self.original.train(training)
+        with eval_mode(self.original), torch.no_grad():  # every submodule's mode comes back
+            want = self.original(x)
+            try:
+                got, why = self._fast(x), ""
+            except RuntimeError as e:  # e.g. a .view that needs NCHW strides
+                got, why = None, f"it raised {e}"
+        if got is not None:
+            gap = float((got - want).abs().max()) if got.shape == want.shape else math.inf
+            if not gap <= 1e-3 * (1.0 + float(want.abs().max())):
+                why = f"its outputs differ by {gap:.3g}"
         self.active = not why
         if why:
             logger.warning(
