@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 def fold_batchnorm(
-    module: nn.Module, pairs: list[tuple[str, str, str]] | None = None, prefix: str = ""
+    module: nn.Module, pairs: list[tuple[str, str]] | None = None, prefix: str = ""
 ) -> int:
     """Fold, in place, every eval-mode ``BatchNorm2d`` that directly follows a ``Conv2d`` in an
     ``nn.Sequential`` (of ``module`` or below) into that convolution; the norm becomes an
@@ -46,8 +46,8 @@ def fold_batchnorm(
 
     Args:
         module: the module to fold, in place.
-        pairs: when given, each fold appends ``(folded conv, conv, norm)`` qualified names
-            (relative to ``module``; the folded convolution takes the conv's name), so that
+        pairs: when given, each fold appends the ``(conv, norm)`` qualified names (relative to
+            ``module``; the folded convolution keeps the conv's name), so that
             :meth:`FoldedModel.refresh` can fold the live pair again.
         prefix: the qualified name of ``module`` (for ``pairs``).
 
@@ -73,7 +73,7 @@ def fold_batchnorm(
             module._modules[b] = nn.Identity()
             folded += 1
             if pairs is not None:
-                pairs.append((f"{prefix}{a}", f"{prefix}{a}", f"{prefix}{b}"))
+                pairs.append((f"{prefix}{a}", f"{prefix}{b}"))
     return folded
 
 
@@ -109,7 +109,7 @@ class FoldedModel(nn.Module):
         net: nn.Module,
         original: nn.Module,
         channels_last: bool,
-        pairs: list[tuple[str, str, str]],
+        pairs: list[tuple[str, str]],
     ):
         super().__init__()
         self.net = net
@@ -120,8 +120,8 @@ class FoldedModel(nn.Module):
         # for refresh(): the live pairs behind each folded convolution, and the copy's other
         # tensors beside the live ones they copy (the same objects while the model trains)
         nets, lives = dict(net.named_modules()), dict(original.named_modules())
-        self._fold = [(nets[f], lives[c], lives[b]) for f, c, b in pairs]
-        fused = {f for f, _, _ in pairs}
+        self._fold = [(nets[c], lives[c], lives[b]) for c, b in pairs]
+        fused = {c for c, _ in pairs}
         sources = dict(original.named_parameters()) | dict(original.named_buffers())
         self._same = [
             (t, sources[name])
@@ -205,7 +205,7 @@ def folded_copy(model: nn.Module, device: torch.device | str | None = None) -> F
         >>> x_adv = pgd(fast, x, y, eps=8 / 255, step_size=2 / 255, steps=10)
     """
     net = copy.deepcopy(model).eval()
-    pairs: list[tuple[str, str, str]] = []
+    pairs: list[tuple[str, str]] = []
     fold_batchnorm(net, pairs)
     for p in net.parameters():
         p.requires_grad_(False)

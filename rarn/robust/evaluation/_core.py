@@ -47,10 +47,8 @@ def attack_model(
 ) -> nn.Module:
     """What an evaluation's attacks run on: ``model``'s folded copy when ``fold`` and the model
     can be copied (else, with a warning, the model itself)."""
-    if not fold:
-        return model
     try:
-        return folded_copy(model, device)
+        return model_in_form(model, MODEL_FORMS[fold], device)
     except (TypeError, RuntimeError, copy.Error) as e:
         logger.warning("cannot copy %s to fold its batch norms (%s): attacking it as given",
                        type(model).__name__, e)  # fmt: skip
