@@ -1,18 +1,21 @@
-"""An attack-ready copy of a classifier: batch norms folded, channels-last on CPU.
+"""An attack-ready copy of a classifier: batch norms folded, dead taps dropped, channels-last.
 
 Attacking a model is thousands of forward and input-gradient passes through the same frozen
 network. In eval mode a ``BatchNorm2d`` is a fixed per-channel affine map, so a convolution
 followed by it is one convolution with other weights and a bias
 (:func:`torch.nn.utils.fusion.fuse_conv_bn_eval`), and on CPU oneDNN's convolutions run in
-channels-last layout without reordering the tensors around every call. :func:`folded_copy`
-builds that copy; the caller's model is not touched. It computes the same function up to float
-rounding (logits within about 1e-5 of the model's, tested), which is the contract an attack
-needs: the evaluation's attacks, radii, images and seeds are unchanged
-(``evaluation.fold_batchnorm``, docs/evaluation.md).
+channels-last layout without reordering the tensors around every call; a convolution tap that
+reads only padding on the input's size contributes nothing and is dropped
+(:mod:`rarn.models.taps`). :func:`folded_copy` builds that copy; the caller's model is not
+touched. It computes the same function up to float rounding (logits within about 1e-5 of the
+model's, tested), which is the contract an attack needs: the evaluation's attacks, radii, images
+and seeds are unchanged (``evaluation.fold_batchnorm``, docs/evaluation.md).
 
 Measured on the default pipeline's retrained network (C = 8, 5 cells, 8 x 8 digits, a batch of
 76, 1 thread, CPU): a forward and input-gradient pass 51.2 -> 35.7 ms, a forward 19.6 ->
-13.5 ms (docs/benchmarks.md).
+13.5 ms (folding and layout). Dropping dead taps then took the folded copy of a network of its
+genotype (a ``dil_conv_5x5`` on 2 x 2 maps in the last cells) from 42.9 to 31.9 ms and from
+18.4 to 9.8 ms at 2 threads (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from rarn.models.common import eval_mode
+from rarn.models.taps import crop_conv2d
 
 __all__ = ["FoldedModel", "fold_batchnorm", "folded_copy"]
 
@@ -94,14 +98,17 @@ class FoldedModel(nn.Module):
     """The copy :func:`folded_copy` returns: the folded network ``net``, fed channels-last when
     ``channels_last``, and the model it was made from (``original``).
 
-    Its first call checks the copy against the original on that input (both in eval mode, no
+    Its first call also drops the convolution taps that read only padding on that input's
+    size (:mod:`rarn.models.taps`: exact; a call on inputs of another size puts them back),
+    then checks the copy against the original on that input (both in eval mode, no
     gradients): logits equal up to float rounding (``|a - b| <= 1e-3 (1 + max |a|)``; folding
     itself is exact to about 1e-6 relative). A copy that raises or disagrees (a module whose
     ``forward`` uses its parts otherwise than in order, a reshape that needs NCHW strides) is
     dropped with a warning, and every call goes to the original: slower, never different.
     ``active`` is None before the first call, then whether the copy is used; ``folded`` is how
-    many norms were folded. Other attributes are looked up on the network in use, so hooks that
-    attacks look for (BPDA's ``input_transform`` and ``classifier``) are still there.
+    many norms were folded, ``cropped`` how many convolutions lost dead taps. Other attributes
+    are looked up on the network in use, so hooks that attacks look for (BPDA's
+    ``input_transform`` and ``classifier``) are still there.
     """
 
     def __init__(
@@ -116,7 +123,11 @@ class FoldedModel(nn.Module):
         self.original = original  # a submodule: eval_mode(copy) sets its mode too
         self.channels_last = channels_last
         self.folded = len(pairs)
+        self.cropped = 0
         self.active: bool | None = None
+        self._size: tuple[int, ...] | None = None  # the input size the taps were cropped for
+        self._kept: dict[int, tuple[slice, slice]] = {}  # id(cropped weight) -> taps kept
+        self._full: list[tuple[nn.Conv2d, tuple, tuple, tuple, tuple]] = []
         # for refresh(): the live pairs behind each folded convolution, and the copy's other
         # tensors beside the live ones they copy (the same objects while the model trains)
         nets, lives = dict(net.named_modules()), dict(original.named_modules())
@@ -139,10 +150,50 @@ class FoldedModel(nn.Module):
             w, b = fuse_conv_bn_weights(
                 conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
             )
-            fused.weight.copy_(w)
+            fused.weight.copy_(self._live(fused.weight, w))
             fused.bias.copy_(b)
         for dst, src in self._same:
-            dst.copy_(src)
+            dst.copy_(self._live(dst, src))
+
+    def _live(self, dst: Tensor, full: Tensor) -> Tensor:
+        """The part of ``full`` that the (possibly cropped) copy tensor ``dst`` holds."""
+        kept = self._kept.get(id(dst))
+        return full if kept is None else full[:, :, kept[0], kept[1]]
+
+    def _crop(self, x: Tensor) -> None:
+        """Drop the dead taps of every convolution of the copy that sees one input size on
+        ``x`` (:func:`rarn.models.taps.crop_conv2d`)."""
+        sizes: dict[nn.Conv2d, set[tuple[int, ...]]] = {}
+        handles = [
+            m.register_forward_pre_hook(
+                lambda mod, args: sizes.setdefault(mod, set()).add(tuple(args[0].shape[2:]))
+            )
+            for m in self.net.modules()
+            if type(m) is nn.Conv2d
+        ]
+        try:
+            self._fast(x)
+        finally:
+            for h in handles:
+                h.remove()
+        for conv, seen in sizes.items():
+            full = (tuple(conv.weight.shape), conv.kernel_size, conv.padding, conv.dilation)
+            kept = crop_conv2d(conv, next(iter(seen))) if len(seen) == 1 else None
+            if kept is not None:
+                self._kept[id(conv.weight)] = kept
+                self._full.append((conv, *full))
+        self._size, self.cropped = tuple(x.shape[2:]), len(self._full)
+
+    @torch.no_grad()
+    def _uncrop(self) -> None:
+        """Every convolution whole again (an input of another size), re-derived from the
+        original (:meth:`refresh`)."""
+        logger.debug("input size changed from %s: the copy's convolutions whole again", self._size)
+        for conv, shape, kernel, padding, dilation in self._full:
+            conv.weight.data = conv.weight.data.new_empty(shape)
+            conv.kernel_size, conv.padding, conv.dilation = kernel, padding, dilation
+        self._kept, self._full, self.cropped, self._size = {}, [], 0, None
+        self.refresh()
 
     def _fast(self, x: Tensor) -> Tensor:
         if self.channels_last and x.dim() == 4:
@@ -153,6 +204,8 @@ class FoldedModel(nn.Module):
         with eval_mode(self.original), torch.no_grad():  # every submodule's mode comes back
             want = self.original(x)
             try:
+                if x.dim() == 4:
+                    self._crop(x)
                 got, why = self._fast(x), ""
             except RuntimeError as e:  # e.g. a .view that needs NCHW strides
                 got, why = None, f"it raised {e}"
@@ -184,6 +237,8 @@ class FoldedModel(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.active is None:
             self._check(x)
+        elif self.active and self._size is not None and tuple(x.shape[2:]) != self._size:
+            self._uncrop()
         return self._fast(x) if self.active else self.original(x)
 
 
