@@ -44,6 +44,7 @@ from rarn.nas._fused_kernels import (
     batch_norm,
     depthwise,
     factorized_reduce,
+    nchw,
     nhwc,
     pointwise,
     repeat_blocks,
@@ -225,35 +226,49 @@ def _mix(rows: _Rows, coef: Tensor, c: int) -> Tensor:
     """``sum_kind coef * rows`` for every target: ``[B, m*c, H', W']`` (target-major channels).
 
     ``coef`` is ``[S, m, n_ops]``; the sum runs as 1 x 1 convs over the rows with weight
-    ``mix (x) I_c`` (GEMMs in channels-last layout, one per part, no concatenated copy)."""
-    S, m = coef.shape[:2]
+    ``mix (x) I_c`` (GEMMs in channels-last layout, one per part, no concatenated copy).
+    Grouped (``coef`` ``[G, S, m, n_ops]``, the batch ``G`` stacked groups of ``B / G``): each
+    group's rows mixed with its own weights, one batched GEMM per part."""
+    lead, m = coef.shape[:-3], coef.shape[-2]
     eye = torch.eye(m, dtype=coef.dtype, device=coef.device)
     # mix[t, (kind, s, t')] = coef[s, t', kind] * [t == t']: an edge row feeds its own target.
-    mats = [torch.einsum("tu,suk->tksu", eye, coef[:, :, rows.edge_cols]).reshape(m, -1)]
-    if rows.src_parts:
-        mats.append(coef[:, :, rows.src_cols].permute(1, 2, 0).reshape(m, -1))  # [t, (kind, s)]
-    mix = torch.cat(mats, dim=1)  # [m, N]
+    mats = [
+        torch.einsum("tu,...suk->...tksu", eye, coef[..., rows.edge_cols]).reshape(*lead, m, -1)
+    ]
+    if rows.src_parts:  # [t, (kind, s)]
+        mats.append(coef[..., rows.src_cols].movedim(-3, -1).reshape(*lead, m, -1))
+    mix = torch.cat(mats, dim=-1)  # [m, N]
     eye_c = torch.eye(c, dtype=coef.dtype, device=coef.device)
-    weight = torch.einsum("tn,ab->tanb", mix, eye_c).reshape(m * c, -1, 1, 1)
+    weight = torch.einsum("...tn,ab->...tanb", mix, eye_c).reshape(*lead, m * c, -1)
     parts = rows.edge_parts + rows.src_parts
     a = None
-    for part, wp in zip(parts, weight.split([p.shape[1] for p in parts], dim=1)):
-        y = F.conv2d(part, wp)
+    for part, wp in zip(parts, weight.split([p.shape[1] for p in parts], dim=-1)):
+        if lead:  # [G, B/G * H * W, C_p] @ [G, C_p, m*c]
+            B, C_p, H, W = part.shape
+            y = torch.bmm(nhwc(part).reshape(lead[0], -1, C_p), wp.transpose(1, 2))
+            y = nchw(y.view(B, H, W, -1))
+        else:
+            y = F.conv2d(part, wp[:, :, None, None])
         a = y if a is None else a + y
     return a
 
 
 def _bypass(group: _Group, xbs: list[Tensor], beta: Tensor) -> Tensor:
     """Bypass x_b (max-pooled on strided edges): ``sum_s beta[s, t] x_b[s]`` for every target
-    ``t``, as ``[B, H', W', m, C - c]``."""
-    beta = beta.view(len(group.sources), len(group.targets), 1)
+    ``t``, as ``[B, H', W', m, C - c]``; ``beta`` ``[S*m]``, or ``[G, S*m]`` for a batch of
+    ``G`` stacked groups, each with its own."""
+    G = beta.shape[0] if beta.dim() == 2 else 0
+    beta = beta.view(*beta.shape[:-1], len(group.sources), len(group.targets), 1)
     b = None
     for s, xb in enumerate(xbs):
         if group.stride != 1:
             xb = F.max_pool2d(xb, 2, 2, ceil_mode=True)
         xb = nhwc(xb).unsqueeze(3)  # [B, H', W', 1, C - c]
-        b = xb * beta[s] if b is None else torch.addcmul(b, xb, beta[s])
-    return b
+        bs = beta[..., s, :, :]
+        if G:  # [G, B/G, H', W', 1, C - c] times [G, 1, 1, 1, m, 1]
+            xb, bs = xb.unflatten(0, (G, -1)), bs[:, None, None, None]
+        b = xb * bs if b is None else torch.addcmul(b, xb, bs)
+    return b if not G else b.flatten(0, 1)
 
 
 def _group_forward(
@@ -270,8 +285,9 @@ def _group_forward(
         group: the edges leaving the sources.
         xas: the partial channels ``x[:, :c]`` of every source, ``[B, c, H, W]``.
         xbs: the bypass channels ``x[:, c:]`` of every source (``None`` when K = 1).
-        w: op weights of the group's edges, ``[S*m, n_ops]`` in (source, target) order.
-        beta: edge weights of the group's edges, ``[S*m]``.
+        w: op weights of the group's edges, ``[S*m, n_ops]`` in (source, target) order
+            (``[G, S*m, n_ops]`` for a grouped batch: :func:`fused_cell_forward`).
+        beta: edge weights of the group's edges, ``[S*m]`` (``[G, S*m]``).
         training: BN mode.
 
     Returns:
@@ -285,7 +301,8 @@ def _group_forward(
     rows = _conv_rows(group, r, r_sub, training)
     _pool_rows(rows, group, xa, training)
     _skip_rows(rows, group, xa, r, r_sub, training)
-    a = _mix(rows, (w * beta[:, None]).view(S, m, -1), xas[0].shape[1])
+    coef = (w * beta[..., None]).view(*w.shape[:-2], S, m, -1)
+    a = _mix(rows, coef, xas[0].shape[1])
     return a, None if xbs is None else _bypass(group, xbs, beta)
 
 
@@ -303,8 +320,12 @@ def fused_cell_forward(
         cell: the search cell whose modules hold the parameters.
         s0: output of the cell before the previous one, ``[B, C_pp, H, W]``.
         s1: output of the previous cell, ``[B, C_p, H, W]``.
-        op_weights: op mixing weights ``[E, n_ops]`` (columns in ``PRIMITIVES`` order).
-        edge_weights: PC-DARTS edge weights ``[E]``.
+        op_weights: op mixing weights ``[E, n_ops]`` (columns in ``PRIMITIVES`` order), or
+            ``[G, E, n_ops]``: the batch is then ``G`` groups of equal size stacked along dim 0,
+            each mixed with its own weights (inside
+            :func:`rarn.nas._fused_kernels.grouped_statistics`, each normalised with its own
+            batch statistics too): ``G`` supernets' passes in one.
+        edge_weights: PC-DARTS edge weights ``[E]`` (``[G, E]``).
 
     Returns:
         ``[B, multiplier * C, H', W']``, the concatenated last ``multiplier`` states.
@@ -329,7 +350,7 @@ def fused_cell_forward(
         ]
         xas = [p[0] for p in parts]
         xbs = [p[1] for p in parts] if k > 1 else None
-        w, beta = op_weights.index_select(0, idx), edge_weights.index_select(0, idx)
+        w, beta = op_weights.index_select(-2, idx), edge_weights.index_select(-1, idx)
         a, b = _group_forward(group, xas, xbs, w, beta, training)
         if acc_a is not None:  # earlier groups' contributions to the same targets
             a = acc_a + a

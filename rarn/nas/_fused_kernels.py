@@ -8,9 +8,13 @@ slicing, so that gradients stay channels-last too (a mixed-layout gradient sends
 
 from __future__ import annotations
 
+import inspect
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from rarn.space.ops import FactorizedReduce
 
@@ -18,6 +22,8 @@ __all__ = [
     "batch_norm",
     "depthwise",
     "factorized_reduce",
+    "grouped_statistics",
+    "groups",
     "nchw",
     "nhwc",
     "pointwise",
@@ -26,6 +32,62 @@ __all__ = [
     "shuffle_node",
     "subsample",
 ]
+
+
+_BN_SIGNATURE = inspect.signature(F.batch_norm)
+
+
+class _GroupedStatistics(TorchFunctionMode):
+    """Every training-mode ``F.batch_norm`` normalises each of ``groups`` equal consecutive
+    slices of its batch with that slice's own statistics; running statistics are not touched.
+    Eval-mode norms (running statistics) are unchanged."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        a = _BN_SIGNATURE.bind(*args, **kwargs).arguments
+        if not a.get("training", False):
+            return func(*args, **kwargs)
+        x, w, b = a["input"], a.get("weight"), a.get("bias")
+        # [G, B*H*W, C]: a view of a channels-last batch. Two-pass statistics by batched GEMMs
+        # with a 1/n row (var_mean's strided reduction is several times slower on CPU).
+        xc = x.movedim(1, -1)
+        x3 = xc.reshape(self.groups, -1, x.shape[1])
+        avg = x3.new_full((self.groups, 1, x3.shape[1]), 1.0 / x3.shape[1])
+        d = x3 - torch.bmm(avg, x3)
+        scale = torch.rsqrt(torch.bmm(avg, d * d) + a.get("eps", 1e-5))  # [G, 1, C]
+        if w is not None:
+            scale = scale * w
+        y = torch.addcmul(b, d, scale) if b is not None else d * scale
+        return y.view(xc.shape).movedim(-1, 1)
+
+
+_ACTIVE: list[_GroupedStatistics] = []
+
+
+@contextmanager
+def grouped_statistics(groups: int):
+    """Inside, a batch is ``groups`` independent batches of equal size stacked along dim 0 for
+    every batch norm with batch statistics (what ``groups`` separate train-mode passes would
+    compute, up to float rounding); running statistics are left alone, so use it where they do
+    not matter (:func:`rarn.nas.supernet_loss.frozen_statistics`)."""
+    mode = _GroupedStatistics(groups)
+    _ACTIVE.append(mode)
+    try:
+        with mode:
+            yield
+    finally:
+        _ACTIVE.pop()
+
+
+def groups() -> int:
+    """The group count of the innermost :func:`grouped_statistics` (1 outside)."""
+    return _ACTIVE[-1].groups if _ACTIVE else 1
 
 
 def nhwc(x: Tensor) -> Tensor:
@@ -78,6 +140,8 @@ def shared_batch_norm(x: Tensor, bns: list[nn.Module], repeats: int) -> Tensor:
     by ``repeats`` BNs per block, ``bns`` in (block, repeat) order; updates all their running
     statistics with the batch statistics of their block, as ``nn.BatchNorm2d`` does."""
     bn0 = bns[0]
+    if groups() > 1:  # per-group statistics, no running update (grouped_statistics)
+        return F.batch_norm(x, None, None, None, None, True, 0.0, bn0.eps)
     y, mean, invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.0, bn0.eps)
     if bn0.track_running_stats:
         if bn0.momentum is None:

@@ -31,8 +31,9 @@ Here, with our choices marked (docs/method.md, "Decoding"):
   balance makes the constraint pull ``c`` times as hard as the CE on the means. [ours]
 * Removing an op zeroes its mixing weight without renormalising the others (darts-pt);
   removing an edge zeroes its PC-DARTS ``beta`` (its bypass channels go with it).
-* The loss rise is measured ``exact`` (one supernet pass per removal, about 250 for the DARTS
-  space: darts-pt's measure, affordable on a GPU) or to ``first_order``, ``-w dL/dw`` for every
+* The loss rise is measured ``exact`` (one supernet loss per removal, 226 for the DARTS space:
+  darts-pt's measure; a decision's candidates in grouped passes,
+  :meth:`rarn.nas.supernet.Supernet.grouped_forward`) or to ``first_order``, ``-w dL/dw`` for every
   op and edge from one backward pass (the Taylor importance of pruning, Molchanov et al. 2019,
   arXiv:1906.10771). ``exact`` is the default: on a supernet in which only sep_conv_3x3 carries
   any signal (tests/test_perturbation.py), ``first_order`` picked max_pool on 2 of 4 normal
@@ -64,6 +65,7 @@ from rarn.nas.supernet_loss import (
     attacked,
     frozen_statistics,
     supernet_loss,
+    supernet_losses,
 )
 from rarn.space.genotype import Genotype
 from rarn.space.ops import PRIMITIVES
@@ -81,6 +83,7 @@ __all__ = [
 _CELLS = ("normal", "reduce")
 _NONE = PRIMITIVES.index("none")
 _KEYS = ("normal", "reduce", "normal_edges", "reduce_edges")
+_IMAGES_PER_PASS = 512  # grouped ablations: copies of the selection batch per supernet pass
 ESTIMATES: tuple[str, ...] = get_args(PerturbationEstimate)
 
 
@@ -94,7 +97,8 @@ class Importance:
         edges: per cell type ``[E]``, the rise when the edge is removed from the op-projected
             supernet.
         base_loss: the loss of the base (unprojected) supernet.
-        evaluations: supernet passes over the selection images (the cost).
+        evaluations: supernet losses measured over the selection images (the cost; a grouped
+            pass measures several at once), a backward counted as one more.
     """
 
     ops: dict[str, Tensor]
@@ -151,7 +155,11 @@ class _Scorer:
     """Loss rises of removals from the mixing weights ``w``: ``exact`` (one pass per removal) or
     ``first_order`` (``-w dL/dw`` for every op and edge from one backward pass, Molchanov et
     al. 2019's Taylor importance, arXiv:1906.10771), both with batch statistics and the running
-    statistics untouched."""
+    statistics untouched. ``grouped``: the exact losses of a decision's candidates (an edge's
+    ops, a cell type's edges) from grouped passes (:func:`supernet_losses`, up to
+    ``_IMAGES_PER_PASS`` images each), where the supernet has them and no attack is made per
+    candidate; every loss of the selection then comes from that arithmetic, the references
+    included."""
 
     def __init__(
         self,
@@ -159,20 +167,42 @@ class _Scorer:
         batches: Sequence[Batch],
         estimate: str,
         attack: Attack | None,
+        grouped: bool = True,
     ) -> None:
         if estimate not in ESTIMATES:
             raise ValueError(f"unknown estimate {estimate!r}; known: {', '.join(ESTIMATES)}")
         self.model, self.batches, self.exact = model, batches, estimate == "exact"
         self.attack = attack
-        self.evaluations = 0  # passes over the batches (a backward counts as one more)
+        self.grouped = (
+            grouped
+            and self.exact
+            and attack is None
+            and bool(getattr(model, "fused", False))
+            and hasattr(model, "grouped_forward")
+        )
+        self.evaluations = 0  # losses measured (a backward counts as one more)
         self._grads: dict[str, Tensor] | None = None
 
     def weights(self, w: dict[str, Tensor]) -> tuple[Tensor, ...]:
         return tuple(w[k] for k in _KEYS)
 
     def loss(self, w: dict[str, Tensor]) -> float:
-        self.evaluations += 1
-        return supernet_loss(self.model, self.batches, self.weights(w), self.attack)
+        return self.losses([w])[0]
+
+    def losses(self, ws: list[dict[str, Tensor]]) -> list[float]:
+        """The loss under each mixing weights of ``ws``."""
+        self.evaluations += len(ws)
+        if not self.grouped:
+            m, b, a = self.model, self.batches, self.attack
+            return [supernet_loss(m, b, self.weights(w), a) for w in ws]
+        per = max(1, _IMAGES_PER_PASS // max(len(y) for _, y in self.batches))
+        out: list[float] = []
+        for i in range(0, len(ws), per):
+            chunk = ws[i : i + per]
+            out += supernet_losses(
+                self.model, self.batches, tuple(torch.stack([w[k] for w in chunk]) for k in _KEYS)
+            )
+        return out
 
     def changed(self) -> None:
         self._grads = None
@@ -195,23 +225,25 @@ class _Scorer:
         if not self.exact:
             return -(self.grads(w)[cell][e] * w[cell][e].double())
         out = torch.zeros(w[cell].shape[1], dtype=torch.float64)
-        for o in range(len(out)):
-            if o != _NONE:
-                t = w[cell].clone()
-                t[e, o] = 0.0
-                out[o] = self.loss({**w, cell: t}) - ref
+        ops = [o for o in range(len(out)) if o != _NONE]
+        cands = []
+        for o in ops:
+            t = w[cell].clone()
+            t[e, o] = 0.0
+            cands.append({**w, cell: t})
+        out[ops] = torch.tensor(self.losses(cands), dtype=torch.float64) - ref
         return out
 
     def edge_rises(self, w: dict[str, Tensor], cell: str, ref: float) -> Tensor:
         name = f"{cell}_edges"
         if not self.exact:
             return -(self.grads(w)[name] * w[name].double())
-        out = torch.zeros(len(w[name]), dtype=torch.float64)
-        for e in range(len(out)):
+        cands = []
+        for e in range(len(w[name])):
             t = w[name].clone()
             t[e] = 0.0
-            out[e] = self.loss({**w, name: t}) - ref
-        return out
+            cands.append({**w, name: t})
+        return torch.tensor(self.losses(cands), dtype=torch.float64) - ref
 
 
 def perturbation_select(
@@ -225,6 +257,7 @@ def perturbation_select(
     tune: Callable[[ArchSample], None] | None = None,
     attack: Attack | None = None,
     term: Term | None = None,
+    grouped: bool = True,
 ) -> tuple[Genotype, Importance]:
     """Selection by perturbation (darts-pt) from the base logits ``base``.
 
@@ -248,6 +281,10 @@ def perturbation_select(
             :func:`rarn.nas.selection.constraint_term`): every decision ranks the loss rise plus
             the term's balanced rise (:class:`Term`); ``Importance`` then holds the combined
             rises.
+        grouped: measure the ``exact`` losses of a decision's candidates in grouped passes
+            (:meth:`rarn.nas.supernet.Supernet.grouped_forward`; the same losses up to float
+            rounding, several times fewer passes) where the supernet has them and no ``attack``
+            is made per candidate; ``False``: one pass per loss.
 
     Returns:
         The genotype (per node the two edges whose removal raises the loss most, each with the
@@ -256,21 +293,19 @@ def perturbation_select(
     # One save and restore of the running statistics for the whole selection; ``tune`` trains
     # the supernet between projections, and its statistics are kept.
     with frozen_statistics(model) if tune is None else nullcontext():
-        return _select(model, batches, base, estimate, progressive, generator, tune, attack, term)
+        score = _Scorer(model, batches, estimate, attack, grouped)
+        return _select(score, base, progressive, generator, tune, term)
 
 
 def _select(
-    model: nn.Module,
-    batches: Sequence[Batch],
+    score: _Scorer,
     base: ArchSample,
-    estimate: str,
     progressive: bool,
     generator: torch.Generator | None,
     tune: Callable[[ArchSample], None] | None,
-    attack: Attack | None,
     term: Term | None,
 ) -> tuple[Genotype, Importance]:
-    nodes = model.arch.nodes
+    nodes = score.model.arch.nodes
     with torch.no_grad():
         w = {
             "normal": torch.softmax(base.normal, -1).clone(),
@@ -278,7 +313,6 @@ def _select(
             "normal_edges": node_softmax(base.normal_edges, nodes).clone(),
             "reduce_edges": node_softmax(base.reduce_edges, nodes).clone(),
         }
-    score = _Scorer(model, batches, estimate, attack)
     base_loss = score.loss(w)
     E, n_ops = w["normal"].shape
     op_imp = {c: torch.full((E, n_ops), float("nan"), dtype=torch.float64) for c in _CELLS}

@@ -285,9 +285,12 @@ class Supernet(nn.Module):
         """Logits for ``x`` under architecture logits ``z`` (default: the median, ``mu``), or
         under given mixing ``weights`` (``(op_normal, op_reduce, edge_normal, edge_reduce)``, as
         :meth:`mixing_weights` returns them; used as they are, e.g. with one op or edge zeroed
-        and not renormalised, :mod:`rarn.nas.perturbation`)."""
+        and not renormalised, :mod:`rarn.nas.perturbation`); weights with a leading ``[G]``
+        give ``[G, B, classes]`` (:meth:`grouped_forward`)."""
         if weights is None:
             weights = self.mixing_weights(self.arch.mu() if z is None else z)
+        if weights[0].dim() == 3:
+            return self.grouped_forward(x, weights)
         w_n, w_r, b_n, b_r = weights
         s0 = s1 = self.stem(x)
         for cell in self.cells:
@@ -300,3 +303,27 @@ class Supernet(nn.Module):
                 s0, s1 = s1, cell(s0, s1, ow, ew)
         out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
         return self.classifier(out)
+
+    def grouped_forward(self, x: Tensor, weights: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        """Logits ``[G, B, classes]`` of ``x`` under ``G`` sets of mixing weights (each of
+        ``weights`` with a leading ``[G]``), as ``G`` separate forwards would give them, up to
+        float rounding: one pass over ``G`` copies of the batch, every mixed op and edge weighed
+        per copy and, in training mode, every batch norm normalising each copy with its own
+        statistics. Running statistics are not updated (use it inside
+        :func:`rarn.nas.supernet_loss.frozen_statistics`). The perturbation selection's
+        ablations run this way (:mod:`rarn.nas.perturbation`): one pass instead of ``G`` small
+        ones. Needs the fused forward (``fused=True``)."""
+        if not self.fused:
+            raise NotImplementedError("grouped mixing weights need the fused forward (fused=True)")
+        from rarn.nas._fused import fused_cell_forward
+        from rarn.nas._fused_kernels import grouped_statistics
+
+        G, B = weights[0].shape[0], x.shape[0]
+        w_n, w_r, b_n, b_r = weights
+        s0 = s1 = self.stem(x).repeat(G, 1, 1, 1)  # the stem does not depend on the weights
+        with grouped_statistics(G):
+            for cell in self.cells:
+                ow, ew = (w_r, b_r) if cell.reduction else (w_n, b_n)
+                s0, s1 = s1, fused_cell_forward(cell, s0, s1, ow, ew)
+        out = F.adaptive_avg_pool2d(s1, 1).flatten(1)
+        return self.classifier(out).view(G, B, -1)

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Attack", "Batch", "FixedWeights", "attacked", "frozen_statistics", "supernet_loss"]
+__all__ = [
+    "Attack",
+    "Batch",
+    "FixedWeights",
+    "attacked",
+    "frozen_statistics",
+    "supernet_loss",
+    "supernet_losses",
+]
 
 Batch = tuple[Tensor, Tensor]
 Attack = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -90,3 +98,21 @@ def supernet_loss(
             total += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             n += len(y)
     return total / max(n, 1)
+
+
+def supernet_losses(
+    model: nn.Module, batches: Sequence[Batch], weights: tuple[Tensor, ...]
+) -> list[float]:
+    """:func:`supernet_loss` under each of ``G`` mixing weights stacked along a leading dim of
+    every tensor of ``weights``, from one grouped pass per batch
+    (:meth:`rarn.nas.supernet.Supernet.grouped_forward`: each copy of the batch weighed and
+    normalised on its own); the same losses up to float rounding."""
+    G = weights[0].shape[0]
+    total, n = torch.zeros(G, dtype=torch.float64), 0
+    with frozen_statistics(model), torch.no_grad():
+        for x, y in batches:
+            logits = model(x, weights=weights).float()  # [G, B, classes]
+            ce = F.cross_entropy(logits.flatten(0, 1), y.repeat(G), reduction="none")
+            total += ce.view(G, -1).sum(1).double().cpu()
+            n += len(y)
+    return (total / max(n, 1)).tolist()
