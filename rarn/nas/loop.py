@@ -42,6 +42,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The clean validation pass is eval mode without gradients, where an image's logits do not
+# depend on its batch: large batches, since at search shapes a pass costs mostly per-call
+# overhead (2,000 D_V images at 16 x 16, 2 threads: 4.4-4.8 s in batches of 64, 2.1-2.9 s in
+# batches of 512; docs/benchmarks.md).
+_VAL_BATCH = 512
+
 
 class SearchDiverged(Diverged):
     """A loss or the bound became non-finite: ``SearchDiverged(epoch, step, what, value)``."""
@@ -183,7 +189,9 @@ def _run_epoch(s: RACLSearch, data: SearchData) -> dict[str, float]:
     metrics = {k: tally.sums[k] / tally.weight_steps for k in ("train_loss", "train_acc")}
     if tally.penalty_steps:
         metrics["grad_norm"] = tally.sums["grad_norm"] / tally.penalty_steps
-    val = make_loader(data.val, 2 * cfg.batch_size, shuffle=False, pin_memory=_pin(s))
+    val = make_loader(
+        data.val, max(_VAL_BATCH, 2 * cfg.batch_size), shuffle=False, pin_memory=_pin(s)
+    )
     metrics.update(s.evaluate(val))
     metrics.update(_bound_metrics(s, tally))
     metrics["log_lambda_faithful"] = faithful_log_bound(s)
