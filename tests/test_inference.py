@@ -202,7 +202,8 @@ def test_refresh_follows_a_model_in_training():
         fast.refresh()
         net.eval()
         torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-5)
-    assert fast.active is True
+    # the later refreshes wrote the live taps of convolutions the first call cropped
+    assert fast.active is True and fast.cropped > 0
 
 
 def test_a_pgd_step_on_the_copy_is_the_step_on_the_model():

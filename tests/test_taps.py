@@ -122,25 +122,6 @@ def test_the_copy_drops_dead_taps_for_its_input_size_and_takes_them_back_for_ano
     torch.testing.assert_close(fast(x8), net(x8), rtol=1e-4, atol=1e-5)
 
 
-def test_refresh_writes_the_live_taps_of_a_model_in_training():
-    net = _network()
-    fast = folded_copy(net)
-    x = torch.rand(6, 1, 8, 8)
-    fast(x)
-    assert fast.cropped > 0
-    opt = torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9)
-    for _ in range(3):
-        net.train()
-        loss = net(torch.rand(16, 1, 8, 8)).logsumexp(dim=1).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        fast.refresh()
-        net.eval()
-        torch.testing.assert_close(fast(x), net(x), rtol=1e-4, atol=1e-5)
-    assert fast.cropped > 0 and fast.active is True
-
-
 def test_dropping_dead_taps_changes_no_logit_of_the_folded_copy():
     """Exactness: the copy with and without cropping gives the same logits to the bit."""
     net = _network()
