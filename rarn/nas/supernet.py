@@ -309,8 +309,9 @@ class Supernet(nn.Module):
         ``weights`` with a leading ``[G]``), as ``G`` separate forwards would give them, up to
         float rounding: one pass over ``G`` copies of the batch, every mixed op and edge weighed
         per copy and, in training mode, every batch norm normalising each copy with its own
-        statistics. Running statistics are not updated (use it inside
-        :func:`rarn.nas.supernet_loss.frozen_statistics`). The perturbation selection's
+        statistics. The running statistics are not what ``G`` passes would leave (the stem's
+        are updated once, the cells' not at all): use it inside
+        :func:`rarn.nas.supernet_loss.frozen_statistics`. The perturbation selection's
         ablations run this way (:mod:`rarn.nas.perturbation`): one pass instead of ``G`` small
         ones. Needs the fused forward (``fused=True``)."""
         if not self.fused:
