@@ -123,7 +123,6 @@ class FoldedModel(nn.Module):
         self.original = original  # a submodule: eval_mode(copy) sets its mode too
         self.channels_last = channels_last
         self.folded = len(pairs)
-        self.cropped = 0
         self.active: bool | None = None
         self._size: tuple[int, ...] | None = None  # the input size the taps were cropped for
         self._kept: dict[int, tuple[slice, slice]] = {}  # id(cropped weight) -> taps kept
@@ -155,6 +154,11 @@ class FoldedModel(nn.Module):
         for dst, src in self._same:
             dst.copy_(self._live(dst, src))
 
+    @property
+    def cropped(self) -> int:
+        """How many convolutions of the copy have lost dead taps (for the current input size)."""
+        return len(self._full)
+
     def _live(self, dst: Tensor, full: Tensor) -> Tensor:
         """The part of ``full`` that the (possibly cropped) copy tensor ``dst`` holds."""
         kept = self._kept.get(id(dst))
@@ -182,7 +186,7 @@ class FoldedModel(nn.Module):
             if kept is not None:
                 self._kept[id(conv.weight)] = kept
                 self._full.append((conv, *full))
-        self._size, self.cropped = tuple(x.shape[2:]), len(self._full)
+        self._size = tuple(x.shape[2:])
 
     @torch.no_grad()
     def _uncrop(self) -> None:
@@ -192,7 +196,7 @@ class FoldedModel(nn.Module):
         for conv, shape, kernel, padding, dilation in self._full:
             conv.weight.data = conv.weight.data.new_empty(shape)
             conv.kernel_size, conv.padding, conv.dilation = kernel, padding, dilation
-        self._kept, self._full, self.cropped, self._size = {}, [], 0, None
+        self._kept, self._full, self._size = {}, [], None
         self.refresh()
 
     def _fast(self, x: Tensor) -> Tensor:
