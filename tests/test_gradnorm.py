@@ -131,7 +131,7 @@ def test_lazy_term_runs_every_kth_step_at_k_times_the_weight():
     s, x, y = _trained_search()
     off, on, plain, twice = (copy.deepcopy(s) for _ in range(4))
     off.cfg = on.cfg = dataclasses.replace(s.cfg, grad_norm_weight=0.1, grad_norm_every=2)
-    twice.cfg = dataclasses.replace(s.cfg, grad_norm_weight=0.2)
+    twice.cfg = dataclasses.replace(s.cfg, grad_norm_weight=0.2, grad_norm_every=1)
     assert "grad_norm" not in off.weight_step(x, y, penalty=False)
     plain.weight_step(x, y)
     assert on.weight_step(x, y)["grad_norm"] == twice.weight_step(x, y)["grad_norm"]
