@@ -32,7 +32,6 @@ import os
 import statistics
 import sys
 import time
-
 from pathlib import Path
 
 import torch
@@ -87,7 +86,10 @@ def held_out(
             clean.append(model(xb).argmax(1) == yb)
             for e in eps:
                 fgsm[e].append(model((xb + e * gx.sign()).clamp(0, 1)).argmax(1) == yb)
-    out = {"grad_norm": float(torch.cat(gnorm).mean()), "clean": float(torch.cat(clean).float().mean())}
+    out = {
+        "grad_norm": float(torch.cat(gnorm).mean()),
+        "clean": float(torch.cat(clean).float().mean()),
+    }
     for e in eps:
         out[_fgsm_key(e, eps)] = float(torch.cat(fgsm[e]).float().mean())
     return out
