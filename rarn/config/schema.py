@@ -168,7 +168,7 @@ class SearchConfig:
     # Lazy regularisation (StyleGAN2, Karras et al. 2020, arXiv:1912.04958): the gradient-norm
     # term on every k-th weight step only, weighted k * grad_norm_weight. Default 2 [ours]: on the
     # shared CIFAR subset (8 seeds, paired) the same effect on the weights as every step, at 0.8x
-    # the training time (docs/method.md, "Gradient-norm term"); 1: the spec's every step.
+    # the training time (docs/method.md, "Weight step"); 1: the spec's every step.
     grad_norm_every: Annotated[int, Range(1, 1_000)] = 2
     # Collapse (rarn.nas.collapse): a share at or above a limit counts as collapse.
     collapse_param_free_limit: Annotated[float, LIMIT] = 0.5  # normal cell's skip/pool share
